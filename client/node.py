@@ -1,0 +1,190 @@
+"""The compute node: join, pull parameters, compute, push gradients, repeat."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from fedgrad.codec import ChunkCursor, Layout, byte_view, iter_chunks, manifest_from_proto, specs_of, write_chunk
+from fedgrad.config import NodeConfig
+from fedgrad.errors import TaskError
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.seeding import round_generator
+from fedgrad.task import Task, check_update, trainable_parameters
+from fedgrad.client.transport import Backoff, open_channel
+
+__all__ = ["Node", "NodeResult"]
+
+log = logging.getLogger("fedgrad.node")
+_WIRE = {None: pb.DTYPE_UNSPECIFIED, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """What a node did: rounds it uploaded and the final round it saw."""
+
+    node_id: str
+    uploads: int
+    final_round: int
+
+
+class Node:
+    """One compute node. ``run()`` returns when the aggregator finishes training."""
+
+    def __init__(self, task: Task, cfg: NodeConfig) -> None:
+        self.task, self.cfg = task, cfg
+        self.stop_event = threading.Event()
+        torch.manual_seed(cfg.seed)
+        self.model = task.model()
+        self.params = [p for _, p in trainable_parameters(self.model)]
+        self.layout = Layout(specs_of(trainable_parameters(self.model)))
+        self.views = [byte_view(p.data) for p in self.params]
+        self.data = task.shard(*cfg.shard)
+        self.num_samples = task.num_samples(self.data)
+        self.metadata = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else ()
+        self.channel, self.stub = open_channel(cfg)
+        self.backoff = Backoff(cfg.give_up_after)
+        self.session_id = ""
+        self.uploads = 0
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    # -- calls -------------------------------------------------------------------
+    def join(self) -> pb.JoinReply:
+        """Join (idempotent) and check that the aggregator's model is this task's model."""
+        request = pb.JoinRequest(node_id=self.cfg.node_id, num_samples=self.num_samples)
+        reply: pb.JoinReply = self.backoff.call("join", lambda: self.stub.Join(
+            request, timeout=self.cfg.call_timeout, metadata=self.metadata))
+        theirs = manifest_from_proto(reply.manifest)
+        if theirs != self.layout.specs:
+            raise TaskError(
+                "the aggregator's model differs from this node's task model "
+                f"({len(theirs)} vs {len(self.layout.specs)} tensors): run both with the same --task"
+            )
+        self.chunk_bytes = reply.chunk_bytes
+        self.session_id = reply.session_id
+        log.info("joined at round %d of %d", reply.round, reply.total_rounds,
+                 extra={"node": self.cfg.node_id, "round": reply.round, "event": "join"})
+        return reply
+
+    def pull(self, min_round: int) -> pb.ParameterHeader:
+        """Load the parameters of the first round >= ``min_round`` into the model."""
+        timeout = self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
+        stream = self.stub.PullParameters(
+            pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
+            timeout=timeout, metadata=self.metadata)
+        first = next(stream)
+        if first.WhichOneof("kind") != "header":
+            raise TaskError("aggregator sent a chunk before the ParameterHeader")
+        header = first.header
+        cursor = ChunkCursor(self.layout, max(self.chunk_bytes, 1))
+        with torch.no_grad():
+            for message in stream:
+                c = message.chunk
+                start = cursor.advance(c.tensor, c.offset, len(c.data))
+                write_chunk(self.views, self.layout, start, c.data)
+        if not cursor.complete:
+            raise TaskError(f"parameter stream ended after {cursor.position} of {self.layout.total} bytes")
+        return header
+
+    def push(self, round_: int, gradients: list[torch.Tensor], num_samples: int,
+             metrics: dict[str, float]) -> pb.PushReply:
+        """Stream one upload; the upload id is the same if this round is recomputed."""
+        wire = self.cfg.wire_dtype
+        tensors = [g.detach().to(getattr(torch, wire) if wire else g.dtype).contiguous().cpu()
+                   for g in gradients]
+        layout = Layout(self.layout.specs, getattr(torch, wire) if wire else None)
+        header = pb.UploadHeader(
+            round=round_, node_id=self.cfg.node_id,
+            upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
+            num_samples=num_samples, metrics=metrics, wire_dtype=_WIRE[wire],  # type: ignore[arg-type]
+        )
+
+        def messages() -> Iterator[pb.GradientMessage]:
+            yield pb.GradientMessage(header=header)
+            views = [byte_view(t) for t in tensors]
+            for t, o, d in iter_chunks(views, layout, self.chunk_bytes):
+                yield pb.GradientMessage(chunk=pb.Chunk(tensor=t, offset=o, data=d))
+
+        timeout = self.cfg.call_timeout + layout.total / self.cfg.min_bandwidth
+        return self.stub.PushGradients(messages(), timeout=timeout, metadata=self.metadata)
+
+    def leave(self) -> None:
+        """Tell the aggregator to stop waiting for this node (best effort)."""
+        try:
+            self.stub.Leave(pb.LeaveRequest(node_id=self.cfg.node_id),
+                            timeout=self.cfg.call_timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            log.info("leave failed: %s", exc.code().name)
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> NodeResult:
+        """Train until the aggregator finishes; reconnect across aggregator restarts.
+
+        Raises:
+            GaveUpError: the aggregator was unreachable for ``give_up_after`` seconds.
+            TaskError: the task or the aggregator's model does not fit.
+        """
+        self.join()
+        next_round = 0
+        while not self.stop_event.is_set():
+            try:
+                header = self.pull(next_round)
+                if header.session_id != self.session_id:
+                    self.join()
+                    continue
+                if header.finished:
+                    return NodeResult(self.cfg.node_id, self.uploads, header.round)
+                next_round = self.train_round(header.round)
+                self.backoff.reset()
+            except grpc.RpcError as exc:
+                next_round = self._recover(exc, next_round)
+        self.leave()
+        return NodeResult(self.cfg.node_id, self.uploads, next_round)
+
+    def train_round(self, round_: int) -> int:
+        """Compute and push this round's update; return the next round to pull."""
+        generator = round_generator(self.cfg.seed, self.cfg.node_id, round_)
+        update = self.task.compute_update(self.model, self.data, generator)
+        check_update(update, self.params)
+        reply = self.push(round_, update.gradients, update.num_samples, update.metrics)
+        self.uploads += 0 if reply.duplicate else 1
+        log.info("round %d uploaded (loss %.4f)", round_, update.metrics.get("loss", float("nan")),
+                 extra={"node": self.cfg.node_id, "round": round_, "event": "upload"})
+        return round_ + 1
+
+    def _recover(self, exc: grpc.RpcError, next_round: int) -> int:
+        code = exc.code()
+        if code == grpc.StatusCode.ABORTED:
+            current = _current_round(exc)
+            log.info("round closed before our upload counted; continuing at round %d", current,
+                     extra={"node": self.cfg.node_id, "round": next_round, "event": "stale"})
+            return current if current is not None else next_round
+        if code == grpc.StatusCode.ALREADY_EXISTS:
+            return next_round + 1
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.backoff.attempt == 0:
+            return next_round  # a long wait for the next round ran out: ask again
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            self.join()
+            return next_round
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNKNOWN):
+            self.backoff.wait("round", exc)
+            self.join()
+            return next_round
+        raise exc
+
+
+def _current_round(exc: grpc.RpcError) -> int | None:
+    for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == "fedgrad-current-round":
+            return int(value)
+    return None

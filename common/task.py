@@ -1,0 +1,221 @@
+"""The Task interface: what a user writes to train their own model with fedgrad.
+
+A task is a model factory, the data of one node's shard, a loss, and
+(optionally) an evaluation on held-out data. fedgrad does the rest: the
+aggregator builds the model once to own the parameters, every node builds it
+to compute gradients, and both load the parameters the aggregator publishes.
+
+Minimal example (see ``examples/custom_task.py``)::
+
+    class MyTask(Task):
+        def model(self):
+            return torch.nn.Linear(4, 1)
+
+        def shard(self, index, count):
+            x = torch.randn(100, 4, generator=torch.Generator().manual_seed(index))
+            return x, x.sum(dim=1, keepdim=True)
+
+        def loss(self, model, batch):
+            x, y = batch
+            return torch.nn.functional.mse_loss(model(x), y)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedgrad.errors import ConfigError, TaskError
+
+__all__ = ["BUILTIN_TASKS", "Task", "Update", "load_task", "trainable_parameters"]
+
+#: Built-in task names and where they live.
+BUILTIN_TASKS: dict[str, str] = {
+    "digits": "fedgrad.tasks.digits:DigitsTask",
+    "linear": "fedgrad.tasks.linear:LinearTask",
+    "synthetic": "fedgrad.tasks.synthetic:SyntheticTask",
+}
+
+
+@dataclass
+class Update:
+    """What a node sends for one round.
+
+    Attributes:
+        gradients: one tensor per trainable parameter, in manifest order, with
+            the parameter's shape and dtype.
+        num_samples: samples behind the gradient (the weight of the weighted mean).
+        metrics: scalars to report, e.g. ``{"loss": 0.3}``.
+    """
+
+    gradients: list[torch.Tensor]
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Return the (name, parameter) pairs fedgrad trains, in a stable order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class Task:
+    """Base class of a training task. Override ``model``, ``shard`` and ``loss``.
+
+    Class attributes a task may override:
+        optimizer: the aggregator's default optimizer ("sgd", "momentum", "adam").
+        lr: the aggregator's default learning rate.
+        local_steps: 0 for FedSGD (one gradient over the whole shard per round);
+            k > 0 for FedAvg-style training: k local SGD steps with ``local_lr``
+            over minibatches, reported as the pseudo-gradient
+            ``theta_start - theta_end`` (an aggregator SGD step with lr 1.0 is
+            then exactly FedAvg).
+        local_lr: learning rate of the local steps.
+        batch_size: minibatch size of the local steps (0: the whole shard).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    local_steps: int = 0
+    local_lr: float = 0.1
+    batch_size: int = 0
+
+    def __init__(self, seed: int = 0, **options: str) -> None:
+        """Create the task.
+
+        Args:
+            seed: seeds the task's own data generation (not the training).
+            **options: ``--task-arg KEY=VALUE`` pairs; unknown keys are errors.
+        """
+        self.seed = seed
+        if options:
+            raise ConfigError(
+                f"task {type(self).__name__} takes no option(s) {sorted(options)}"
+            )
+
+    # -- to override ---------------------------------------------------------
+    def model(self) -> nn.Module:
+        """Build the model. fedgrad seeds torch before calling this."""
+        raise NotImplementedError
+
+    def shard(self, index: int, count: int) -> Any:
+        """Return the training data of shard ``index`` of ``count`` (0-based)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Return the mean loss of ``model`` on ``batch`` (a 0-d tensor)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        """Evaluate on held-out data (e.g. ``{"loss": .., "accuracy": ..}``), or None."""
+        return None
+
+    # -- overridable defaults --------------------------------------------------
+    def num_samples(self, data: Any) -> int:
+        """Return how many samples ``data`` (a shard) holds. Default: ``len(data[0])``."""
+        return len(data[0])
+
+    def batches(self, data: Any, generator: torch.Generator) -> Iterator[Any]:
+        """Yield an endless stream of shuffled minibatches of ``batch_size``."""
+        n = self.num_samples(data)
+        size = self.batch_size or n
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, size):
+                idx = order[start : start + size]
+                yield tuple(t[idx] for t in data)
+
+    def compute_update(self, model: nn.Module, data: Any, generator: torch.Generator) -> Update:
+        """Compute this node's update for one round from the loaded parameters.
+
+        Args:
+            model: the model holding the round's parameters.
+            data: this node's shard, as returned by ``shard``.
+            generator: seeded from (seed, node id, round); use it for all randomness.
+
+        Returns:
+            The gradients (FedSGD) or pseudo-gradients (local steps).
+        """
+        params = [p for _, p in trainable_parameters(model)]
+        n = self.num_samples(data)
+        model.train()
+        if self.local_steps <= 0:
+            model.zero_grad(set_to_none=True)
+            loss = self.loss(model, data)
+            loss.backward()
+            grads = [
+                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for p in params
+            ]
+            return Update(grads, n, {"loss": float(loss.detach())})
+        start = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=self.local_lr)
+        stream = self.batches(data, generator)
+        total = 0.0
+        for _ in range(self.local_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss(model, next(stream))
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        deltas = [s - p.detach() for s, p in zip(start, params, strict=True)]
+        return Update(deltas, n, {"loss": total / self.local_steps})
+
+
+def _resolve(spec: str) -> Any:
+    target = BUILTIN_TASKS.get(spec, spec)
+    if ":" not in target:
+        raise ConfigError(
+            f"unknown task {spec!r}: use a built-in ({', '.join(BUILTIN_TASKS)}) "
+            "or 'package.module:attr'"
+        )
+    module_name, attr = target.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import task module {module_name!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def load_task(spec: str, args: Mapping[str, str] | None = None, seed: int = 0) -> Task:
+    """Build a task from a built-in name or ``package.module:attr``.
+
+    Args:
+        spec: "digits", "linear", "synthetic", or "package.module:attr" naming a
+            ``Task`` subclass or a callable returning a ``Task``.
+        args: ``--task-arg`` options, passed as keyword strings.
+        seed: the task's data seed.
+
+    Raises:
+        ConfigError: the spec cannot be resolved or rejects the options.
+    """
+    factory = _resolve(spec)
+    try:
+        task = factory(seed=seed, **dict(args or {}))
+    except TypeError as exc:
+        raise ConfigError(f"task {spec!r} rejected its options {dict(args or {})}: {exc}") from exc
+    if not isinstance(task, Task):
+        raise ConfigError(f"task {spec!r} is a {type(task).__name__}, not a fedgrad Task")
+    return task
+
+
+def check_update(update: Update, params: Iterable[torch.Tensor]) -> None:
+    """Raise TaskError unless ``update`` matches ``params`` in count, shape and dtype."""
+    params = list(params)
+    if len(update.gradients) != len(params):
+        raise TaskError(f"task returned {len(update.gradients)} gradients for {len(params)} parameters")
+    for i, (g, p) in enumerate(zip(update.gradients, params, strict=True)):
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise TaskError(
+                f"gradient {i} has shape {tuple(g.shape)} {g.dtype}, "
+                f"parameter has {tuple(p.shape)} {p.dtype}"
+            )
+    if update.num_samples < 1:
+        raise TaskError(f"num_samples must be >= 1, got {update.num_samples}")

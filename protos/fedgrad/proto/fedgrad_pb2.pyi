@@ -1,0 +1,210 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    WEIGHTED_MEAN: _ClassVar[Reduction]
+    MEAN: _ClassVar[Reduction]
+    SUM: _ClassVar[Reduction]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT64: DType
+REDUCTION_UNSPECIFIED: Reduction
+WEIGHTED_MEAN: Reduction
+MEAN: Reduction
+SUM: Reduction
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("tensor", "offset", "data")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    offset: int
+    data: bytes
+    def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("node_id", "num_samples")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    num_samples: int
+    def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    manifest: Manifest
+    reduction: Reduction
+    chunk_bytes: int
+    round: int
+    total_rounds: int
+    session_id: str
+    finished: bool
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("node_id", "min_round")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    min_round: int
+    def __init__(self, node_id: _Optional[str] = ..., min_round: _Optional[int] = ...) -> None: ...
+
+class ParameterHeader(_message.Message):
+    __slots__ = ("round", "total_bytes", "finished", "session_id")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    total_bytes: int
+    finished: bool
+    session_id: str
+    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., finished: bool = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ParameterMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ParameterHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ParameterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    node_id: str
+    upload_id: str
+    num_samples: int
+    metrics: _containers.ScalarMap[str, float]
+    wire_dtype: DType
+    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class GradientMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("duplicate", "round")
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    round: int
+    def __init__(self, duplicate: bool = ..., round: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "num_samples", "state", "last_round", "seconds_since_seen")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    num_samples: int
+    state: str
+    last_round: int
+    seconds_since_seen: float
+    def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("round", "total_rounds", "finished", "nodes", "reported", "last_metrics", "bytes_received", "bytes_sent", "session_id", "phase")
+    class LastMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_METRICS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    total_rounds: int
+    finished: bool
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    reported: int
+    last_metrics: _containers.ScalarMap[str, float]
+    bytes_received: int
+    bytes_sent: int
+    session_id: str
+    phase: str
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., finished: bool = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., reported: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., session_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...

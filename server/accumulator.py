@@ -1,0 +1,128 @@
+"""Staging and reduction of gradient uploads, without grpc.
+
+An upload is staged chunk by chunk (each chunk checked for position and
+finiteness as it arrives) and committed to the accumulator only once it is
+complete, so a failed or cancelled upload leaves no trace. The accumulator is
+float64 whatever the wire dtype: products ``n_i * g_i`` of float32/16
+gradients and integer weights below 2**29 are exact in float64, so arrival
+order only matters through the rounding of the sums themselves, which float64
+makes vanishingly rare for float32 models (see README, "Determinism").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedgrad.codec import ChunkCursor, Layout, decode_floats
+from fedgrad.errors import InvalidArgument
+
+__all__ = ["Accumulator", "StagedUpload"]
+
+# Products n * g stay exact in float64 while n < 2**29 (24-bit float32 mantissa + 29 <= 53).
+MAX_EXACT_WEIGHT = 1 << 29
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    # One float64 pass: the sum of finite float32/16 values cannot overflow float64,
+    # and NaN/Inf propagate; float64 data falls back to the exact test on overflow.
+    if values.size == 0:
+        return True
+    if math.isfinite(float(np.add.reduce(values, dtype=np.float64))):
+        return True
+    return bool(np.isfinite(values).all())
+
+
+@dataclass
+class StagedUpload:
+    """The validated chunks of one upload in flight."""
+
+    layout: Layout
+    chunk_bytes: int
+    chunks: list[tuple[int, bytes]] = field(default_factory=list)
+    cursor: ChunkCursor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cursor = ChunkCursor(self.layout, self.chunk_bytes)
+
+    def add(self, tensor: int, offset: int, data: bytes) -> None:
+        """Validate and stage the next chunk.
+
+        Raises:
+            InvalidArgument: the chunk is out of order, misaligned, oversized or not finite.
+        """
+        start = self.cursor.advance(tensor, offset, len(data))
+        for run, run_offset, nbytes in self.layout.run_segments(start, len(data)):
+            values = decode_floats(data, run.start + run_offset - start, nbytes, run.dtype)
+            if not _all_finite(values):
+                first = self.layout.locate(run.start + run_offset)[0]
+                raise InvalidArgument(
+                    f"non-finite value (NaN or Inf) in the chunk at flat byte {start}"
+                    f" (tensor {first}, {self.layout.specs[first].name!r} or after)"
+                )
+        self.chunks.append((start, data))
+
+    @property
+    def nbytes(self) -> int:
+        return self.cursor.position
+
+    def complete(self) -> None:
+        """Raise InvalidArgument unless every byte of the flat stream arrived."""
+        if not self.cursor.complete:
+            raise InvalidArgument(
+                f"upload ended after {self.cursor.position} of {self.layout.total} bytes"
+            )
+
+
+class Accumulator:
+    """A float64 running sum of weighted gradients over one flat stream."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.total = np.zeros(layout.numel, dtype=np.float64)
+        self.weight = 0.0
+        self.count = 0
+        self._scratch = np.empty(0, dtype=np.float64)
+
+    def reset(self) -> None:
+        """Forget every committed upload (start a new round)."""
+        self.total.fill(0.0)
+        self.weight = 0.0
+        self.count = 0
+
+    def commit(self, staged: StagedUpload, weight: int) -> None:
+        """Add a complete upload times ``weight``. Not thread-safe: one commit at a time."""
+        staged.complete()
+        if not 1 <= weight < MAX_EXACT_WEIGHT:
+            raise InvalidArgument(f"weight {weight} is outside [1, {MAX_EXACT_WEIGHT})")
+        for start, data in staged.chunks:
+            for run, run_offset, nbytes in staged.layout.run_segments(start, len(data)):
+                values = decode_floats(data, run.start + run_offset - start, nbytes, run.dtype)
+                first = run.first_element + run_offset // run.itemsize
+                self._add(first, values, weight)
+        self.weight += weight
+        self.count += 1
+
+    def _add(self, first: int, values: np.ndarray, weight: int) -> None:
+        target = self.total[first : first + values.size]
+        if weight == 1:
+            np.add(target, values, out=target)
+            return
+        if self._scratch.size < values.size:
+            self._scratch = np.empty(values.size, dtype=np.float64)
+        scaled = self._scratch[: values.size]
+        np.multiply(values, float(weight), out=scaled, dtype=np.float64)
+        np.add(target, scaled, out=target)
+
+    def result(self, divisor: float) -> list[torch.Tensor]:
+        """Return total / divisor as one float64 tensor per manifest entry."""
+        flat = torch.from_numpy(self.total)
+        out = []
+        element = 0
+        for spec in self.layout.specs:
+            out.append((flat[element : element + spec.numel] / divisor).reshape(spec.shape))
+            element += spec.numel
+        return out

@@ -1,0 +1,376 @@
+"""The aggregator's state machine: nodes, rounds, uploads, the optimizer step.
+
+No grpc here: ``fedgrad.server.service`` translates protobuf to these calls
+and ``RpcError``s to status codes. Everything runs on one asyncio loop; the
+heavy tensor work (commit, step, serialization) runs in a worker thread while
+the loop keeps reading other streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedgrad.codec import Layout, specs_of
+from fedgrad.config import AggregatorConfig
+from fedgrad.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    StaleRound,
+)
+from fedgrad.history import RoundRecord
+from fedgrad.task import Task, trainable_parameters
+from fedgrad.server.accumulator import MAX_EXACT_WEIGHT, Accumulator, StagedUpload
+from fedgrad.server.broadcast import Snapshot, make_snapshot
+
+__all__ = ["Aggregator", "NodeRecord", "UploadTicket", "make_optimizer"]
+
+log = logging.getLogger("fedgrad.aggregator")
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_WAIT_FOR_SLOT = 60.0
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Build the aggregator's torch.optim optimizer ("sgd", "momentum" or "adam")."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r} (sgd, momentum, adam)")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return ``value`` if it is 1-128 chars of [A-Za-z0-9._-], else raise InvalidArgument."""
+    if not _ID.match(value):
+        raise InvalidArgument(f"{kind} {value!r} must be 1-128 characters of [A-Za-z0-9._-]")
+    return value
+
+
+@dataclass
+class NodeRecord:
+    """What the aggregator knows of one node."""
+
+    node_id: str
+    num_samples: int
+    state: str = "active"  # active, dropped (missed a deadline), left
+    last_round: int = -1
+    last_seen: float = field(default_factory=time.monotonic)
+    uploading: bool = False
+
+
+@dataclass
+class UploadTicket:
+    """One upload in flight: its header and its staged chunks."""
+
+    node_id: str
+    round: int
+    upload_id: str
+    weight: int
+    metrics: dict[str, float]
+    staged: StagedUpload | None
+    duplicate: bool = False
+
+
+class Aggregator:
+    """Owns the parameters, the optimizer and the rounds."""
+
+    def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
+        self.task, self.cfg = task, cfg
+        torch.manual_seed(cfg.seed)
+        self.model = task.model()
+        named = trainable_parameters(self.model)
+        self.params = [p for _, p in named]
+        self.layout = Layout(specs_of(named))
+        lr = cfg.lr if cfg.lr is not None else task.lr
+        self.optimizer = make_optimizer(cfg.optimizer or task.optimizer, self.params, lr)
+        self.acc = Accumulator(self.layout)
+        self.session_id = uuid.uuid4().hex
+        self.round = 0
+        self.started = self.finished = False
+        self.phase = "waiting"
+        self.nodes: dict[str, NodeRecord] = {}
+        self.reported: dict[str, str] = {}
+        self.round_loss = [0.0, 0.0]
+        self.history: list[RoundRecord] = []
+        self.snapshot: Snapshot | None = None
+        self.final_pulled: set[str] = set()
+        self.bytes_received = self.bytes_sent = 0
+        self.round_started = time.monotonic()
+        self.deadline_passed = False
+        self._round_bytes = 0
+        self.max_inflight = cfg.max_inflight or max(
+            1, min(64, cfg.staging_mb * (1 << 20) // max(1, self.layout.total))
+        )
+        self.on_round: list[Callable[[RoundRecord], None]] = []
+
+    async def start(self) -> None:
+        """Create the loop-bound primitives; call once on the serving loop."""
+        self._changed = asyncio.Condition()
+        self._commit = asyncio.Lock()
+        self._slots = asyncio.Semaphore(self.max_inflight)
+        self._deadline_task: asyncio.Task[None] | None = None
+
+    # -- membership ------------------------------------------------------------
+    async def join(self, node_id: str, num_samples: int) -> NodeRecord:
+        """Register or re-register a node; start round 0 once enough nodes joined."""
+        check_id("node_id", node_id)
+        if num_samples >= MAX_EXACT_WEIGHT:
+            raise InvalidArgument(f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})")
+        async with self._changed:
+            record = self.nodes.get(node_id)
+            if record is None:
+                record = self.nodes[node_id] = NodeRecord(node_id, num_samples)
+                log.info("node joined", extra={"node": node_id, "round": self.round, "event": "join"})
+            record.num_samples, record.state, record.last_seen = num_samples, "active", time.monotonic()
+            if not self.started and self._active_count() >= self.cfg.nodes:
+                await self._publish(first=True)
+            return record
+
+    async def leave(self, node_id: str) -> None:
+        """Stop waiting for a node; its upload of the open round, if counted, stays counted."""
+        async with self._changed:
+            record = self._joined(node_id)
+            record.state = "left"
+            log.info("node left", extra={"node": node_id, "round": self.round, "event": "leave"})
+            self._changed.notify_all()
+        await self._maybe_close()
+
+    def _joined(self, node_id: str) -> NodeRecord:
+        record = self.nodes.get(node_id)
+        if record is None:
+            raise FailedPrecondition(f"node {node_id!r} has not joined: call Join first")
+        record.last_seen = time.monotonic()
+        return record
+
+    def _active_count(self) -> int:
+        return sum(1 for r in self.nodes.values() if r.state == "active")
+
+    # -- parameters --------------------------------------------------------------
+    async def wait_snapshot(self, node_id: str, min_round: int) -> Snapshot:
+        """Wait until a round >= ``min_round`` (or the end) is published; return it."""
+        record = self._joined(node_id)
+        if record.state == "dropped":
+            record.state = "active"
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.snapshot is not None
+                and (self.snapshot.round >= min_round or self.snapshot.finished)
+            )
+            assert self.snapshot is not None
+            return self.snapshot
+
+    def sent(self, node_id: str, snapshot: Snapshot) -> None:
+        """Record a completed parameter stream."""
+        self.bytes_sent += snapshot.wire_bytes
+        self._round_bytes += snapshot.wire_bytes
+        if snapshot.finished:
+            self.final_pulled.add(node_id)
+
+    # -- uploads -------------------------------------------------------------------
+    async def open_upload(
+        self, node_id: str, round_: int, upload_id: str, num_samples: int,
+        metrics: dict[str, float], layout: Layout,
+    ) -> UploadTicket:
+        """Check an upload header and reserve a staging slot.
+
+        Raises:
+            FailedPrecondition, StaleRound, AlreadyExists, InvalidArgument, ResourceExhausted.
+        """
+        check_id("upload_id", upload_id)
+        record = self._joined(node_id)
+        if record.state == "left":
+            raise FailedPrecondition(f"node {node_id!r} has left: call Join again")
+        if self.finished or round_ < self.round:
+            raise StaleRound(f"round {round_} is closed", self.round)
+        if not self.started or round_ > self.round:
+            raise FailedPrecondition(f"round {round_} is not open (current round {self.round})")
+        weight = self._weight(num_samples)
+        previous = self.reported.get(node_id)
+        if previous == upload_id:
+            return UploadTicket(node_id, round_, upload_id, weight, metrics, None, duplicate=True)
+        if previous is not None:
+            raise AlreadyExists(
+                f"node {node_id!r} already uploaded {previous!r} for round {round_}; "
+                f"a different upload {upload_id!r} is refused"
+            )
+        if record.uploading:
+            raise ResourceExhausted(f"node {node_id!r} already has an upload in flight")
+        if record.state == "dropped":
+            record.state = "active"
+        record.uploading = True
+        try:
+            await asyncio.wait_for(self._slots.acquire(), _WAIT_FOR_SLOT)
+        except TimeoutError:
+            record.uploading = False
+            raise ResourceExhausted(
+                f"{self.max_inflight} uploads in flight for {_WAIT_FOR_SLOT:.0f} s; retry later"
+            ) from None
+        return UploadTicket(
+            node_id, round_, upload_id, weight, metrics, StagedUpload(layout, self.cfg.chunk_bytes)
+        )
+
+    def _weight(self, num_samples: int) -> int:
+        if self.cfg.reduce != "weighted-mean":
+            return 1
+        if not 1 <= num_samples < MAX_EXACT_WEIGHT:
+            raise InvalidArgument(
+                f"num_samples must be in [1, {MAX_EXACT_WEIGHT - 1}] for the weighted mean,"
+                f" got {num_samples}"
+            )
+        return num_samples
+
+    def release(self, ticket: UploadTicket) -> None:
+        """Free the staging slot of a ticket (after commit or failure); idempotent."""
+        if ticket.staged is not None:
+            ticket.staged = None
+            self._slots.release()
+            record = self.nodes.get(ticket.node_id)
+            if record is not None:
+                record.uploading = False
+
+    async def commit(self, ticket: UploadTicket) -> int:
+        """Count a complete upload exactly once; return the round it counted in."""
+        if ticket.duplicate:
+            return ticket.round
+        staged = ticket.staged
+        assert staged is not None
+        staged.complete()
+        async with self._commit:
+            if self.round != ticket.round or self.finished:
+                raise StaleRound(f"round {ticket.round} closed during the upload", self.round)
+            previous = self.reported.get(ticket.node_id)
+            if previous is not None:
+                if previous == ticket.upload_id:
+                    return ticket.round
+                raise AlreadyExists(f"node {ticket.node_id!r} already uploaded for round {ticket.round}")
+            await asyncio.to_thread(self.acc.commit, staged, ticket.weight)
+            self.reported[ticket.node_id] = ticket.upload_id
+            self.bytes_received += staged.nbytes
+            self._round_bytes += staged.nbytes
+            if "loss" in ticket.metrics:
+                self.round_loss[0] += ticket.metrics["loss"] * ticket.weight
+                self.round_loss[1] += ticket.weight
+            self.nodes[ticket.node_id].last_round = ticket.round
+            log.info("upload counted", extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"})
+        await self._maybe_close()
+        return ticket.round
+
+    # -- rounds ------------------------------------------------------------------------
+    def quorum(self) -> bool:
+        """Return True if the open round may close now."""
+        if not self.started or self.finished or not self.reported:
+            return False
+        waiting = [
+            r for r in self.nodes.values() if r.state == "active" and r.node_id not in self.reported
+        ]
+        if not waiting:
+            return True
+        return self.deadline_passed and len(self.reported) >= self.cfg.min_nodes
+
+    async def _maybe_close(self) -> None:
+        async with self._commit:
+            if not self.quorum():
+                return
+            if self.deadline_passed:
+                for r in self.nodes.values():
+                    if r.state == "active" and r.node_id not in self.reported:
+                        r.state = "dropped"
+                        log.warning("node missed the round deadline", extra={
+                            "node": r.node_id, "round": self.round, "event": "dropped"})
+            await self._close_round()
+
+    async def _close_round(self) -> None:
+        self.phase = "stepping"
+        divisor = self.acc.weight if self.cfg.reduce != "sum" else 1.0
+        metrics = await asyncio.to_thread(self._step, divisor)
+        record = RoundRecord(
+            round=self.round + 1,
+            train_loss=self.round_loss[0] / self.round_loss[1] if self.round_loss[1] else float("nan"),
+            test_loss=metrics.get("loss", float("nan")),
+            test_accuracy=metrics.get("accuracy", float("nan")),
+            seconds=time.monotonic() - self.round_started,
+            bytes=self._round_bytes,
+            nodes=self.acc.count,
+        )
+        self.history.append(record)
+        self.round += 1
+        self.acc.reset()
+        self.reported.clear()
+        self.round_loss = [0.0, 0.0]
+        for callback in self.on_round:
+            callback(record)
+        async with self._changed:
+            await self._publish(first=False)
+
+    def _step(self, divisor: float) -> dict[str, float]:
+        for p, g in zip(self.params, self.acc.result(divisor), strict=True):
+            p.grad = g.to(p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.eval()
+            return self.task.evaluate(self.model) or {}
+
+    async def _publish(self, first: bool) -> None:
+        """Serialize the parameters of the (new) round and wake waiting pulls. Holds _changed."""
+        self.finished = self.round >= self.cfg.rounds
+        self.snapshot = await asyncio.to_thread(
+            make_snapshot, self.params, self.layout, self.cfg.chunk_bytes,
+            self.round, self.finished, self.session_id,
+        )
+        self.started = True
+        self.phase = "finished" if self.finished else "collecting"
+        self.round_started = time.monotonic()
+        self.deadline_passed = False
+        self._round_bytes = 0
+        self._changed.notify_all()
+        if not self.finished:
+            if self._deadline_task is not None:
+                self._deadline_task.cancel()
+            self._deadline_task = asyncio.get_running_loop().create_task(self._deadline(self.round))
+
+    async def _deadline(self, round_: int) -> None:
+        await asyncio.sleep(self.cfg.round_timeout)
+        if self.round != round_ or self.finished:
+            return
+        self.deadline_passed = True
+        await self._maybe_close()
+        if self.round == round_:
+            log.warning(
+                "round deadline passed with %d of %d required uploads; waiting for nodes",
+                len(self.reported), self.cfg.min_nodes,
+                extra={"round": round_, "event": "below_quorum"},
+            )
+
+    async def wait_finished(self) -> None:
+        """Return once training is over and every active node pulled the final parameters."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.finished)
+        loop_deadline = time.monotonic() + self.cfg.finish_grace
+        while time.monotonic() < loop_deadline:
+            pending = [r for r in self.nodes.values()
+                       if r.state == "active" and r.node_id not in self.final_pulled]
+            if not pending:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("finished; some nodes did not fetch the final parameters", extra={"event": "finish"})
+
+    def close(self) -> None:
+        """Cancel the round timer (on shutdown)."""
+        if self._deadline_task is not None:
+            self._deadline_task.cancel()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Return the model's full state dict (parameters and buffers), detached."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}

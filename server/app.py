@@ -1,0 +1,123 @@
+"""Run the aggregator: the grpc.aio server, health, and the end of training."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from safetensors.torch import save_file
+
+from fedgrad.codec import DEFAULT_CHUNK_BYTES
+from fedgrad.config import AggregatorConfig
+from fedgrad.history import write_history
+from fedgrad.server.aggregator import Aggregator
+from fedgrad.server.service import SERVICE_NAME, AggregatorService
+from fedgrad.task import Task
+
+__all__ = ["AggregatorServer", "ServerThread", "server_options"]
+
+log = logging.getLogger("fedgrad.server")
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def server_options(chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[tuple[str, Any]]:
+    """Return the channel options of the aggregator (see DESIGN.md, "Defaults")."""
+    limit = max(MAX_MESSAGE_BYTES, chunk_bytes + 64 * 1024)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # A second server on the same port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_idle_ms", 300_000),
+    ]
+
+
+class AggregatorServer:
+    """The aggregator service on one grpc.aio server."""
+
+    def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
+        self.cfg = cfg
+        self.core = Aggregator(task, cfg)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Start serving on ``cfg.listen``; return the bound port."""
+        await self.core.start()
+        server = grpc.aio.server(options=server_options(self.cfg.chunk_bytes))
+        server.add_generic_rpc_handlers((AggregatorService(self.core, self.cfg.idle_timeout).handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.cfg.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        self.port = server.add_insecure_port(self.cfg.listen)
+        if self.port == 0:
+            raise OSError(f"could not listen on {self.cfg.listen}")
+        await server.start()
+        self.server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("aggregator listening on port %d", self.port, extra={"event": "listen"})
+        return self.port
+
+    async def wait_finished(self) -> None:
+        """Wait for the end of training, then save the results."""
+        await self.core.wait_finished()
+        self.save()
+
+    def save(self) -> None:
+        """Write the final parameters and the history, if asked to."""
+        if self.cfg.save:
+            Path(self.cfg.save).parent.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.contiguous() for k, v in self.core.state_dict().items()}
+            save_file(tensors, self.cfg.save, metadata={"round": str(self.core.round)})
+        if self.cfg.history:
+            write_history(self.cfg.history, self.core.history)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, then stop the server after ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        self.core.close()
+        if self.server is not None:
+            await self.server.stop(grace if grace is not None else self.cfg.shutdown_grace)
+
+
+class ServerThread:
+    """Run an ``AggregatorServer`` on its own event loop in a background thread."""
+
+    def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
+        self.server = AggregatorServer(task, cfg)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fedgrad-aggregator", daemon=True)
+
+    def start(self) -> int:
+        """Start the loop and the server; return the bound port."""
+        self._thread.start()
+        return self.call(self.server.start())
+
+    def call(self, coro: Any, timeout: float | None = 60.0) -> Any:
+        """Run a coroutine on the server loop and return its result."""
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        """Stop the server and the loop, and join the thread."""
+        if self._thread.is_alive():
+            self.call(self.server.stop(grace=1.0))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        self.loop.close()

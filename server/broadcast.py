@@ -1,0 +1,49 @@
+"""The parameter broadcast: serialized once per round, the same bytes to every node."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedgrad.codec import Layout, byte_view, iter_chunks
+from fedgrad.proto import fedgrad_pb2 as pb
+
+__all__ = ["Snapshot", "make_snapshot"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The serialized ``ParameterMessage``s of one published round."""
+
+    round: int
+    finished: bool
+    messages: tuple[bytes, ...]
+    payload_bytes: int
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(len(m) for m in self.messages)
+
+
+def make_snapshot(
+    params: Sequence[torch.Tensor],
+    layout: Layout,
+    chunk_bytes: int,
+    round_: int,
+    finished: bool,
+    session_id: str,
+) -> Snapshot:
+    """Serialize the header and every chunk of ``params`` once."""
+    header = pb.ParameterMessage(
+        header=pb.ParameterHeader(
+            round=round_, total_bytes=layout.total, finished=finished, session_id=session_id
+        )
+    ).SerializeToString()
+    views = [byte_view(p.detach()) for p in params]
+    chunks = [
+        pb.ParameterMessage(chunk=pb.Chunk(tensor=t, offset=o, data=d)).SerializeToString()
+        for t, o, d in iter_chunks(views, layout, chunk_bytes)
+    ]
+    return Snapshot(round_, finished, (header, *chunks), layout.total)

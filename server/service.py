@@ -1,0 +1,179 @@
+"""gRPC edge of the aggregator: protobuf in, domain calls, status codes out.
+
+Every method only translates. ``RpcError``s from the core become their status
+code here, in one place, with a log line naming node, round and reason.
+The parameter stream uses an identity response serializer so that the bytes
+serialized once per round go unchanged to every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from fedgrad.codec import Layout, dtype_from_proto, manifest_to_proto
+from fedgrad.errors import InvalidArgument, RpcError, StaleRound
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.server.aggregator import Aggregator, UploadTicket
+
+__all__ = ["SERVICE_NAME", "AggregatorService"]
+
+log = logging.getLogger("fedgrad.service")
+SERVICE_NAME = "fedgrad.v1.Aggregator"
+_REDUCTION = {"weighted-mean": pb.WEIGHTED_MEAN, "mean": pb.MEAN, "sum": pb.SUM}
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: RpcError, node: str, round_: Any) -> None:
+    log.warning(
+        "rejected: %s", exc, extra={"node": node, "round": round_, "event": "reject",
+                                    "reason": exc.code},
+    )
+    trailing: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, StaleRound):
+        trailing = (("fedgrad-current-round", str(exc.current_round)),)
+    await context.abort(grpc.StatusCode[exc.code], str(exc), trailing_metadata=trailing)
+
+
+class AggregatorService:
+    """The ``fedgrad.v1.Aggregator`` service over an ``Aggregator`` core."""
+
+    def __init__(self, core: Aggregator, idle_timeout: float) -> None:
+        self.core = core
+        self.idle_timeout = idle_timeout
+        self._layouts: dict[int, Layout] = {pb.DTYPE_UNSPECIFIED: core.layout}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Return the generic handler that serves every method of the service."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Join": grpc.unary_unary_rpc_method_handler(
+                    self.join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString),
+                "PullParameters": grpc.unary_stream_rpc_method_handler(
+                    self.pull, pb.PullRequest.FromString, lambda raw: raw),
+                "PushGradients": grpc.stream_unary_rpc_method_handler(
+                    self.push, pb.GradientMessage.FromString, pb.PushReply.SerializeToString),
+                "Leave": grpc.unary_unary_rpc_method_handler(
+                    self.leave, pb.LeaveRequest.FromString, pb.LeaveReply.SerializeToString),
+                "GetStatus": grpc.unary_unary_rpc_method_handler(
+                    self.status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString),
+            },
+        )
+
+    async def join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        core = self.core
+        try:
+            await core.join(request.node_id, request.num_samples)
+        except RpcError as exc:
+            await _fail(context, exc, request.node_id, core.round)
+        return pb.JoinReply(
+            manifest=manifest_to_proto(core.layout.specs),
+            reduction=_REDUCTION[core.cfg.reduce],  # type: ignore[arg-type]
+            chunk_bytes=core.cfg.chunk_bytes,
+            round=core.round,
+            total_rounds=core.cfg.rounds,
+            session_id=core.session_id,
+            finished=core.finished,
+        )
+
+    async def pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            snapshot = await self.core.wait_snapshot(request.node_id, request.min_round)
+        except RpcError as exc:
+            await _fail(context, exc, request.node_id, request.min_round)
+            return
+        for message in snapshot.messages:
+            yield message
+        self.core.sent(request.node_id, snapshot)
+
+    async def push(
+        self, requests: AsyncIterator[pb.GradientMessage], context: grpc.aio.ServicerContext
+    ) -> pb.PushReply:
+        ticket: UploadTicket | None = None
+        node, round_ = "?", "?"
+        try:
+            first = await self._next(requests)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
+            h = first.header
+            node, round_ = h.node_id, h.round
+            ticket = await self.core.open_upload(
+                h.node_id, h.round, h.upload_id, h.num_samples, dict(h.metrics),
+                self._layout(h.wire_dtype),
+            )
+            if not ticket.duplicate:
+                await self._receive(requests, ticket)
+            counted = await self.core.commit(ticket)
+            return pb.PushReply(duplicate=ticket.duplicate, round=counted)
+        except RpcError as exc:
+            await _fail(context, exc, node, round_)
+            raise AssertionError("unreachable") from exc
+        finally:
+            if ticket is not None:
+                self.core.release(ticket)
+
+    async def _receive(self, requests: AsyncIterator[pb.GradientMessage], ticket: UploadTicket) -> None:
+        assert ticket.staged is not None
+        while (message := await self._next(requests)) is not None:
+            if message.WhichOneof("kind") != "chunk":
+                raise InvalidArgument("only chunks may follow the UploadHeader (header repeated?)")
+            c = message.chunk
+            ticket.staged.add(c.tensor, c.offset, c.data)
+
+    async def _next(self, requests: AsyncIterator[pb.GradientMessage]) -> pb.GradientMessage | None:
+        try:
+            return await asyncio.wait_for(anext(requests), self.idle_timeout)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise InvalidArgument(
+                f"no message for {self.idle_timeout:.0f} s: upload abandoned (per-chunk idle deadline)"
+            ) from None
+
+    def _layout(self, wire_dtype: int) -> Layout:
+        layout = self._layouts.get(wire_dtype)
+        if layout is None:
+            layout = Layout(self.core.layout.specs, dtype_from_proto(wire_dtype))
+            self._layouts[wire_dtype] = layout
+        return layout
+
+    async def leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        try:
+            await self.core.leave(request.node_id)
+        except RpcError as exc:
+            await _fail(context, exc, request.node_id, self.core.round)
+        return pb.LeaveReply()
+
+    async def status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return status_reply(self.core)
+
+
+def status_reply(core: Aggregator) -> pb.StatusReply:
+    """Describe the aggregator's state for operators."""
+    import time
+
+    now = time.monotonic()
+    nodes = []
+    for r in sorted(core.nodes.values(), key=lambda r: r.node_id):
+        state = "reported" if r.node_id in core.reported else r.state
+        if state == "dropped":
+            state = "late"
+        nodes.append(pb.NodeStatus(
+            node_id=r.node_id, num_samples=r.num_samples, state=state,
+            last_round=max(r.last_round + 1, 0), seconds_since_seen=now - r.last_seen,
+        ))
+    last = core.history[-1] if core.history else None
+    metrics = {}
+    if last is not None:
+        metrics = {k: v for k, v in (("train_loss", last.train_loss), ("test_loss", last.test_loss),
+                                      ("test_accuracy", last.test_accuracy),
+                                      ("round_seconds", last.seconds)) if v == v}
+    return pb.StatusReply(
+        round=core.round, total_rounds=core.cfg.rounds, finished=core.finished, nodes=nodes,
+        reported=len(core.reported), last_metrics=metrics, bytes_received=core.bytes_received,
+        bytes_sent=core.bytes_sent, session_id=core.session_id, phase=core.phase,
+    )
