@@ -88,6 +88,11 @@ class AggregatorServer:
         if self.cfg.history:
             write_history(self.cfg.history, self.core.history)
 
+    async def shutdown(self) -> None:
+        """Graceful stop on SIGTERM/SIGINT: NOT_SERVING, let uploads finish, save, stop."""
+        await self.stop(grace=self.cfg.shutdown_grace)
+        self.save()
+
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, then stop the server after ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()

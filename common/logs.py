@@ -1,0 +1,53 @@
+"""Logging: readable lines by default, one JSON object per line with --log-format json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+__all__ = ["JsonFormatter", "setup_logging"]
+
+_FIELDS = ("node", "round", "event", "reason")
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object with time, level, message and fedgrad fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in _FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                out[name] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Format a record as a readable line, with node/round/event appended when present."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [f"{n}={getattr(record, n)}" for n in _FIELDS if getattr(record, n, None) is not None]
+        return f"{line} [{' '.join(extras)}]" if extras else line
+
+
+def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
+    """Send fedgrad's logs to stderr in ``fmt`` ("text" or "json")."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,242 @@
+"""What each ``fedgrad`` subcommand does, once its arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedgrad.config import AggregatorConfig, NodeConfig, parse_hostport
+from fedgrad.errors import ConfigError
+from fedgrad.history import RoundRecord
+from fedgrad.launch.options import build_config, resolve
+from fedgrad.logs import setup_logging
+from fedgrad.task import load_task
+
+__all__ = ["dispatch"]
+
+log = logging.getLogger("fedgrad.cli")
+_LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def dispatch(args: argparse.Namespace, subparser: Callable[[str], argparse.ArgumentParser]) -> int:
+    """Run the subcommand named in ``args``; return its exit code."""
+    if args.command == "aggregator":
+        return run_aggregator(resolve(subparser("aggregator"), args, "aggregator"))
+    if args.command == "node":
+        return run_node(resolve(subparser("node"), args, "node"))
+    if args.command == "demo":
+        from fedgrad.launch.demo import run_demo
+
+        return run_demo(args.nodes, args.rounds, args.task, dict(args.task_args), Path(args.out))
+    if args.command == "status":
+        return show_status(args)
+    if args.command == "health":
+        return check_health(args)
+    if args.command == "plot":
+        from fedgrad.history import plot_history, read_history
+
+        plot_history(read_history(args.history), args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "certs":
+        return certs_init(args)
+    raise ConfigError(f"unknown command {args.command!r}")
+
+
+# -- aggregator ----------------------------------------------------------------------
+def aggregator_config(values: dict[str, Any]) -> AggregatorConfig:
+    """Build and check the aggregator's config from resolved option values."""
+    values = dict(values)
+    values["task_args"] = tuple(values.get("task_args", ()))
+    values["progress"] = not values.pop("no_progress", False)
+    cfg = build_config(AggregatorConfig, values)
+    host, _ = parse_hostport(cfg.listen)
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if not cfg.tls_cert and not cfg.insecure and not host.startswith(_LOOPBACK):
+        raise ConfigError(
+            f"refusing to serve plaintext on {cfg.listen}: anyone on the network could join or read"
+            " the model. Turn TLS on (`fedgrad certs init --out certs --nodes n1,n2 --hosts HOST`,"
+            " then --tls-cert certs/server.pem --tls-key certs/server.key --tls-client-ca certs/ca.pem)"
+            " or pass --insecure on a trusted network"
+        )
+    if cfg.min_nodes > cfg.nodes:
+        raise ConfigError(f"--min-nodes {cfg.min_nodes} is more than --nodes {cfg.nodes}")
+    return cfg
+
+
+def run_aggregator(values: dict[str, Any]) -> int:
+    """Serve until training is over (exit 0) or SIGTERM/SIGINT (graceful, exit 0)."""
+    port_file = values.pop("port_file", None)
+    cfg = aggregator_config(values)
+    setup_logging(cfg.log_format)
+    task = load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed)
+    return asyncio.run(_serve(task, cfg, port_file))
+
+
+async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int:
+    from fedgrad.server.app import AggregatorServer
+
+    server = AggregatorServer(task, cfg)
+    port = await server.start()
+    if port_file:
+        Path(port_file).write_text(f"{port}\n")
+    server.core.on_round.append(lambda r: _log_round(r, cfg.rounds))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    done = asyncio.ensure_future(server.wait_finished())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not done.done():
+        done.cancel()
+        log.info("signal received: shutting down gracefully", extra={"event": "shutdown"})
+        await server.shutdown()
+    else:
+        stopped.cancel()
+        await server.stop(grace=1.0)
+    log.info("aggregator finished at round %d", server.core.round, extra={"event": "exit"})
+    return 0
+
+
+def _log_round(r: RoundRecord, total: int) -> None:
+    log.info(
+        "round %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.2f s, %.1f MB",
+        r.round, total, r.train_loss, r.test_loss, r.test_accuracy, r.seconds, r.bytes / 1e6,
+        extra={"round": r.round, "event": "round"},
+    )
+
+
+# -- node ------------------------------------------------------------------------------
+class _Terminate(Exception):
+    pass
+
+
+def node_config(values: dict[str, Any]) -> NodeConfig:
+    """Build and check the node's config from resolved option values."""
+    values = dict(values)
+    values["task_args"] = tuple(values.get("task_args", ()))
+    node_id = values.get("node_id", "node-0")
+    index, count = values.get("shard", ("0", 1))
+    if index == "ordinal":
+        match = re.search(r"-(\d+)$", node_id)
+        if not match:
+            raise ConfigError(f"--shard ordinal/N needs a node id ending in -NUMBER, got {node_id!r}")
+        index = match.group(1)
+    if not 0 <= int(index) < count:
+        raise ConfigError(f"--shard {index}/{count}: index must be in [0, {count})")
+    values["shard"] = (int(index), count)
+    token_file = values.pop("token_file", None)
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get("FEDGRAD_TOKEN")
+    values["token"] = token or None
+    compress = values.pop("compress", "none")
+    values["wire_dtype"] = None if compress == "none" else compress
+    return build_config(NodeConfig, values)
+
+
+def run_node(values: dict[str, Any]) -> int:
+    """Train until the aggregator finishes (exit 0); SIGTERM leaves cleanly (exit 0)."""
+    from fedgrad.client.node import Node
+
+    cfg = node_config(values)
+    setup_logging(cfg.log_format)
+    node = Node(load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed), cfg)
+
+    def terminate(signum: int, frame: Any) -> None:
+        node.stop_event.set()
+        raise _Terminate
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        result = node.run()
+        log.info("done: %d uploads, final round %d", result.uploads, result.final_round,
+                 extra={"node": cfg.node_id, "event": "exit"})
+    except _Terminate:
+        log.info("SIGTERM: leaving the federation", extra={"node": cfg.node_id, "event": "leave"})
+        node.leave()
+    finally:
+        node.close()
+    return 0
+
+
+# -- tools -----------------------------------------------------------------------------
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if args.tls_ca:
+        def read(p: str | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+
+        creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+        return grpc.secure_channel(args.address, creds)
+    return grpc.insecure_channel(args.address)
+
+
+def show_status(args: argparse.Namespace) -> int:
+    """Print round, nodes, throughput and last metrics of a running aggregator."""
+    from google.protobuf.json_format import MessageToDict
+
+    from fedgrad.proto import fedgrad_pb2 as pb
+    from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("FEDGRAD_TOKEN")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with _channel(args) as channel:
+        try:
+            reply = pb_grpc.AggregatorStub(channel).GetStatus(
+                pb.StatusRequest(), timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            print(f"fedgrad status: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return 0
+    print(f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "
+          f"uploads this round {reply.reported}  finished {reply.finished}")
+    print(f"bytes received {reply.bytes_received / 1e6:.1f} MB  sent {reply.bytes_sent / 1e6:.1f} MB")
+    for name, value in sorted(reply.last_metrics.items()):
+        print(f"  {name:<14} {value:.4f}")
+    print(f"{'node':<24} {'state':<9} {'samples':>8} {'last round':>10} {'seen (s ago)':>12}")
+    for n in reply.nodes:
+        print(f"{n.node_id:<24} {n.state:<9} {n.num_samples:>8} {n.last_round:>10} {n.seconds_since_seen:>12.1f}")
+    return 0
+
+
+def check_health(args: argparse.Namespace) -> int:
+    """Exit 0 iff the standard health service reports SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _channel(args) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def certs_init(args: argparse.Namespace) -> int:
+    """Write a CA, a server certificate and one client certificate per node."""
+    from fedgrad.certs import init_federation
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    paths = init_federation(Path(args.out), nodes, hosts, days=args.days, overwrite=args.overwrite)
+    for name, path in sorted(paths.items()):
+        print(f"{name:<16} {path}")
+    return 0
