@@ -138,7 +138,7 @@ class Node:
             try:
                 header = self.pull(next_round)
                 if header.session_id != self.session_id:
-                    self.join()
+                    next_round = self.join().round
                     continue
                 if header.finished:
                     return NodeResult(self.cfg.node_id, self.uploads, header.round)
@@ -172,14 +172,14 @@ class Node:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.backoff.attempt == 0:
             return next_round  # a long wait for the next round ran out: ask again
         if code == grpc.StatusCode.FAILED_PRECONDITION:
-            self.join()
-            return next_round
+            return self.join().round
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
                     grpc.StatusCode.UNKNOWN):
             self.backoff.wait("round", exc)
-            self.join()
-            return next_round
+            # After a reconnect, redo the aggregator's open round: if it restarted from a
+            # checkpoint our counted upload may be gone; if not, the same upload id is a no-op.
+            return self.join().round
         raise exc
 
 

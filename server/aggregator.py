@@ -26,11 +26,14 @@ from fedgrad.errors import (
     InvalidArgument,
     ResourceExhausted,
     StaleRound,
+    Unavailable,
 )
+from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
 from fedgrad.task import Task, trainable_parameters
 from fedgrad.server.accumulator import MAX_EXACT_WEIGHT, Accumulator, StagedUpload
 from fedgrad.server.broadcast import Snapshot, make_snapshot
+from fedgrad.server.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["Aggregator", "NodeRecord", "UploadTicket", "make_optimizer"]
 
@@ -113,6 +116,8 @@ class Aggregator:
             1, min(64, cfg.staging_mb * (1 << 20) // max(1, self.layout.total))
         )
         self.on_round: list[Callable[[RoundRecord], None]] = []
+        self.closing = False
+        self.resumed = bool(cfg.checkpoint_dir) and self._restore()
 
     async def start(self) -> None:
         """Create the loop-bound primitives; call once on the serving loop."""
@@ -120,11 +125,62 @@ class Aggregator:
         self._commit = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.max_inflight)
         self._deadline_task: asyncio.Task[None] | None = None
+        if self.resumed:
+            async with self._changed:
+                await self._publish(first=True)
+
+    # -- checkpoints -------------------------------------------------------------
+    def _meta(self) -> dict[str, object]:
+        return {
+            "session_id": self.session_id,
+            "task": self.cfg.task,
+            "reduce": self.cfg.reduce,
+            "nodes": [
+                {"node_id": r.node_id, "num_samples": r.num_samples, "state": r.state,
+                 "last_round": r.last_round}
+                for r in self.nodes.values()
+            ],
+        }
+
+    def checkpoint(self) -> None:
+        """Write the state of the current (published) round, if --checkpoint-dir is set."""
+        if self.cfg.checkpoint_dir:
+            names = [s.name for s in self.layout.specs]
+            save_checkpoint(self.cfg.checkpoint_dir, self.round, dict(zip(names, self.params, strict=True)),
+                            self.optimizer, self._meta(), self.history)
+
+    def _restore(self) -> bool:
+        assert self.cfg.checkpoint_dir
+        loaded = load_checkpoint(self.cfg.checkpoint_dir)
+        if loaded is None:
+            return False
+        doc, params, optim_state = loaded
+        if doc.get("task") != self.cfg.task or doc.get("reduce") != self.cfg.reduce:
+            raise ConfigError(
+                f"checkpoint in {self.cfg.checkpoint_dir} is for task {doc.get('task')!r} with"
+                f" reduce {doc.get('reduce')!r}; use a new --checkpoint-dir for another run"
+            )
+        with torch.no_grad():
+            for spec, p in zip(self.layout.specs, self.params, strict=True):
+                saved = params.get(spec.name)
+                if saved is None or saved.shape != p.shape or saved.dtype != p.dtype:
+                    raise ConfigError(f"checkpoint tensor {spec.name!r} does not match the task's model")
+                p.copy_(saved)
+        self.optimizer.load_state_dict(optim_state)
+        self.round, self.session_id = int(doc["round"]), str(doc["session_id"])
+        self.history = [RoundRecord(**r) for r in doc["history"]]
+        for n in doc["nodes"]:
+            self.nodes[n["node_id"]] = NodeRecord(
+                n["node_id"], int(n["num_samples"]), "active" if n["state"] != "left" else "left",
+                int(n["last_round"]))
+        log.info("resumed from checkpoint at round %d", self.round, extra={"round": self.round, "event": "resume"})
+        return True
 
     # -- membership ------------------------------------------------------------
     async def join(self, node_id: str, num_samples: int) -> NodeRecord:
         """Register or re-register a node; start round 0 once enough nodes joined."""
         check_id("node_id", node_id)
+        self._check_open()
         if num_samples >= MAX_EXACT_WEIGHT:
             raise InvalidArgument(f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})")
         async with self._changed:
@@ -134,6 +190,7 @@ class Aggregator:
                 log.info("node joined", extra={"node": node_id, "round": self.round, "event": "join"})
             record.num_samples, record.state, record.last_seen = num_samples, "active", time.monotonic()
             if not self.started and self._active_count() >= self.cfg.nodes:
+                await asyncio.to_thread(self.checkpoint)
                 await self._publish(first=True)
             return record
 
@@ -145,6 +202,10 @@ class Aggregator:
             log.info("node left", extra={"node": node_id, "round": self.round, "event": "leave"})
             self._changed.notify_all()
         await self._maybe_close()
+
+    def _check_open(self) -> None:
+        if self.closing:
+            raise Unavailable("the aggregator is shutting down; retry shortly")
 
     def _joined(self, node_id: str) -> NodeRecord:
         record = self.nodes.get(node_id)
@@ -159,6 +220,7 @@ class Aggregator:
     # -- parameters --------------------------------------------------------------
     async def wait_snapshot(self, node_id: str, min_round: int) -> Snapshot:
         """Wait until a round >= ``min_round`` (or the end) is published; return it."""
+        self._check_open()
         record = self._joined(node_id)
         if record.state == "dropped":
             record.state = "active"
@@ -188,6 +250,7 @@ class Aggregator:
             FailedPrecondition, StaleRound, AlreadyExists, InvalidArgument, ResourceExhausted.
         """
         check_id("upload_id", upload_id)
+        self._check_open()
         record = self._joined(node_id)
         if record.state == "left":
             raise FailedPrecondition(f"node {node_id!r} has left: call Join again")
@@ -308,6 +371,7 @@ class Aggregator:
         self.acc.reset()
         self.reported.clear()
         self.round_loss = [0.0, 0.0]
+        await asyncio.to_thread(self.checkpoint)
         for callback in self.on_round:
             callback(record)
         async with self._changed:
@@ -365,6 +429,11 @@ class Aggregator:
                 return
             await asyncio.sleep(0.05)
         log.warning("finished; some nodes did not fetch the final parameters", extra={"event": "finish"})
+
+    async def final_checkpoint(self) -> None:
+        """Checkpoint the last committed round, never in the middle of a step."""
+        async with self._commit:
+            await asyncio.to_thread(self.checkpoint)
 
     def close(self) -> None:
         """Cancel the round timer (on shutdown)."""

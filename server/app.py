@@ -89,9 +89,12 @@ class AggregatorServer:
             write_history(self.cfg.history, self.core.history)
 
     async def shutdown(self) -> None:
-        """Graceful stop on SIGTERM/SIGINT: NOT_SERVING, let uploads finish, save, stop."""
+        """Graceful stop on SIGTERM/SIGINT: NOT_SERVING, finish in-flight work, checkpoint."""
+        self.core.closing = True
         await self.stop(grace=self.cfg.shutdown_grace)
-        self.save()
+        await self.core.final_checkpoint()
+        if self.cfg.history:
+            write_history(self.cfg.history, self.core.history)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, then stop the server after ``grace`` seconds."""

@@ -1,0 +1,458 @@
+"""Make the certificates of a federation: one CA, one server certificate, one per node.
+
+``init_federation(out, nodes=["n1", "n2"], hosts=["agg.example.org"])`` writes::
+
+    out/ca.pem            CA certificate: aggregator --tls-client-ca, every node --tls-ca
+    out/ca.key            CA key (0600): keep it offline; only needed to add nodes
+    out/server.pem        aggregator certificate (--tls-cert); SANs = the hosts
+    out/server.key        aggregator key (0600, --tls-key)
+    out/nodes/<id>.pem    node certificate (--tls-cert); subject CN = the node id,
+                          subjectAltName URI urn:fedgrad:node:<id>
+    out/nodes/<id>.key    node key (0600, --tls-key)
+
+Keys are EC P-256 (fast to make and to handshake with, supported by every TLS
+stack gRPC uses). A node's identity is the common name of its certificate;
+server certificates carry only serverAuth and node certificates only
+clientAuth, so neither can stand in for the other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple, TypeAlias
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedgrad.auth import validate_node_id
+from fedgrad.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_HOSTS",
+    "KeyCert",
+    "NODE_URI_PREFIX",
+    "PrivateKey",
+    "add_nodes",
+    "cert_to_pem",
+    "init_federation",
+    "key_to_pem",
+    "load_key_cert",
+    "make_ca",
+    "make_client_cert",
+    "make_server_cert",
+]
+
+#: Names the server certificate covers when no hosts are given.
+DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
+
+#: Prefix of the subjectAltName URI of node certificates.
+NODE_URI_PREFIX = "urn:fedgrad:node:"
+
+PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+# Backdate notBefore so a peer whose clock runs a little behind still accepts a fresh cert.
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_SERVER_CN = "fedgrad aggregator"
+
+
+class KeyCert(NamedTuple):
+    """A private key and the certificate for it."""
+
+    key: PrivateKey
+    cert: x509.Certificate
+
+
+def make_ca(
+    common_name: str = "fedgrad CA", days: int = 3650, *, valid_from: dt.datetime | None = None
+) -> KeyCert:
+    """Make a self-signed CA that can sign leaf certificates only.
+
+    Args:
+        common_name: the CA's subject CN.
+        days: validity in days from ``valid_from``.
+        valid_from: start of validity (UTC); now minus a few minutes if None.
+
+    Returns:
+        The CA key and certificate.
+
+    Raises:
+        ConfigError: ``days`` is not a positive integer.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    not_before, not_after = _validity(days, valid_from, None)
+    builder = (
+        _base_builder(name, name, key, not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
+        )
+    )
+    return KeyCert(key, builder.sign(key, hashes.SHA256()))
+
+
+def make_server_cert(
+    ca: KeyCert,
+    hosts: Sequence[str] | None = None,
+    days: int = 365,
+    *,
+    valid_from: dt.datetime | None = None,
+) -> KeyCert:
+    """Make the aggregator's certificate, valid for the given host names and IP addresses.
+
+    Args:
+        ca: the issuing CA.
+        hosts: DNS names and IP addresses clients dial (``DEFAULT_HOSTS`` if None); no ports.
+        days: validity in days from ``valid_from``, cut to the CA's own expiry.
+        valid_from: start of validity (UTC); now minus a few minutes if None.
+
+    Returns:
+        The server key and certificate (subjectAltName = the hosts, EKU serverAuth).
+
+    Raises:
+        ConfigError: no hosts, a host that is neither a DNS name nor an IP, or bad ``days``.
+    """
+    names = _subject_alt_names(DEFAULT_HOSTS if hosts is None else hosts)
+    san = x509.SubjectAlternativeName(names)
+    return _make_leaf(ca, _SERVER_CN, ExtendedKeyUsageOID.SERVER_AUTH, san, days, valid_from)
+
+
+def make_client_cert(
+    ca: KeyCert, node_id: str, days: int = 365, *, valid_from: dt.datetime | None = None
+) -> KeyCert:
+    """Make a node's client certificate, whose subject CN is the node id.
+
+    For an already expired certificate (tests), pass ``valid_from`` more than ``days`` ago.
+
+    Args:
+        ca: the issuing CA.
+        node_id: the node's identity (``fedgrad.auth.validate_node_id`` rules).
+        days: validity in days from ``valid_from``, cut to the CA's own expiry.
+        valid_from: start of validity (UTC); now minus a few minutes if None.
+
+    Returns:
+        The node key and certificate (EKU clientAuth, URI SAN ``urn:fedgrad:node:<node_id>``).
+
+    Raises:
+        ConfigError: an invalid node id or ``days``.
+    """
+    validate_node_id(node_id)
+    # The CN is the identity fedgrad checks; the URI SAN repeats it because RFC 5280
+    # verifiers (e.g. cryptography's client verifier, proxies) insist on a subjectAltName.
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id)])
+    return _make_leaf(ca, node_id, ExtendedKeyUsageOID.CLIENT_AUTH, san, days, valid_from)
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    """Encode a certificate as PEM.
+
+    Args:
+        cert: the certificate.
+
+    Returns:
+        PEM bytes, as gRPC's ``ssl_*_credentials`` take them.
+    """
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _cert_from_pem(data: bytes) -> x509.Certificate:
+    """Decode one PEM certificate; ConfigError if it is not one."""
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate: {exc}") from None
+
+
+def key_to_pem(key: PrivateKey) -> bytes:
+    """Encode a private key as unencrypted PKCS#8 PEM (gRPC cannot read encrypted keys).
+
+    Args:
+        key: the private key.
+
+    Returns:
+        PEM bytes.
+    """
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _key_from_pem(data: bytes) -> PrivateKey:
+    """Decode an unencrypted EC or RSA PEM private key; ConfigError otherwise."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        # The exception text names the problem, never key material.
+        raise ConfigError(f"not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ConfigError(f"unsupported key type {type(key).__name__}: use EC or RSA")
+    return key
+
+
+def _write_pem(path: Path, data: bytes, mode: int) -> Path:
+    """Write PEM data atomically; keys are 0600 from the moment they exist."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Created with the final mode (never world-readable, whatever the umask), then renamed in.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_key_cert(cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) -> KeyCert:
+    """Read a certificate and its key, e.g. the CA to sign more node certificates.
+
+    Args:
+        cert_path: PEM certificate.
+        key_path: unencrypted PEM private key.
+
+    Returns:
+        The key and certificate.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, or the key does not match the cert.
+    """
+    try:
+        cert = _cert_from_pem(Path(cert_path).read_bytes())
+        key = _key_from_pem(Path(key_path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if _spki(key.public_key()) != _spki(cert.public_key()):
+        raise ConfigError(f"{key_path} is not the key of {cert_path}")
+    return KeyCert(key, cert)
+
+
+def init_federation(
+    out_dir: str | os.PathLike[str],
+    nodes: Sequence[str],
+    hosts: Sequence[str] | None = None,
+    days: int = 365,
+    *,
+    ca_days: int = 3650,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Create a CA, the aggregator's certificate and one certificate per node.
+
+    Args:
+        out_dir: folder to write (layout in the module docstring); created 0700 if missing.
+        nodes: node ids, one client certificate each.
+        hosts: names and IPs of the aggregator (``DEFAULT_HOSTS`` if None).
+        days: validity of the server and node certificates.
+        ca_days: validity of the CA; longer, so nodes can be added later.
+        overwrite: replace existing files instead of refusing.
+
+    Returns:
+        Path relative to ``out_dir`` (``"ca.pem"``, ``"nodes/n1.key"``, ...) -> path written.
+
+    Raises:
+        ConfigError: a bad node id or host, duplicate node ids, or a file that exists while
+            ``overwrite`` is False (checked before anything is written).
+    """
+    out = Path(out_dir)
+    node_ids = _check_nodes(nodes)
+    names = ["ca.pem", "ca.key", "server.pem", "server.key", *_node_files(node_ids)]
+    _refuse_existing(out, names, overwrite)
+    server_hosts = DEFAULT_HOSTS if hosts is None else hosts
+    # Fail on any bad argument before the first file is written.
+    _subject_alt_names(server_hosts)
+    _check_days(days)
+    _check_days(ca_days)
+    ca = make_ca(days=ca_days)
+    written = _write_pair(out, "ca", ca)
+    written |= _write_pair(out, "server", make_server_cert(ca, server_hosts, days))
+    written |= _write_nodes(out, ca, node_ids, days)
+    return written
+
+
+def add_nodes(
+    out_dir: str | os.PathLike[str],
+    nodes: Sequence[str],
+    days: int = 365,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Sign certificates for more nodes with the CA that ``init_federation`` wrote.
+
+    Args:
+        out_dir: the folder holding ``ca.pem`` and ``ca.key``.
+        nodes: the new node ids.
+        days: validity of the new certificates.
+        overwrite: replace existing node files (re-issue) instead of refusing.
+
+    Returns:
+        Path relative to ``out_dir`` -> path written.
+
+    Raises:
+        ConfigError: the CA cannot be read, a bad or duplicate node id, or an existing file.
+    """
+    out = Path(out_dir)
+    node_ids = _check_nodes(nodes)
+    _refuse_existing(out, _node_files(node_ids), overwrite)
+    _check_days(days)
+    ca = load_key_cert(out / "ca.pem", out / "ca.key")
+    return _write_nodes(out, ca, node_ids, days)
+
+
+def _make_leaf(
+    ca: KeyCert,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    san: x509.SubjectAlternativeName,
+    days: int,
+    valid_from: dt.datetime | None,
+) -> KeyCert:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    not_before, not_after = _validity(days, valid_from, ca.cert.not_valid_after_utc)
+    builder = (
+        _base_builder(subject, ca.cert.subject, key, not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+        .add_extension(san, critical=False)
+    )
+    return KeyCert(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+def _base_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ConfigError(f"certificate validity must be a positive number of days, got {days!r}")
+
+
+def _validity(
+    days: int, valid_from: dt.datetime | None, cap: dt.datetime | None
+) -> tuple[dt.datetime, dt.datetime]:
+    _check_days(days)
+    start = dt.datetime.now(dt.UTC) - _CLOCK_SKEW if valid_from is None else valid_from
+    if start.tzinfo is None:
+        raise ConfigError("valid_from must be timezone-aware (UTC)")
+    end = start + dt.timedelta(days=days)
+    # A leaf must not outlive its issuer: verifiers reject it once the CA has expired anyway.
+    return start, end if cap is None else min(end, cap)
+
+
+def _subject_alt_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in (h.strip() for h in hosts):
+        name = _general_name(host)
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ConfigError("the server certificate needs at least one host name or IP address")
+    return names
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    # DNS names compare case-insensitively and a trailing dot is the same name (RFC 4343).
+    name = host.rstrip(".").lower()
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ConfigError(
+            f"host {host[:80]!r} is neither an IP address nor a DNS name (no ports, no schemes)"
+        )
+    return x509.DNSName(name)
+
+
+def _check_nodes(nodes: Sequence[str]) -> list[str]:
+    if isinstance(nodes, str):
+        raise ConfigError("nodes must be a list of node ids, not one string")
+    node_ids = [validate_node_id(n) for n in nodes]
+    dupes = sorted({n for n in node_ids if node_ids.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"duplicate node ids: {', '.join(dupes)}")
+    return node_ids
+
+
+def _node_files(node_ids: Iterable[str]) -> list[str]:
+    return [f"nodes/{n}.{ext}" for n in node_ids for ext in ("pem", "key")]
+
+
+def _refuse_existing(out: Path, names: Iterable[str], overwrite: bool) -> None:
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise ConfigError(
+            f"{out} already holds {shown}; pass overwrite=True (--overwrite) to replace them"
+        )
+
+
+def _write_pair(out: Path, stem: str, pair: KeyCert) -> dict[str, Path]:
+    (out / stem).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files = {
+        f"{stem}.pem": (cert_to_pem(pair.cert), 0o644),
+        f"{stem}.key": (key_to_pem(pair.key), 0o600),
+    }
+    return {rel: _write_pem(out / rel, data, mode) for rel, (data, mode) in files.items()}
+
+
+def _write_nodes(out: Path, ca: KeyCert, node_ids: Iterable[str], days: int) -> dict[str, Path]:
+    written: dict[str, Path] = {}
+    for node_id in node_ids:
+        pair = make_client_cert(ca, node_id, days)
+        written |= _write_pair(out, f"nodes/{node_id}", pair)
+    return written
