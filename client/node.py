@@ -6,17 +6,27 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
 
-from fedgrad.codec import ChunkCursor, Layout, byte_view, iter_chunks, manifest_from_proto, specs_of, write_chunk
+from fedgrad.auth import bearer_metadata
+from fedgrad.client.transport import Backoff, open_channel
+from fedgrad.codec import (
+    ChunkCursor,
+    Layout,
+    byte_view,
+    iter_chunks,
+    manifest_from_proto,
+    specs_of,
+    write_chunk,
+)
 from fedgrad.config import NodeConfig
 from fedgrad.errors import TaskError
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import round_generator
 from fedgrad.task import Task, check_update, trainable_parameters
-from fedgrad.client.transport import Backoff, open_channel
 
 __all__ = ["Node", "NodeResult"]
 
@@ -46,7 +56,7 @@ class Node:
         self.views = [byte_view(p.data) for p in self.params]
         self.data = task.shard(*cfg.shard)
         self.num_samples = task.num_samples(self.data)
-        self.metadata = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else ()
+        self.metadata = bearer_metadata(cfg.token) if cfg.token else ()
         self.channel, self.stub = open_channel(cfg)
         self.backoff = Backoff(cfg.give_up_after)
         self.session_id = ""
@@ -60,8 +70,10 @@ class Node:
     def join(self) -> pb.JoinReply:
         """Join (idempotent) and check that the aggregator's model is this task's model."""
         request = pb.JoinRequest(node_id=self.cfg.node_id, num_samples=self.num_samples)
-        reply: pb.JoinReply = self.backoff.call("join", lambda: self.stub.Join(
-            request, timeout=self.cfg.call_timeout, metadata=self.metadata))
+        reply: pb.JoinReply = self.backoff.call(
+            "join",
+            lambda: self.stub.Join(request, timeout=self.cfg.call_timeout, metadata=self.metadata),
+        )
         theirs = manifest_from_proto(reply.manifest)
         if theirs != self.layout.specs:
             raise TaskError(
@@ -70,16 +82,24 @@ class Node:
             )
         self.chunk_bytes = reply.chunk_bytes
         self.session_id = reply.session_id
-        log.info("joined at round %d of %d", reply.round, reply.total_rounds,
-                 extra={"node": self.cfg.node_id, "round": reply.round, "event": "join"})
+        log.info(
+            "joined at round %d of %d",
+            reply.round,
+            reply.total_rounds,
+            extra={"node": self.cfg.node_id, "round": reply.round, "event": "join"},
+        )
         return reply
 
     def pull(self, min_round: int) -> pb.ParameterHeader:
         """Load the parameters of the first round >= ``min_round`` into the model."""
-        timeout = self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
+        timeout = (
+            self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
+        )
         stream = self.stub.PullParameters(
             pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
-            timeout=timeout, metadata=self.metadata)
+            timeout=timeout,
+            metadata=self.metadata,
+        )
         first = next(stream)
         if first.WhichOneof("kind") != "header":
             raise TaskError("aggregator sent a chunk before the ParameterHeader")
@@ -91,20 +111,32 @@ class Node:
                 start = cursor.advance(c.tensor, c.offset, len(c.data))
                 write_chunk(self.views, self.layout, start, c.data)
         if not cursor.complete:
-            raise TaskError(f"parameter stream ended after {cursor.position} of {self.layout.total} bytes")
+            raise TaskError(
+                f"parameter stream ended after {cursor.position} of {self.layout.total} bytes"
+            )
         return header
 
-    def push(self, round_: int, gradients: list[torch.Tensor], num_samples: int,
-             metrics: dict[str, float]) -> pb.PushReply:
+    def push(
+        self,
+        round_: int,
+        gradients: list[torch.Tensor],
+        num_samples: int,
+        metrics: dict[str, float],
+    ) -> pb.PushReply:
         """Stream one upload; the upload id is the same if this round is recomputed."""
         wire = self.cfg.wire_dtype
-        tensors = [g.detach().to(getattr(torch, wire) if wire else g.dtype).contiguous().cpu()
-                   for g in gradients]
+        tensors = [
+            g.detach().to(getattr(torch, wire) if wire else g.dtype).contiguous().cpu()
+            for g in gradients
+        ]
         layout = Layout(self.layout.specs, getattr(torch, wire) if wire else None)
         header = pb.UploadHeader(
-            round=round_, node_id=self.cfg.node_id,
+            round=round_,
+            node_id=self.cfg.node_id,
             upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
-            num_samples=num_samples, metrics=metrics, wire_dtype=_WIRE[wire],  # type: ignore[arg-type]
+            num_samples=num_samples,
+            metrics=metrics,
+            wire_dtype=_WIRE[wire],  # type: ignore[arg-type]
         )
 
         def messages() -> Iterator[pb.GradientMessage]:
@@ -119,8 +151,11 @@ class Node:
     def leave(self) -> None:
         """Tell the aggregator to stop waiting for this node (best effort)."""
         try:
-            self.stub.Leave(pb.LeaveRequest(node_id=self.cfg.node_id),
-                            timeout=self.cfg.call_timeout, metadata=self.metadata)
+            self.stub.Leave(
+                pb.LeaveRequest(node_id=self.cfg.node_id),
+                timeout=self.cfg.call_timeout,
+                metadata=self.metadata,
+            )
         except grpc.RpcError as exc:
             log.info("leave failed: %s", exc.code().name)
 
@@ -156,16 +191,23 @@ class Node:
         check_update(update, self.params)
         reply = self.push(round_, update.gradients, update.num_samples, update.metrics)
         self.uploads += 0 if reply.duplicate else 1
-        log.info("round %d uploaded (loss %.4f)", round_, update.metrics.get("loss", float("nan")),
-                 extra={"node": self.cfg.node_id, "round": round_, "event": "upload"})
+        log.info(
+            "round %d uploaded (loss %.4f)",
+            round_,
+            update.metrics.get("loss", float("nan")),
+            extra={"node": self.cfg.node_id, "round": round_, "event": "upload"},
+        )
         return round_ + 1
 
     def _recover(self, exc: grpc.RpcError, next_round: int) -> int:
         code = exc.code()
         if code == grpc.StatusCode.ABORTED:
             current = _current_round(exc)
-            log.info("round closed before our upload counted; continuing at round %d", current,
-                     extra={"node": self.cfg.node_id, "round": next_round, "event": "stale"})
+            log.info(
+                "round closed before our upload counted; continuing at round %d",
+                current,
+                extra={"node": self.cfg.node_id, "round": next_round, "event": "stale"},
+            )
             return current if current is not None else next_round
         if code == grpc.StatusCode.ALREADY_EXISTS:
             return next_round + 1
@@ -173,9 +215,13 @@ class Node:
             return next_round  # a long wait for the next round ran out: ask again
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             return self.join().round
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
-                    grpc.StatusCode.UNKNOWN):
+        if code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.UNKNOWN,
+        ):
             self.backoff.wait("round", exc)
             # After a reconnect, redo the aggregator's open round: if it restarted from a
             # checkpoint our counted upload may be gone; if not, the same upload id is a no-op.
@@ -184,7 +230,8 @@ class Node:
 
 
 def _current_round(exc: grpc.RpcError) -> int | None:
-    for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+    trailing: Any = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in trailing:
         if key == "fedgrad-current-round":
             return int(value)
     return None

@@ -21,13 +21,15 @@ log = logging.getLogger("fedgrad.node")
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 #: Codes after which the same call may succeed later (the aggregator restarts, a link returns).
-TRANSIENT = frozenset({
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-})
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 
 
 def _read(path: str | None) -> bytes | None:

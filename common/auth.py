@@ -399,6 +399,6 @@ def _read_secret_file(path: Path) -> str:
         raise ConfigError(f"token file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read token file {path}: {type(exc).__name__}") from None
-    if mode & 0o077:
+    if mode & 0o007:
         logger.warning("token file %s is readable by other users; run: chmod 600 %s", path, path)
     return text

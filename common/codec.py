@@ -132,7 +132,9 @@ def manifest_from_proto(msg: pb.Manifest, max_bytes: int = 1 << 40) -> list[Tens
             raise InvalidArgument(f"manifest tensor {i} repeats the name {t.name!r}")
         seen.add(t.name)
         if any(d < 0 for d in t.shape):
-            raise InvalidArgument(f"manifest tensor {t.name!r} has a negative dimension {list(t.shape)}")
+            raise InvalidArgument(
+                f"manifest tensor {t.name!r} has a negative dimension {list(t.shape)}"
+            )
         spec = TensorSpec(t.name, dtype_from_proto(t.dtype), tuple(int(d) for d in t.shape))
         total += spec.nbytes
         if total > max_bytes:
@@ -200,7 +202,9 @@ class Layout:
             InvalidArgument: the tensor index or the offset is out of range.
         """
         if not 0 <= tensor < len(self.specs):
-            raise InvalidArgument(f"chunk names tensor {tensor}, the manifest has {len(self.specs)}")
+            raise InvalidArgument(
+                f"chunk names tensor {tensor}, the manifest has {len(self.specs)}"
+            )
         if offset > self.nbytes[tensor] or (offset == self.nbytes[tensor] and offset != 0):
             raise InvalidArgument(
                 f"chunk offset {offset} is beyond tensor {tensor} ({self.specs[tensor].name!r},"
@@ -273,9 +277,10 @@ def iter_chunks(
             end -= 1
         tensor, offset = layout.locate(position)
         pieces = [
-            views[t][off : off + n] for t, off, n in layout.tensor_segments(position, end - position)
+            views[t][off : off + n]
+            for t, off, n in layout.tensor_segments(position, end - position)
         ]
-        data = pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+        data = pieces[0].tobytes() if len(pieces) == 1 else b"".join(p.data for p in pieces)
         yield tensor, offset, data
         position = end
 
@@ -296,7 +301,9 @@ def decode_floats(data: bytes, offset: int, nbytes: int, dtype: torch.dtype) -> 
         half = np.frombuffer(data, dtype=np.uint16, count=nbytes // 2, offset=offset)
         return (half.astype(np.uint32) << 16).view(np.float32)
     np_dtype = _NUMPY_OF[dtype]
-    return np.frombuffer(data, dtype=np_dtype, count=nbytes // np.dtype(np_dtype).itemsize, offset=offset)
+    return np.frombuffer(
+        data, dtype=np_dtype, count=nbytes // np.dtype(np_dtype).itemsize, offset=offset
+    )
 
 
 class ChunkCursor:

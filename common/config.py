@@ -34,6 +34,7 @@ class AggregatorConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     staging_mb: int = 512
     max_inflight: int = 0
+    max_rpcs: int = 2048
     finish_grace: float = 30.0
     idle_timeout: float = 30.0
     shutdown_grace: float = 10.0

@@ -40,7 +40,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = [f"{n}={getattr(record, n)}" for n in _FIELDS if getattr(record, n, None) is not None]
+        extras = [
+            f"{n}={getattr(record, n)}" for n in _FIELDS if getattr(record, n, None) is not None
+        ]
         return f"{line} [{' '.join(extras)}]" if extras else line
 
 

@@ -93,9 +93,7 @@ class Task:
         """
         self.seed = seed
         if options:
-            raise ConfigError(
-                f"task {type(self).__name__} takes no option(s) {sorted(options)}"
-            )
+            raise ConfigError(f"task {type(self).__name__} takes no option(s) {sorted(options)}")
 
     # -- to override ---------------------------------------------------------
     def model(self) -> nn.Module:
@@ -210,7 +208,9 @@ def check_update(update: Update, params: Iterable[torch.Tensor]) -> None:
     """Raise TaskError unless ``update`` matches ``params`` in count, shape and dtype."""
     params = list(params)
     if len(update.gradients) != len(params):
-        raise TaskError(f"task returned {len(update.gradients)} gradients for {len(params)} parameters")
+        raise TaskError(
+            f"task returned {len(update.gradients)} gradients for {len(params)} parameters"
+        )
     for i, (g, p) in enumerate(zip(update.gradients, params, strict=True)):
         if g.shape != p.shape or g.dtype != p.dtype:
             raise TaskError(

@@ -26,7 +26,12 @@ def _task_arg(value: str) -> tuple[str, str]:
 
 def _shard(value: str) -> tuple[str, int]:
     index, sep, count = value.partition("/")
-    if not sep or not count.isdigit() or int(count) < 1 or not (index.isdigit() or index == "ordinal"):
+    if (
+        not sep
+        or not count.isdigit()
+        or int(count) < 1
+        or not (index.isdigit() or index == "ordinal")
+    ):
         raise argparse.ArgumentTypeError(f"expected I/N (or ordinal/N), got {value!r}")
     return index, int(count)
 
@@ -48,73 +53,226 @@ def _positive(kind: type) -> object:
 
 
 def _common_task(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", help="built-in task (digits, linear, synthetic) or package.module:attr (default: digits)")
-    p.add_argument("--task-arg", dest="task_args", action="append", type=_task_arg, metavar="KEY=VALUE",
-                   help="option for the task, repeatable (e.g. split=non-iid, params=50M)")
-    p.add_argument("--seed", type=int, help="training seed; nodes derive theirs from (seed, node id, round) (default 0)")
-    p.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or one JSON object each")
-    p.add_argument("--config", default=S, metavar="FILE.toml",
-                   help="TOML file with the same keys as the flags; flags > FEDGRAD_* env > file > defaults")
+    p.add_argument(
+        "--task",
+        help="built-in task (digits, linear, synthetic) or package.module:attr (default: digits)",
+    )
+    p.add_argument(
+        "--task-arg",
+        dest="task_args",
+        action="append",
+        type=_task_arg,
+        metavar="KEY=VALUE",
+        help="option for the task, repeatable (e.g. split=non-iid, params=50M)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="training seed; nodes derive theirs from (seed, node id, round) (default 0)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text (default) or one JSON object each",
+    )
+    p.add_argument(
+        "--config",
+        default=S,
+        metavar="FILE.toml",
+        help="TOML file with the same keys as the flags; flags > FEDGRAD_* env > file > defaults",
+    )
 
 
 def _aggregator_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("aggregator", argument_default=S, help="run the aggregator service",
-                       description="Own the parameters and the optimizer; reduce node gradients each round.")
+    p = sub.add_parser(
+        "aggregator",
+        argument_default=S,
+        help="run the aggregator service",
+        description="Own the parameters and the optimizer; reduce node gradients each round.",
+    )
     _common_task(p)
-    p.add_argument("--listen", type=_hostport, metavar="HOST:PORT", help="address to serve on (default 127.0.0.1:50051; port 0 picks one)")
-    p.add_argument("--port-file", metavar="PATH", help="write the bound port here once serving (useful with port 0)")
-    p.add_argument("--nodes", type=_positive(int), help="nodes to wait for before round 1 (default 1)")
-    p.add_argument("--rounds", type=_positive(int), help="rounds to train, then save and exit 0 (default 10)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="torch.optim optimizer (default: the task's)")
+    p.add_argument(
+        "--listen",
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:50051; port 0 picks one)",
+    )
+    p.add_argument(
+        "--port-file",
+        metavar="PATH",
+        help="write the bound port here once serving (useful with port 0)",
+    )
+    p.add_argument(
+        "--nodes", type=_positive(int), help="nodes to wait for before round 1 (default 1)"
+    )
+    p.add_argument(
+        "--rounds", type=_positive(int), help="rounds to train, then save and exit 0 (default 10)"
+    )
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, help="torch.optim optimizer (default: the task's)"
+    )
     p.add_argument("--lr", type=_positive(float), help="learning rate (default: the task's)")
-    p.add_argument("--reduce", choices=REDUCTIONS, help="how gradients combine: weighted-mean by samples (default), mean, sum")
-    p.add_argument("--save", metavar="PATH.safetensors", help="write the final state_dict here (safetensors)")
-    p.add_argument("--history", metavar="PATH.csv", help="write per-round history here (round, loss, accuracy, seconds, bytes)")
-    p.add_argument("--round-timeout", type=_positive(float), metavar="SEC", help="round deadline; after it the round closes with >= --min-nodes uploads (default 300)")
-    p.add_argument("--min-nodes", type=_positive(int), metavar="M", help="uploads needed to close a round at the deadline (default 1)")
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint every round here and resume from it on restart")
-    p.add_argument("--chunk-bytes", type=_positive(int), help="largest chunk payload, bytes (default 1048576)")
-    p.add_argument("--max-inflight", type=int, help="uploads staged at once (default: --staging-mb / model size, 1..64)")
-    p.add_argument("--staging-mb", type=_positive(int), help="memory budget for staged uploads, MiB (default 512)")
-    p.add_argument("--idle-timeout", type=_positive(float), metavar="SEC", help="per-chunk idle deadline of an upload (default 30)")
-    p.add_argument("--finish-grace", type=float, metavar="SEC", help="after the last round, wait this long for nodes to fetch the final parameters (default 30)")
-    p.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    p.add_argument(
+        "--reduce",
+        choices=REDUCTIONS,
+        help="how gradients combine: weighted-mean by samples (default), mean, sum",
+    )
+    p.add_argument(
+        "--save", metavar="PATH.safetensors", help="write the final state_dict here (safetensors)"
+    )
+    p.add_argument(
+        "--history",
+        metavar="PATH.csv",
+        help="write per-round history here (round, loss, accuracy, seconds, bytes)",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=_positive(float),
+        metavar="SEC",
+        help="round deadline; after it the round closes with >= --min-nodes uploads (default 300)",
+    )
+    p.add_argument(
+        "--min-nodes",
+        type=_positive(int),
+        metavar="M",
+        help="uploads needed to close a round at the deadline (default 1)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="checkpoint every round here and resume from it on restart",
+    )
+    p.add_argument(
+        "--chunk-bytes", type=_positive(int), help="largest chunk payload, bytes (default 1048576)"
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        help="uploads staged at once (default: --staging-mb / model size, 1..64)",
+    )
+    p.add_argument(
+        "--staging-mb",
+        type=_positive(int),
+        help="memory budget for staged uploads, MiB (default 512)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_positive(float),
+        metavar="SEC",
+        help="per-chunk idle deadline of an upload (default 30)",
+    )
+    p.add_argument(
+        "--finish-grace",
+        type=float,
+        metavar="SEC",
+        help="after the last round, wait this long for nodes to fetch the final parameters (default 30)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
+    )
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate (turns on TLS)")
     p.add_argument("--tls-key", metavar="PEM", help="server private key")
-    p.add_argument("--tls-client-ca", metavar="PEM", help="CA of node certificates: mutual TLS, client certificates required")
-    p.add_argument("--tokens", metavar="FILE", help="per-node token file ('node_id token' or 'node_id sha256:HEX' per line)")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="CA of node certificates: mutual TLS, client certificates required",
+    )
+    p.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="per-node token file ('node_id token' or 'node_id sha256:HEX' per line)",
+    )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (grpcurl)")
-    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="plain log lines even on a terminal")
+    p.add_argument(
+        "--reflection", action="store_true", help="enable gRPC server reflection (grpcurl)"
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="no_progress",
+        action="store_true",
+        help="plain log lines even on a terminal",
+    )
 
 
 def _node_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("node", argument_default=S, help="run a compute node",
-                       description="Join the aggregator, train on one shard, push gradients each round.")
+    p = sub.add_parser(
+        "node",
+        argument_default=S,
+        help="run a compute node",
+        description="Join the aggregator, train on one shard, push gradients each round.",
+    )
     _common_task(p)
-    p.add_argument("--aggregator", type=_hostport, metavar="HOST:PORT", help="aggregator address (default 127.0.0.1:50051)")
-    p.add_argument("--node-id", help="this node's stable id, 1-128 chars [A-Za-z0-9._-] (default node-0)")
-    p.add_argument("--shard", type=_shard, metavar="I/N", help="train on shard I of N (0-based); ordinal/N takes I from the id's trailing -NUMBER")
-    p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the aggregator certificate (turns on TLS)")
+    p.add_argument(
+        "--aggregator",
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="aggregator address (default 127.0.0.1:50051)",
+    )
+    p.add_argument(
+        "--node-id", help="this node's stable id, 1-128 chars [A-Za-z0-9._-] (default node-0)"
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="train on shard I of N (0-based); ordinal/N takes I from the id's trailing -NUMBER",
+    )
+    p.add_argument(
+        "--tls-ca", metavar="PEM", help="CA that signed the aggregator certificate (turns on TLS)"
+    )
     p.add_argument("--tls-cert", metavar="PEM", help="this node's client certificate (mutual TLS)")
     p.add_argument("--tls-key", metavar="PEM", help="this node's client key (mutual TLS)")
-    p.add_argument("--token-file", metavar="FILE", help="file holding this node's token (or set FEDGRAD_TOKEN)")
-    p.add_argument("--give-up-after", type=_positive(float), metavar="SEC", help="stop retrying an unreachable aggregator after this long (default 120)")
-    p.add_argument("--call-timeout", type=_positive(float), metavar="SEC", help="deadline of control calls (default 10); transfers add bytes / 10 MB/s")
-    p.add_argument("--compress", choices=("none", "float16", "bfloat16"), help="wire dtype of uploads (default none)")
+    p.add_argument(
+        "--token-file", metavar="FILE", help="file holding this node's token (or set FEDGRAD_TOKEN)"
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=_positive(float),
+        metavar="SEC",
+        help="stop retrying an unreachable aggregator after this long (default 120)",
+    )
+    p.add_argument(
+        "--call-timeout",
+        type=_positive(float),
+        metavar="SEC",
+        help="deadline of control calls (default 10); transfers add bytes / 10 MB/s",
+    )
+    p.add_argument(
+        "--compress",
+        choices=("none", "float16", "bfloat16"),
+        help="wire dtype of uploads (default none)",
+    )
 
 
 def _tool_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the aggregator and nodes locally as separate processes",
-                       description="Train the digits task with an aggregator and N node processes on loopback.")
+    p = sub.add_parser(
+        "demo",
+        help="run the aggregator and nodes locally as separate processes",
+        description="Train the digits task with an aggregator and N node processes on loopback.",
+    )
     p.add_argument("--nodes", type=_positive(int), default=4, help="node processes (default 4)")
     p.add_argument("--rounds", type=_positive(int), default=20, help="rounds (default 20)")
     p.add_argument("--task", default="digits", help="task (default digits)")
-    p.add_argument("--task-arg", dest="task_args", action="append", type=_task_arg, default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default="runs/demo", help="output folder for history.csv, curves.png, model.safetensors")
+    p.add_argument(
+        "--task-arg",
+        dest="task_args",
+        action="append",
+        type=_task_arg,
+        default=[],
+        metavar="KEY=VALUE",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output folder for history.csv, curves.png, model.safetensors",
+    )
     for name in ("status", "health"):
-        q = sub.add_parser(name, help="print the aggregator's status" if name == "status"
-                           else "exit 0 iff the aggregator's gRPC health service says SERVING")
+        q = sub.add_parser(
+            name,
+            help="print the aggregator's status"
+            if name == "status"
+            else "exit 0 iff the aggregator's gRPC health service says SERVING",
+        )
         q.add_argument("address", metavar="HOST:PORT")
         q.add_argument("--tls-ca", metavar="PEM")
         q.add_argument("--tls-cert", metavar="PEM")
@@ -128,10 +286,16 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="curves.png")
     p = sub.add_parser("certs", help="create certificates for a mutual-TLS federation")
     certs = p.add_subparsers(dest="certs_command", required=True)
-    q = certs.add_parser("init", help="write a CA, a server certificate and one client certificate per node")
+    q = certs.add_parser(
+        "init", help="write a CA, a server certificate and one client certificate per node"
+    )
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--nodes", required=True, help="comma-separated node ids")
-    q.add_argument("--hosts", default="localhost,127.0.0.1", help="server names/IPs (default localhost,127.0.0.1)")
+    q.add_argument(
+        "--hosts",
+        default="localhost,127.0.0.1",
+        help="server names/IPs (default localhost,127.0.0.1)",
+    )
     q.add_argument("--days", type=_positive(int), default=365)
     q.add_argument("--overwrite", action="store_true")
 
@@ -153,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """Return the parser of subcommand ``name``."""
-    for action in parser._actions:  # noqa: SLF001
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             return action.choices[name]
     raise KeyError(name)
 
@@ -179,4 +343,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

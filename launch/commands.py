@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from fedgrad.auth import bearer_metadata, load_node_token
 from fedgrad.config import AggregatorConfig, NodeConfig, parse_hostport
 from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
@@ -116,7 +116,13 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
 def _log_round(r: RoundRecord, total: int) -> None:
     log.info(
         "round %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.2f s, %.1f MB",
-        r.round, total, r.train_loss, r.test_loss, r.test_accuracy, r.seconds, r.bytes / 1e6,
+        r.round,
+        total,
+        r.train_loss,
+        r.test_loss,
+        r.test_accuracy,
+        r.seconds,
+        r.bytes / 1e6,
         extra={"round": r.round, "event": "round"},
     )
 
@@ -135,14 +141,14 @@ def node_config(values: dict[str, Any]) -> NodeConfig:
     if index == "ordinal":
         match = re.search(r"-(\d+)$", node_id)
         if not match:
-            raise ConfigError(f"--shard ordinal/N needs a node id ending in -NUMBER, got {node_id!r}")
+            raise ConfigError(
+                f"--shard ordinal/N needs a node id ending in -NUMBER, got {node_id!r}"
+            )
         index = match.group(1)
     if not 0 <= int(index) < count:
         raise ConfigError(f"--shard {index}/{count}: index must be in [0, {count})")
     values["shard"] = (int(index), count)
-    token_file = values.pop("token_file", None)
-    token = Path(token_file).read_text().strip() if token_file else os.environ.get("FEDGRAD_TOKEN")
-    values["token"] = token or None
+    values["token"] = load_node_token(values.pop("token_file", None))
     compress = values.pop("compress", "none")
     values["wire_dtype"] = None if compress == "none" else compress
     return build_config(NodeConfig, values)
@@ -163,8 +169,12 @@ def run_node(values: dict[str, Any]) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         result = node.run()
-        log.info("done: %d uploads, final round %d", result.uploads, result.final_round,
-                 extra={"node": cfg.node_id, "event": "exit"})
+        log.info(
+            "done: %d uploads, final round %d",
+            result.uploads,
+            result.final_round,
+            extra={"node": cfg.node_id, "event": "exit"},
+        )
     except _Terminate:
         log.info("SIGTERM: leaving the federation", extra={"node": cfg.node_id, "event": "leave"})
         node.leave()
@@ -176,10 +186,13 @@ def run_node(values: dict[str, Any]) -> int:
 # -- tools -----------------------------------------------------------------------------
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     if args.tls_ca:
+
         def read(p: str | None) -> bytes | None:
             return Path(p).read_bytes() if p else None
 
-        creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+        creds = grpc.ssl_channel_credentials(
+            read(args.tls_ca), read(args.tls_key), read(args.tls_cert)
+        )
         return grpc.secure_channel(args.address, creds)
     return grpc.insecure_channel(args.address)
 
@@ -191,26 +204,33 @@ def show_status(args: argparse.Namespace) -> int:
     from fedgrad.proto import fedgrad_pb2 as pb
     from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("FEDGRAD_TOKEN")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    token = load_node_token(args.token_file)
+    metadata = bearer_metadata(token) if token else ()
     with _channel(args) as channel:
         try:
             reply = pb_grpc.AggregatorStub(channel).GetStatus(
-                pb.StatusRequest(), timeout=args.timeout, metadata=metadata)
+                pb.StatusRequest(), timeout=args.timeout, metadata=metadata
+            )
         except grpc.RpcError as exc:
             print(f"fedgrad status: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     if args.json:
         print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return 0
-    print(f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "
-          f"uploads this round {reply.reported}  finished {reply.finished}")
-    print(f"bytes received {reply.bytes_received / 1e6:.1f} MB  sent {reply.bytes_sent / 1e6:.1f} MB")
+    print(
+        f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "
+        f"uploads this round {reply.reported}  finished {reply.finished}"
+    )
+    print(
+        f"bytes received {reply.bytes_received / 1e6:.1f} MB  sent {reply.bytes_sent / 1e6:.1f} MB"
+    )
     for name, value in sorted(reply.last_metrics.items()):
         print(f"  {name:<14} {value:.4f}")
     print(f"{'node':<24} {'state':<9} {'samples':>8} {'last round':>10} {'seen (s ago)':>12}")
     for n in reply.nodes:
-        print(f"{n.node_id:<24} {n.state:<9} {n.num_samples:>8} {n.last_round:>10} {n.seconds_since_seen:>12.1f}")
+        print(
+            f"{n.node_id:<24} {n.state:<9} {n.num_samples:>8} {n.last_round:>10} {n.seconds_since_seen:>12.1f}"
+        )
     return 0
 
 
@@ -221,7 +241,8 @@ def check_health(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
+            )
         except grpc.RpcError as exc:
             print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

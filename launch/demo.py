@@ -34,7 +34,9 @@ def _wait_port(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> int
         if path.exists() and path.read_text().strip():
             return int(path.read_text())
         if proc.poll() is not None:
-            raise RuntimeError(f"the aggregator exited with {proc.returncode} before serving; see its log")
+            raise RuntimeError(
+                f"the aggregator exited with {proc.returncode} before serving; see its log"
+            )
         time.sleep(0.05)
     raise TimeoutError("the aggregator did not start serving in time")
 
@@ -47,8 +49,10 @@ def _progress(stub: pb_grpc.AggregatorStub, started: float, last: list[int], tty
     acc = s.last_metrics.get("test_accuracy", float("nan"))
     loss = s.last_metrics.get("train_loss", float("nan"))
     moved = (s.bytes_received + s.bytes_sent) / 1e6
-    line = (f"round {s.round:>3}/{s.total_rounds}  train loss {loss:7.4f}  test accuracy {acc:6.4f}"
-            f"  moved {moved:8.2f} MB  {time.monotonic() - started:5.1f} s")
+    line = (
+        f"round {s.round:>3}/{s.total_rounds}  train loss {loss:7.4f}  test accuracy {acc:6.4f}"
+        f"  moved {moved:8.2f} MB  {time.monotonic() - started:5.1f} s"
+    )
     if tty:
         print("\r" + line, end="", flush=True)
     elif s.round != last[0]:
@@ -63,23 +67,59 @@ def run_demo(nodes: int, rounds: int, task: str, task_args: dict[str, str], out:
     port_file.unlink(missing_ok=True)
     flags = _task_flags(task, task_args)
     started = time.monotonic()
-    print(f"fedgrad demo: 1 aggregator + {nodes} nodes, task {task}, {rounds} rounds; logs in {out}/")
+    print(
+        f"fedgrad demo: 1 aggregator + {nodes} nodes, task {task}, {rounds} rounds; logs in {out}/"
+    )
     procs: list[subprocess.Popen[bytes]] = []
     with (out / "aggregator.log").open("wb") as agg_log:
         agg = subprocess.Popen(
-            [*_CLI, "aggregator", *flags, "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-             "--nodes", str(nodes), "--rounds", str(rounds), "--history", str(out / "history.csv"),
-             "--save", str(out / "model.safetensors"), "--no-progress", "--finish-grace", "10"],
-            stdout=agg_log, stderr=subprocess.STDOUT)
+            [
+                *_CLI,
+                "aggregator",
+                *flags,
+                "--listen",
+                "127.0.0.1:0",
+                "--port-file",
+                str(port_file),
+                "--nodes",
+                str(nodes),
+                "--rounds",
+                str(rounds),
+                "--history",
+                str(out / "history.csv"),
+                "--save",
+                str(out / "model.safetensors"),
+                "--no-progress",
+                "--finish-grace",
+                "10",
+            ],
+            stdout=agg_log,
+            stderr=subprocess.STDOUT,
+        )
     procs.append(agg)
     try:
         port = _wait_port(port_file, agg, 120)
         for i in range(nodes):
             with (out / f"node-{i}.log").open("wb") as node_log:
-                procs.append(subprocess.Popen(
-                    [*_CLI, "node", *flags, "--aggregator", f"127.0.0.1:{port}",
-                     "--node-id", f"node-{i}", "--shard", f"{i}/{nodes}", "--give-up-after", "30"],
-                    stdout=node_log, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *_CLI,
+                            "node",
+                            *flags,
+                            "--aggregator",
+                            f"127.0.0.1:{port}",
+                            "--node-id",
+                            f"node-{i}",
+                            "--shard",
+                            f"{i}/{nodes}",
+                            "--give-up-after",
+                            "30",
+                        ],
+                        stdout=node_log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         _watch(procs, port, started)
     finally:
         for p in procs:
@@ -112,13 +152,18 @@ def _report(procs: list[subprocess.Popen[bytes]], out: Path, started: float) -> 
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
         names = ["aggregator" if i == 0 else f"node-{i - 1}" for i in failed]
-        print(f"demo failed: {', '.join(names)} exited non-zero; see the logs in {out}/", file=sys.stderr)
+        print(
+            f"demo failed: {', '.join(names)} exited non-zero; see the logs in {out}/",
+            file=sys.stderr,
+        )
         return 1
     history = read_history(out / "history.csv")
     plot_history(history, out / "curves.png")
     last = history[-1]
     moved = sum(r.bytes for r in history) / 1e6
-    print(f"done in {time.monotonic() - started:.1f} s: {len(history)} rounds, final train loss "
-          f"{last.train_loss:.4f}, held-out test accuracy {last.test_accuracy:.4f}, {moved:.1f} MB moved")
+    print(
+        f"done in {time.monotonic() - started:.1f} s: {len(history)} rounds, final train loss "
+        f"{last.train_loss:.4f}, held-out test accuracy {last.test_accuracy:.4f}, {moved:.1f} MB moved"
+    )
     print(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'model.safetensors'}")
     return 0

@@ -72,8 +72,13 @@ class LocalCluster:
         self.nodes, self.seed, self.timeout = nodes, seed, timeout
         self.node_options = dict(node_options or {})
         self.cfg = AggregatorConfig(
-            task="<local>", listen="127.0.0.1:0", nodes=nodes, seed=seed, progress=False,
-            finish_grace=10.0, **aggregator_options,
+            task="<local>",
+            listen="127.0.0.1:0",
+            nodes=nodes,
+            seed=seed,
+            progress=False,
+            finish_grace=10.0,
+            **aggregator_options,
         )
         self._server: ServerThread | None = None
 
@@ -121,8 +126,13 @@ class LocalCluster:
 
     def _node(self, index: int, port: int, results: list[Any], errors: list[BaseException]) -> None:
         cfg = NodeConfig(
-            task="<local>", aggregator=f"127.0.0.1:{port}", node_id=f"node-{index}",
-            shard=(index, self.nodes), seed=self.seed, give_up_after=30.0, **self.node_options,
+            task="<local>",
+            aggregator=f"127.0.0.1:{port}",
+            node_id=f"node-{index}",
+            shard=(index, self.nodes),
+            seed=self.seed,
+            give_up_after=30.0,
+            **self.node_options,
         )
         try:
             node = Node(self._make_task(), cfg)
@@ -134,7 +144,9 @@ class LocalCluster:
             errors.append(exc)
 
 
-def _task_factory(task: str | Task | Callable[[], Task], args: dict[str, str], seed: int) -> Callable[[], Task]:
+def _task_factory(
+    task: str | Task | Callable[[], Task], args: dict[str, str], seed: int
+) -> Callable[[], Task]:
     if isinstance(task, str):
         return lambda: load_task(task, args, seed=seed)
     if isinstance(task, Task):

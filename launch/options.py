@@ -23,20 +23,19 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {
-        a.dest: a for a in parser._actions  # noqa: SLF001 - argparse has no public API for this
-        if a.option_strings and a.dest not in ("help", "config")
+        a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")
     }
 
 
 def _convert(action: argparse.Action, raw: Any, where: str) -> Any:
-    if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+    if isinstance(action, argparse._StoreTrueAction):
         if isinstance(raw, bool):
             return raw
         text = str(raw).strip().lower()
         if text in _TRUE | _FALSE:
             return text in _TRUE
         raise ConfigError(f"{where}: expected true or false, got {raw!r}")
-    if isinstance(action, argparse._AppendAction):  # noqa: SLF001
+    if isinstance(action, argparse._AppendAction):
         items = raw if isinstance(raw, list) else [s for s in str(raw).split(",") if s]
         return [_convert_one(action, item, where) for item in items]
     return _convert_one(action, raw, where)

@@ -22,18 +22,18 @@ from fedgrad.codec import Layout, specs_of
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import (
     AlreadyExists,
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     StaleRound,
     Unavailable,
 )
-from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
-from fedgrad.task import Task, trainable_parameters
 from fedgrad.server.accumulator import MAX_EXACT_WEIGHT, Accumulator, StagedUpload
 from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.checkpoint import load_checkpoint, save_checkpoint
+from fedgrad.task import Task, trainable_parameters
 
 __all__ = ["Aggregator", "NodeRecord", "UploadTicket", "make_optimizer"]
 
@@ -136,8 +136,12 @@ class Aggregator:
             "task": self.cfg.task,
             "reduce": self.cfg.reduce,
             "nodes": [
-                {"node_id": r.node_id, "num_samples": r.num_samples, "state": r.state,
-                 "last_round": r.last_round}
+                {
+                    "node_id": r.node_id,
+                    "num_samples": r.num_samples,
+                    "state": r.state,
+                    "last_round": r.last_round,
+                }
                 for r in self.nodes.values()
             ],
         }
@@ -146,8 +150,14 @@ class Aggregator:
         """Write the state of the current (published) round, if --checkpoint-dir is set."""
         if self.cfg.checkpoint_dir:
             names = [s.name for s in self.layout.specs]
-            save_checkpoint(self.cfg.checkpoint_dir, self.round, dict(zip(names, self.params, strict=True)),
-                            self.optimizer, self._meta(), self.history)
+            save_checkpoint(
+                self.cfg.checkpoint_dir,
+                self.round,
+                dict(zip(names, self.params, strict=True)),
+                self.optimizer,
+                self._meta(),
+                self.history,
+            )
 
     def _restore(self) -> bool:
         assert self.cfg.checkpoint_dir
@@ -164,16 +174,25 @@ class Aggregator:
             for spec, p in zip(self.layout.specs, self.params, strict=True):
                 saved = params.get(spec.name)
                 if saved is None or saved.shape != p.shape or saved.dtype != p.dtype:
-                    raise ConfigError(f"checkpoint tensor {spec.name!r} does not match the task's model")
+                    raise ConfigError(
+                        f"checkpoint tensor {spec.name!r} does not match the task's model"
+                    )
                 p.copy_(saved)
         self.optimizer.load_state_dict(optim_state)
         self.round, self.session_id = int(doc["round"]), str(doc["session_id"])
         self.history = [RoundRecord(**r) for r in doc["history"]]
         for n in doc["nodes"]:
             self.nodes[n["node_id"]] = NodeRecord(
-                n["node_id"], int(n["num_samples"]), "active" if n["state"] != "left" else "left",
-                int(n["last_round"]))
-        log.info("resumed from checkpoint at round %d", self.round, extra={"round": self.round, "event": "resume"})
+                n["node_id"],
+                int(n["num_samples"]),
+                "active" if n["state"] != "left" else "left",
+                int(n["last_round"]),
+            )
+        log.info(
+            "resumed from checkpoint at round %d",
+            self.round,
+            extra={"round": self.round, "event": "resume"},
+        )
         return True
 
     # -- membership ------------------------------------------------------------
@@ -182,13 +201,21 @@ class Aggregator:
         check_id("node_id", node_id)
         self._check_open()
         if num_samples >= MAX_EXACT_WEIGHT:
-            raise InvalidArgument(f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})")
+            raise InvalidArgument(
+                f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})"
+            )
         async with self._changed:
             record = self.nodes.get(node_id)
             if record is None:
                 record = self.nodes[node_id] = NodeRecord(node_id, num_samples)
-                log.info("node joined", extra={"node": node_id, "round": self.round, "event": "join"})
-            record.num_samples, record.state, record.last_seen = num_samples, "active", time.monotonic()
+                log.info(
+                    "node joined", extra={"node": node_id, "round": self.round, "event": "join"}
+                )
+            record.num_samples, record.state, record.last_seen = (
+                num_samples,
+                "active",
+                time.monotonic(),
+            )
             if not self.started and self._active_count() >= self.cfg.nodes:
                 await asyncio.to_thread(self.checkpoint)
                 await self._publish(first=True)
@@ -226,8 +253,10 @@ class Aggregator:
             record.state = "active"
         async with self._changed:
             await self._changed.wait_for(
-                lambda: self.snapshot is not None
-                and (self.snapshot.round >= min_round or self.snapshot.finished)
+                lambda: (
+                    self.snapshot is not None
+                    and (self.snapshot.round >= min_round or self.snapshot.finished)
+                )
             )
             assert self.snapshot is not None
             return self.snapshot
@@ -241,8 +270,13 @@ class Aggregator:
 
     # -- uploads -------------------------------------------------------------------
     async def open_upload(
-        self, node_id: str, round_: int, upload_id: str, num_samples: int,
-        metrics: dict[str, float], layout: Layout,
+        self,
+        node_id: str,
+        round_: int,
+        upload_id: str,
+        num_samples: int,
+        metrics: dict[str, float],
+        layout: Layout,
     ) -> UploadTicket:
         """Check an upload header and reserve a staging slot.
 
@@ -316,7 +350,9 @@ class Aggregator:
             if previous is not None:
                 if previous == ticket.upload_id:
                     return ticket.round
-                raise AlreadyExists(f"node {ticket.node_id!r} already uploaded for round {ticket.round}")
+                raise AlreadyExists(
+                    f"node {ticket.node_id!r} already uploaded for round {ticket.round}"
+                )
             await asyncio.to_thread(self.acc.commit, staged, ticket.weight)
             self.reported[ticket.node_id] = ticket.upload_id
             self.bytes_received += staged.nbytes
@@ -325,7 +361,10 @@ class Aggregator:
                 self.round_loss[0] += ticket.metrics["loss"] * ticket.weight
                 self.round_loss[1] += ticket.weight
             self.nodes[ticket.node_id].last_round = ticket.round
-            log.info("upload counted", extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"})
+            log.info(
+                "upload counted",
+                extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"},
+            )
         await self._maybe_close()
         return ticket.round
 
@@ -349,8 +388,10 @@ class Aggregator:
                 for r in self.nodes.values():
                     if r.state == "active" and r.node_id not in self.reported:
                         r.state = "dropped"
-                        log.warning("node missed the round deadline", extra={
-                            "node": r.node_id, "round": self.round, "event": "dropped"})
+                        log.warning(
+                            "node missed the round deadline",
+                            extra={"node": r.node_id, "round": self.round, "event": "dropped"},
+                        )
             await self._close_round()
 
     async def _close_round(self) -> None:
@@ -359,7 +400,9 @@ class Aggregator:
         metrics = await asyncio.to_thread(self._step, divisor)
         record = RoundRecord(
             round=self.round + 1,
-            train_loss=self.round_loss[0] / self.round_loss[1] if self.round_loss[1] else float("nan"),
+            train_loss=self.round_loss[0] / self.round_loss[1]
+            if self.round_loss[1]
+            else float("nan"),
             test_loss=metrics.get("loss", float("nan")),
             test_accuracy=metrics.get("accuracy", float("nan")),
             seconds=time.monotonic() - self.round_started,
@@ -390,8 +433,13 @@ class Aggregator:
         """Serialize the parameters of the (new) round and wake waiting pulls. Holds _changed."""
         self.finished = self.round >= self.cfg.rounds
         self.snapshot = await asyncio.to_thread(
-            make_snapshot, self.params, self.layout, self.cfg.chunk_bytes,
-            self.round, self.finished, self.session_id,
+            make_snapshot,
+            self.params,
+            self.layout,
+            self.cfg.chunk_bytes,
+            self.round,
+            self.finished,
+            self.session_id,
         )
         self.started = True
         self.phase = "finished" if self.finished else "collecting"
@@ -413,7 +461,8 @@ class Aggregator:
         if self.round == round_:
             log.warning(
                 "round deadline passed with %d of %d required uploads; waiting for nodes",
-                len(self.reported), self.cfg.min_nodes,
+                len(self.reported),
+                self.cfg.min_nodes,
                 extra={"round": round_, "event": "below_quorum"},
             )
 
@@ -423,12 +472,17 @@ class Aggregator:
             await self._changed.wait_for(lambda: self.finished)
         loop_deadline = time.monotonic() + self.cfg.finish_grace
         while time.monotonic() < loop_deadline:
-            pending = [r for r in self.nodes.values()
-                       if r.state == "active" and r.node_id not in self.final_pulled]
+            pending = [
+                r
+                for r in self.nodes.values()
+                if r.state == "active" and r.node_id not in self.final_pulled
+            ]
             if not pending:
                 return
             await asyncio.sleep(0.05)
-        log.warning("finished; some nodes did not fetch the final parameters", extra={"event": "finish"})
+        log.warning(
+            "finished; some nodes did not fetch the final parameters", extra={"event": "finish"}
+        )
 
     async def final_checkpoint(self) -> None:
         """Checkpoint the last committed round, never in the middle of a step."""

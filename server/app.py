@@ -17,6 +17,7 @@ from fedgrad.codec import DEFAULT_CHUNK_BYTES
 from fedgrad.config import AggregatorConfig
 from fedgrad.history import write_history
 from fedgrad.server.aggregator import Aggregator
+from fedgrad.server.security import Authorizer, server_credentials
 from fedgrad.server.service import SERVICE_NAME, AggregatorService
 from fedgrad.task import Task
 
@@ -48,15 +49,21 @@ class AggregatorServer:
     def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
         self.cfg = cfg
         self.core = Aggregator(task, cfg)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> int:
         """Start serving on ``cfg.listen``; return the bound port."""
         await self.core.start()
-        server = grpc.aio.server(options=server_options(self.cfg.chunk_bytes))
-        server.add_generic_rpc_handlers((AggregatorService(self.core, self.cfg.idle_timeout).handler(),))
+        server = grpc.aio.server(
+            options=server_options(self.cfg.chunk_bytes),
+            maximum_concurrent_rpcs=self.cfg.max_rpcs,
+        )
+        service = AggregatorService(
+            self.core, self.cfg.idle_timeout, Authorizer.from_config(self.cfg)
+        )
+        server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.cfg.reflection:
             from grpc_reflection.v1alpha import reflection
@@ -64,7 +71,11 @@ class AggregatorServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        self.port = server.add_insecure_port(self.cfg.listen)
+        creds = server_credentials(self.cfg)
+        if creds is None:
+            self.port = server.add_insecure_port(self.cfg.listen)
+        else:
+            self.port = server.add_secure_port(self.cfg.listen, creds)
         if self.port == 0:
             raise OSError(f"could not listen on {self.cfg.listen}")
         await server.start()
@@ -110,7 +121,9 @@ class ServerThread:
     def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
         self.server = AggregatorServer(task, cfg)
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="fedgrad-aggregator", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="fedgrad-aggregator", daemon=True
+        )
 
     def start(self) -> int:
         """Start the loop and the server; return the bound port."""

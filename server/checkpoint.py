@@ -97,7 +97,9 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_checkpoint(
+    directory: str | Path,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
     """Load the last committed checkpoint, or return None if there is none.
 
     Returns:
@@ -118,7 +120,9 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, to
         raise ConfigError(f"checkpoint {path} has format {doc.get('format')!r}, expected {FORMAT}")
     tensor_file = directory / Path(doc["tensors"]).name
     if not tensor_file.exists() or _sha256(tensor_file) != doc["sha256"]:
-        raise ConfigError(f"checkpoint tensors {tensor_file} are missing or do not match their SHA-256")
+        raise ConfigError(
+            f"checkpoint tensors {tensor_file} are missing or do not match their SHA-256"
+        )
     tensors = load_file(str(tensor_file))
     params = {k.removeprefix("param/"): v for k, v in tensors.items() if k.startswith("param/")}
     state: dict[int, dict[str, Any]] = {}

@@ -19,6 +19,7 @@ from fedgrad.codec import Layout, dtype_from_proto, manifest_to_proto
 from fedgrad.errors import InvalidArgument, RpcError, StaleRound
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.aggregator import Aggregator, UploadTicket
+from fedgrad.server.security import Authorizer
 
 __all__ = ["SERVICE_NAME", "AggregatorService"]
 
@@ -29,8 +30,9 @@ _REDUCTION = {"weighted-mean": pb.WEIGHTED_MEAN, "mean": pb.MEAN, "sum": pb.SUM}
 
 async def _fail(context: grpc.aio.ServicerContext, exc: RpcError, node: str, round_: Any) -> None:
     log.warning(
-        "rejected: %s", exc, extra={"node": node, "round": round_, "event": "reject",
-                                    "reason": exc.code},
+        "rejected: %s",
+        exc,
+        extra={"node": node, "round": round_, "event": "reject", "reason": exc.code},
     )
     trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, StaleRound):
@@ -41,9 +43,12 @@ async def _fail(context: grpc.aio.ServicerContext, exc: RpcError, node: str, rou
 class AggregatorService:
     """The ``fedgrad.v1.Aggregator`` service over an ``Aggregator`` core."""
 
-    def __init__(self, core: Aggregator, idle_timeout: float) -> None:
+    def __init__(
+        self, core: Aggregator, idle_timeout: float, auth: Authorizer | None = None
+    ) -> None:
         self.core = core
         self.idle_timeout = idle_timeout
+        self.auth = auth or Authorizer(None, mutual_tls=False)
         self._layouts: dict[int, Layout] = {pb.DTYPE_UNSPECIFIED: core.layout}
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -52,21 +57,29 @@ class AggregatorService:
             SERVICE_NAME,
             {
                 "Join": grpc.unary_unary_rpc_method_handler(
-                    self.join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString),
+                    self.join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString
+                ),
                 "PullParameters": grpc.unary_stream_rpc_method_handler(
-                    self.pull, pb.PullRequest.FromString, lambda raw: raw),
+                    self.pull, pb.PullRequest.FromString, lambda raw: raw
+                ),
                 "PushGradients": grpc.stream_unary_rpc_method_handler(
-                    self.push, pb.GradientMessage.FromString, pb.PushReply.SerializeToString),
+                    self.push, pb.GradientMessage.FromString, pb.PushReply.SerializeToString
+                ),
                 "Leave": grpc.unary_unary_rpc_method_handler(
-                    self.leave, pb.LeaveRequest.FromString, pb.LeaveReply.SerializeToString),
+                    self.leave, pb.LeaveRequest.FromString, pb.LeaveReply.SerializeToString
+                ),
                 "GetStatus": grpc.unary_unary_rpc_method_handler(
-                    self.status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString),
+                    self.status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString
+                ),
             },
         )
 
-    async def join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+    async def join(
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinReply:
         core = self.core
         try:
+            self.auth.check(context, request.node_id)
             await core.join(request.node_id, request.num_samples)
         except RpcError as exc:
             await _fail(context, exc, request.node_id, core.round)
@@ -80,8 +93,11 @@ class AggregatorService:
             finished=core.finished,
         )
 
-    async def pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def pull(
+        self, request: pb.PullRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         try:
+            self.auth.check(context, request.node_id)
             snapshot = await self.core.wait_snapshot(request.node_id, request.min_round)
         except RpcError as exc:
             await _fail(context, exc, request.node_id, request.min_round)
@@ -101,8 +117,13 @@ class AggregatorService:
                 raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
             h = first.header
             node, round_ = h.node_id, h.round
+            self.auth.check(context, h.node_id)
             ticket = await self.core.open_upload(
-                h.node_id, h.round, h.upload_id, h.num_samples, dict(h.metrics),
+                h.node_id,
+                h.round,
+                h.upload_id,
+                h.num_samples,
+                dict(h.metrics),
                 self._layout(h.wire_dtype),
             )
             if not ticket.duplicate:
@@ -116,7 +137,9 @@ class AggregatorService:
             if ticket is not None:
                 self.core.release(ticket)
 
-    async def _receive(self, requests: AsyncIterator[pb.GradientMessage], ticket: UploadTicket) -> None:
+    async def _receive(
+        self, requests: AsyncIterator[pb.GradientMessage], ticket: UploadTicket
+    ) -> None:
         assert ticket.staged is not None
         while (message := await self._next(requests)) is not None:
             if message.WhichOneof("kind") != "chunk":
@@ -141,14 +164,23 @@ class AggregatorService:
             self._layouts[wire_dtype] = layout
         return layout
 
-    async def leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+    async def leave(
+        self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LeaveReply:
         try:
+            self.auth.check(context, request.node_id)
             await self.core.leave(request.node_id)
         except RpcError as exc:
             await _fail(context, exc, request.node_id, self.core.round)
         return pb.LeaveReply()
 
-    async def status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+    async def status(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatusReply:
+        try:
+            self.auth.identify(context)
+        except RpcError as exc:
+            await _fail(context, exc, "?", self.core.round)
         return status_reply(self.core)
 
 
@@ -162,18 +194,37 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
         state = "reported" if r.node_id in core.reported else r.state
         if state == "dropped":
             state = "late"
-        nodes.append(pb.NodeStatus(
-            node_id=r.node_id, num_samples=r.num_samples, state=state,
-            last_round=max(r.last_round + 1, 0), seconds_since_seen=now - r.last_seen,
-        ))
+        nodes.append(
+            pb.NodeStatus(
+                node_id=r.node_id,
+                num_samples=r.num_samples,
+                state=state,
+                last_round=max(r.last_round + 1, 0),
+                seconds_since_seen=now - r.last_seen,
+            )
+        )
     last = core.history[-1] if core.history else None
     metrics = {}
     if last is not None:
-        metrics = {k: v for k, v in (("train_loss", last.train_loss), ("test_loss", last.test_loss),
-                                      ("test_accuracy", last.test_accuracy),
-                                      ("round_seconds", last.seconds)) if v == v}
+        metrics = {
+            k: v
+            for k, v in (
+                ("train_loss", last.train_loss),
+                ("test_loss", last.test_loss),
+                ("test_accuracy", last.test_accuracy),
+                ("round_seconds", last.seconds),
+            )
+            if v == v
+        }
     return pb.StatusReply(
-        round=core.round, total_rounds=core.cfg.rounds, finished=core.finished, nodes=nodes,
-        reported=len(core.reported), last_metrics=metrics, bytes_received=core.bytes_received,
-        bytes_sent=core.bytes_sent, session_id=core.session_id, phase=core.phase,
+        round=core.round,
+        total_rounds=core.cfg.rounds,
+        finished=core.finished,
+        nodes=nodes,
+        reported=len(core.reported),
+        last_metrics=metrics,
+        bytes_received=core.bytes_received,
+        bytes_sent=core.bytes_sent,
+        session_id=core.session_id,
+        phase=core.phase,
     )

@@ -1,0 +1,85 @@
+"""Who may call the aggregator: TLS server credentials, mTLS identity and tokens.
+
+A node's identity is its client certificate's common name (mutual TLS) and/or
+the node its bearer token belongs to. A call that names a node id must come
+from that node: anything else is PERMISSION_DENIED; no or bad credentials are
+UNAUTHENTICATED. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from fedgrad.auth import TokenStore, identity_from_auth_context, load_token_file, parse_bearer
+from fedgrad.config import AggregatorConfig
+from fedgrad.errors import PermissionDenied, Unauthenticated
+
+__all__ = ["Authorizer", "server_credentials"]
+
+
+def server_credentials(cfg: AggregatorConfig) -> grpc.ServerCredentials | None:
+    """Return TLS credentials (client certificates required with a client CA), or None."""
+    if not cfg.tls_cert:
+        return None
+    assert cfg.tls_key
+    key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
+    client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    # Without require_client_auth the client certificate would be silently optional.
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class Authorizer:
+    """Check the caller's credentials against the node id a call names."""
+
+    def __init__(self, tokens: TokenStore | None, mutual_tls: bool) -> None:
+        self.tokens, self.mutual_tls = tokens, mutual_tls
+
+    @classmethod
+    def from_config(cls, cfg: AggregatorConfig) -> Authorizer:
+        """Build the policy of ``--tokens`` and ``--tls-client-ca``."""
+        tokens = load_token_file(cfg.tokens) if cfg.tokens else None
+        return cls(tokens, bool(cfg.tls_client_ca))
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens is not None or self.mutual_tls
+
+    def identify(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Return the caller's authenticated identity (None when auth is off).
+
+        Raises:
+            Unauthenticated: credentials are missing or wrong.
+            PermissionDenied: the certificate and the token name different nodes.
+        """
+        cert_id = token_id = None
+        if self.mutual_tls:
+            cert_id = identity_from_auth_context(context.auth_context())  # type: ignore[arg-type]
+            if cert_id is None:
+                raise Unauthenticated("no valid client certificate identity")
+        if self.tokens is not None:
+            values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+            token = parse_bearer(values[0]) if len(values) == 1 else None
+            if token is None:
+                raise Unauthenticated(
+                    "missing token: send metadata 'authorization: Bearer <token>'"
+                )
+            token_id = self.tokens.identify(token)
+            if token_id is None:
+                raise Unauthenticated("invalid token")
+        if cert_id and token_id and cert_id != token_id:
+            raise PermissionDenied(
+                f"certificate is for {cert_id!r} but the token is {token_id!r}'s"
+            )
+        return cert_id or token_id
+
+    def check(self, context: grpc.aio.ServicerContext, node_id: str) -> None:
+        """Raise unless the caller may act as ``node_id``."""
+        who = self.identify(context)
+        if who is not None and who != node_id:
+            raise PermissionDenied(
+                f"credentials belong to {who!r}; they may not act as node {node_id!r}"
+            )
