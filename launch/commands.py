@@ -99,9 +99,17 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    progress = None
+    if cfg.progress and sys.stderr.isatty():
+        from fedgrad.launch.progress import run_progress
+
+        progress = asyncio.ensure_future(run_progress(server.core))
     done = asyncio.ensure_future(server.wait_finished())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if progress is not None:
+        progress.cancel()
+        sys.stderr.write("\n")
     if not done.done():
         done.cancel()
         log.info("signal received: shutting down gracefully", extra={"event": "shutdown"})

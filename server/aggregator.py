@@ -72,7 +72,7 @@ class NodeRecord:
     uploading: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class UploadTicket:
     """One upload in flight: its header and its staged chunks."""
 
@@ -116,6 +116,11 @@ class Aggregator:
             1, min(64, cfg.staging_mb * (1 << 20) // max(1, self.layout.total))
         )
         self.on_round: list[Callable[[RoundRecord], None]] = []
+        self.uploads_accepted = 0
+        self.inflight: set[UploadTicket] = set()
+        self.rejections: dict[str, int] = {}
+        self.phase_seconds: dict[str, float] = {}
+        self._reduce_seconds = 0.0
         self.closing = False
         self.resumed = bool(cfg.checkpoint_dir) and self._restore()
 
@@ -313,9 +318,11 @@ class Aggregator:
             raise ResourceExhausted(
                 f"{self.max_inflight} uploads in flight for {_WAIT_FOR_SLOT:.0f} s; retry later"
             ) from None
-        return UploadTicket(
+        ticket = UploadTicket(
             node_id, round_, upload_id, weight, metrics, StagedUpload(layout, self.cfg.chunk_bytes)
         )
+        self.inflight.add(ticket)
+        return ticket
 
     def _weight(self, num_samples: int) -> int:
         if self.cfg.reduce != "weighted-mean":
@@ -327,8 +334,14 @@ class Aggregator:
             )
         return num_samples
 
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of uploads staged right now."""
+        return sum(t.staged.nbytes for t in self.inflight if t.staged is not None)
+
     def release(self, ticket: UploadTicket) -> None:
         """Free the staging slot of a ticket (after commit or failure); idempotent."""
+        self.inflight.discard(ticket)
         if ticket.staged is not None:
             ticket.staged = None
             self._slots.release()
@@ -353,7 +366,10 @@ class Aggregator:
                 raise AlreadyExists(
                     f"node {ticket.node_id!r} already uploaded for round {ticket.round}"
                 )
+            began = time.perf_counter()
             await asyncio.to_thread(self.acc.commit, staged, ticket.weight)
+            self._reduce_seconds += time.perf_counter() - began
+            self.uploads_accepted += 1
             self.reported[ticket.node_id] = ticket.upload_id
             self.bytes_received += staged.nbytes
             self._round_bytes += staged.nbytes
@@ -361,7 +377,7 @@ class Aggregator:
                 self.round_loss[0] += ticket.metrics["loss"] * ticket.weight
                 self.round_loss[1] += ticket.weight
             self.nodes[ticket.node_id].last_round = ticket.round
-            log.info(
+            log.debug(
                 "upload counted",
                 extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"},
             )
@@ -396,8 +412,11 @@ class Aggregator:
 
     async def _close_round(self) -> None:
         self.phase = "stepping"
+        collected = time.perf_counter()
+        phases = {"collect": time.monotonic() - self.round_started, "reduce": self._reduce_seconds}
         divisor = self.acc.weight if self.cfg.reduce != "sum" else 1.0
         metrics = await asyncio.to_thread(self._step, divisor)
+        phases["step"] = time.perf_counter() - collected
         record = RoundRecord(
             round=self.round + 1,
             train_loss=self.round_loss[0] / self.round_loss[1]
@@ -414,11 +433,16 @@ class Aggregator:
         self.acc.reset()
         self.reported.clear()
         self.round_loss = [0.0, 0.0]
+        began = time.perf_counter()
         await asyncio.to_thread(self.checkpoint)
-        for callback in self.on_round:
-            callback(record)
+        phases["checkpoint"] = time.perf_counter() - began
+        began = time.perf_counter()
         async with self._changed:
             await self._publish(first=False)
+        phases["broadcast"] = time.perf_counter() - began
+        self.phase_seconds = phases
+        for callback in self.on_round:
+            callback(record)
 
     def _step(self, divisor: float) -> dict[str, float]:
         for p, g in zip(self.params, self.acc.result(divisor), strict=True):
@@ -446,6 +470,7 @@ class Aggregator:
         self.round_started = time.monotonic()
         self.deadline_passed = False
         self._round_bytes = 0
+        self._reduce_seconds = 0.0
         self._changed.notify_all()
         if not self.finished:
             if self._deadline_task is not None:

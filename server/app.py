@@ -52,6 +52,8 @@ class AggregatorServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.metrics_server: Any = None
+        self.metrics_port = 0
 
     async def start(self) -> int:
         """Start serving on ``cfg.listen``; return the bound port."""
@@ -82,6 +84,15 @@ class AggregatorServer:
         self.server = server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.cfg.metrics_port is not None:
+            from fedgrad.config import parse_hostport
+            from fedgrad.server.metrics import serve_metrics
+
+            host = parse_hostport(self.cfg.listen)[0]
+            self.metrics_server, self.metrics_port = serve_metrics(
+                self.core, host, self.cfg.metrics_port
+            )
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         log.info("aggregator listening on port %d", self.port, extra={"event": "listen"})
         return self.port
 
@@ -111,6 +122,10 @@ class AggregatorServer:
         """Report NOT_SERVING, then stop the server after ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         self.core.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
         if self.server is not None:
             await self.server.stop(grace if grace is not None else self.cfg.shutdown_grace)
 

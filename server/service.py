@@ -28,7 +28,10 @@ SERVICE_NAME = "fedgrad.v1.Aggregator"
 _REDUCTION = {"weighted-mean": pb.WEIGHTED_MEAN, "mean": pb.MEAN, "sum": pb.SUM}
 
 
-async def _fail(context: grpc.aio.ServicerContext, exc: RpcError, node: str, round_: Any) -> None:
+async def _fail(
+    context: grpc.aio.ServicerContext, exc: RpcError, node: str, round_: Any, core: Aggregator
+) -> None:
+    core.rejections[exc.code] = core.rejections.get(exc.code, 0) + 1
     log.warning(
         "rejected: %s",
         exc,
@@ -82,7 +85,7 @@ class AggregatorService:
             self.auth.check(context, request.node_id)
             await core.join(request.node_id, request.num_samples)
         except RpcError as exc:
-            await _fail(context, exc, request.node_id, core.round)
+            await _fail(context, exc, request.node_id, core.round, self.core)
         return pb.JoinReply(
             manifest=manifest_to_proto(core.layout.specs),
             reduction=_REDUCTION[core.cfg.reduce],  # type: ignore[arg-type]
@@ -100,7 +103,7 @@ class AggregatorService:
             self.auth.check(context, request.node_id)
             snapshot = await self.core.wait_snapshot(request.node_id, request.min_round)
         except RpcError as exc:
-            await _fail(context, exc, request.node_id, request.min_round)
+            await _fail(context, exc, request.node_id, request.min_round, self.core)
             return
         for message in snapshot.messages:
             yield message
@@ -131,7 +134,7 @@ class AggregatorService:
             counted = await self.core.commit(ticket)
             return pb.PushReply(duplicate=ticket.duplicate, round=counted)
         except RpcError as exc:
-            await _fail(context, exc, node, round_)
+            await _fail(context, exc, node, round_, self.core)
             raise AssertionError("unreachable") from exc
         finally:
             if ticket is not None:
@@ -171,7 +174,7 @@ class AggregatorService:
             self.auth.check(context, request.node_id)
             await self.core.leave(request.node_id)
         except RpcError as exc:
-            await _fail(context, exc, request.node_id, self.core.round)
+            await _fail(context, exc, request.node_id, self.core.round, self.core)
         return pb.LeaveReply()
 
     async def status(
@@ -180,7 +183,7 @@ class AggregatorService:
         try:
             self.auth.identify(context)
         except RpcError as exc:
-            await _fail(context, exc, "?", self.core.round)
+            await _fail(context, exc, "?", self.core.round, self.core)
         return status_reply(self.core)
 
 

@@ -1,0 +1,92 @@
+"""Prometheus metrics of the aggregator, read from its state at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from fedgrad.history import RoundRecord
+from fedgrad.server.aggregator import Aggregator
+
+__all__ = ["AggregatorCollector", "serve_metrics"]
+
+_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, float("inf"))
+
+
+class AggregatorCollector(Collector):
+    """Expose rounds, phases, bytes, uploads, nodes, staging memory and loss."""
+
+    def __init__(self, core: Aggregator) -> None:
+        self.core = core
+        self._durations: list[float] = []
+        self._phases: dict[str, float] = {}
+        core.on_round.append(self._record)
+
+    def _record(self, record: RoundRecord) -> None:
+        self._durations.append(record.seconds)
+        for phase, seconds in self.core.phase_seconds.items():
+            self._phases[phase] = self._phases.get(phase, 0.0) + seconds
+
+    def collect(self) -> Iterator[Any]:
+        core = self.core
+        yield CounterMetricFamily(
+            "fedgrad_rounds_completed", "Rounds closed and applied.", value=len(core.history)
+        )
+        yield GaugeMetricFamily("fedgrad_round", "The open round (0-based).", value=core.round)
+        yield self._histogram()
+        phases = CounterMetricFamily(
+            "fedgrad_round_phase_seconds",
+            "Time spent per round phase: collect, reduce, step, checkpoint, broadcast.",
+            labels=["phase"],
+        )
+        for phase, seconds in sorted(self._phases.items()):
+            phases.add_metric([phase], seconds)
+        yield phases
+        yield CounterMetricFamily(
+            "fedgrad_bytes_received", "Gradient payload bytes counted.", value=core.bytes_received
+        )
+        yield CounterMetricFamily(
+            "fedgrad_bytes_sent", "Parameter bytes streamed to nodes.", value=core.bytes_sent
+        )
+        yield CounterMetricFamily(
+            "fedgrad_uploads_accepted", "Uploads counted in a round.", value=core.uploads_accepted
+        )
+        rejected = CounterMetricFamily(
+            "fedgrad_rejections", "Calls refused, by gRPC status code.", labels=["reason"]
+        )
+        for reason, count in sorted(core.rejections.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        states = GaugeMetricFamily("fedgrad_nodes", "Nodes known, by state.", labels=["state"])
+        for state in ("active", "dropped", "left"):
+            states.add_metric([state], sum(1 for r in core.nodes.values() if r.state == state))
+        yield states
+        yield GaugeMetricFamily(
+            "fedgrad_staging_bytes", "Bytes of uploads staged in flight.", value=core.staging_bytes
+        )
+        last = core.history[-1].train_loss if core.history else float("nan")
+        yield GaugeMetricFamily("fedgrad_last_loss", "Train loss of the last round.", value=last)
+
+    def _histogram(self) -> HistogramMetricFamily:
+        buckets = [
+            (str(b) if b != float("inf") else "+Inf", sum(1 for d in self._durations if d <= b))
+            for b in _BUCKETS
+        ]
+        return HistogramMetricFamily(
+            "fedgrad_round_duration_seconds",
+            "Wall time of each round.",
+            buckets=buckets,
+            sum_value=sum(self._durations),
+        )
+
+
+def serve_metrics(core: Aggregator, host: str, port: int) -> tuple[Any, int]:
+    """Serve /metrics over HTTP on (host, port); return (server, bound port)."""
+    registry = CollectorRegistry()
+    registry.register(AggregatorCollector(core))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, server.server_port
