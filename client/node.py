@@ -17,13 +17,14 @@ from fedgrad.codec import (
     ChunkCursor,
     Layout,
     byte_view,
-    iter_chunks,
+    iter_chunk_pieces,
     manifest_from_proto,
     specs_of,
     write_chunk,
 )
 from fedgrad.config import NodeConfig
 from fedgrad.errors import TaskError
+from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import round_generator
 from fedgrad.task import Task, check_update, trainable_parameters
@@ -31,6 +32,8 @@ from fedgrad.task import Task, check_update, trainable_parameters
 __all__ = ["Node", "NodeResult"]
 
 log = logging.getLogger("fedgrad.node")
+PULL_METHOD = "/fedgrad.v1.Aggregator/PullParameters"
+PUSH_METHOD = "/fedgrad.v1.Aggregator/PushGradients"
 _WIRE = {None: pb.DTYPE_UNSPECIFIED, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 
 
@@ -58,6 +61,13 @@ class Node:
         self.num_samples = task.num_samples(self.data)
         self.metadata = bearer_metadata(cfg.token) if cfg.token else ()
         self.channel, self.stub = open_channel(cfg)
+        # Raw-bytes twins of two stub methods: chunks are framed and read in place.
+        self._pull_raw = self.channel.unary_stream(
+            PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString
+        )
+        self._push_raw = self.channel.stream_unary(
+            PUSH_METHOD, response_deserializer=pb.PushReply.FromString
+        )
         self.backoff = Backoff(cfg.give_up_after)
         self.session_id = ""
         self.uploads = 0
@@ -95,21 +105,26 @@ class Node:
         timeout = (
             self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
         )
-        stream = self.stub.PullParameters(
+        stream = self._pull_raw(
             pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
             timeout=timeout,
             metadata=self.metadata,
         )
-        first = next(stream)
+        first = pb.ParameterMessage.FromString(next(stream))
         if first.WhichOneof("kind") != "header":
             raise TaskError("aggregator sent a chunk before the ParameterHeader")
         header = first.header
         cursor = ChunkCursor(self.layout, max(self.chunk_bytes, 1))
         with torch.no_grad():
-            for message in stream:
-                c = message.chunk
-                start = cursor.advance(c.tensor, c.offset, len(c.data))
-                write_chunk(self.views, self.layout, start, c.data)
+            for raw in stream:
+                view = decode_chunk(raw)
+                if view is None:
+                    c = pb.ParameterMessage.FromString(raw).chunk
+                    view = ChunkView(c.data, c.tensor, c.offset, 0, len(c.data))
+                start = cursor.advance(view.tensor, view.offset, view.data_len)
+                write_chunk(
+                    self.views, self.layout, start, view.raw, view.data_start, view.data_len
+                )
         if not cursor.complete:
             raise TaskError(
                 f"parameter stream ended after {cursor.position} of {self.layout.total} bytes"
@@ -139,14 +154,14 @@ class Node:
             wire_dtype=_WIRE[wire],  # type: ignore[arg-type]
         )
 
-        def messages() -> Iterator[pb.GradientMessage]:
-            yield pb.GradientMessage(header=header)
+        def messages() -> Iterator[bytes]:
+            yield pb.GradientMessage(header=header).SerializeToString()
             views = [byte_view(t) for t in tensors]
-            for t, o, d in iter_chunks(views, layout, self.chunk_bytes):
-                yield pb.GradientMessage(chunk=pb.Chunk(tensor=t, offset=o, data=d))
+            for t, o, pieces in iter_chunk_pieces(views, layout, self.chunk_bytes):
+                yield encode_chunk(t, o, pieces)
 
         timeout = self.cfg.call_timeout + layout.total / self.cfg.min_bandwidth
-        return self.stub.PushGradients(messages(), timeout=timeout, metadata=self.metadata)
+        return self._push_raw(messages(), timeout=timeout, metadata=self.metadata)
 
     def leave(self) -> None:
         """Tell the aggregator to stop waiting for this node (best effort)."""

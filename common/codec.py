@@ -29,6 +29,7 @@ __all__ = [
     "TensorSpec",
     "byte_view",
     "decode_floats",
+    "iter_chunk_pieces",
     "iter_chunks",
     "manifest_from_proto",
     "manifest_to_proto",
@@ -257,10 +258,10 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
-def iter_chunks(
+def iter_chunk_pieces(
     views: Sequence[np.ndarray], layout: Layout, chunk_bytes: int
-) -> Iterator[tuple[int, int, bytes]]:
-    """Cut tensors' bytes into chunks of the flat stream.
+) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """Cut tensors' bytes into chunks of the flat stream, without copying.
 
     Args:
         views: ``byte_view`` of each tensor, in manifest order.
@@ -268,7 +269,7 @@ def iter_chunks(
         chunk_bytes: the most data bytes per chunk (>= 8).
 
     Yields:
-        (tensor, offset, data) of each chunk, in order.
+        (tensor, offset, pieces): where each chunk starts, and the byte views it joins.
     """
     position = 0
     while position < layout.total:
@@ -280,16 +281,32 @@ def iter_chunks(
             views[t][off : off + n]
             for t, off, n in layout.tensor_segments(position, end - position)
         ]
-        data = pieces[0].tobytes() if len(pieces) == 1 else b"".join(p.data for p in pieces)
-        yield tensor, offset, data
+        yield tensor, offset, pieces
         position = end
 
 
-def write_chunk(views: Sequence[np.ndarray], layout: Layout, position: int, data: bytes) -> None:
-    """Copy the bytes of a chunk that starts at flat ``position`` into tensors' byte views."""
-    src = np.frombuffer(data, dtype=np.uint8)
+def iter_chunks(
+    views: Sequence[np.ndarray], layout: Layout, chunk_bytes: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """Like ``iter_chunk_pieces``, with each chunk's data joined into bytes."""
+    for tensor, offset, pieces in iter_chunk_pieces(views, layout, chunk_bytes):
+        data = pieces[0].tobytes() if len(pieces) == 1 else b"".join(p.data for p in pieces)
+        yield tensor, offset, data
+
+
+def write_chunk(
+    views: Sequence[np.ndarray],
+    layout: Layout,
+    position: int,
+    data: bytes,
+    start: int = 0,
+    length: int | None = None,
+) -> None:
+    """Copy a chunk's bytes (``data[start:start+length]``) at flat ``position`` into tensors."""
+    length = len(data) - start if length is None else length
+    src = np.frombuffer(data, dtype=np.uint8, count=length, offset=start)
     done = 0
-    for tensor, offset, n in layout.tensor_segments(position, len(data)):
+    for tensor, offset, n in layout.tensor_segments(position, length):
         views[tensor][offset : offset + n] = src[done : done + n]
         done += n
 

@@ -94,7 +94,7 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     port = await server.start()
     if port_file:
         Path(port_file).write_text(f"{port}\n")
-    server.core.on_round.append(lambda r: _log_round(r, cfg.rounds))
+    server.core.on_round.append(lambda r: _log_round(r, cfg.rounds, server.core.phase_seconds))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,9 +121,9 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     return 0
 
 
-def _log_round(r: RoundRecord, total: int) -> None:
+def _log_round(r: RoundRecord, total: int, phases: dict[str, float]) -> None:
     log.info(
-        "round %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.2f s, %.1f MB",
+        "round %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.2f s, %.1f MB (%s)",
         r.round,
         total,
         r.train_loss,
@@ -131,6 +131,7 @@ def _log_round(r: RoundRecord, total: int) -> None:
         r.test_accuracy,
         r.seconds,
         r.bytes / 1e6,
+        " ".join(f"{k} {v:.3f}s" for k, v in phases.items()),
         extra={"round": r.round, "event": "round"},
     )
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedgrad.codec import Layout, byte_view, iter_chunks
+from fedgrad.codec import Layout, byte_view, iter_chunk_pieces
+from fedgrad.framing import encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 
 __all__ = ["Snapshot", "make_snapshot"]
@@ -43,7 +44,6 @@ def make_snapshot(
     ).SerializeToString()
     views = [byte_view(p.detach()) for p in params]
     chunks = [
-        pb.ParameterMessage(chunk=pb.Chunk(tensor=t, offset=o, data=d)).SerializeToString()
-        for t, o, d in iter_chunks(views, layout, chunk_bytes)
+        encode_chunk(t, o, pieces) for t, o, pieces in iter_chunk_pieces(views, layout, chunk_bytes)
     ]
     return Snapshot(round_, finished, (header, *chunks), layout.total)

@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedgrad.codec import Layout, dtype_from_proto, manifest_to_proto
 from fedgrad.errors import InvalidArgument, RpcError, StaleRound
+from fedgrad.framing import decode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.aggregator import Aggregator, UploadTicket
 from fedgrad.server.security import Authorizer
@@ -43,6 +45,13 @@ async def _fail(
     await context.abort(grpc.StatusCode[exc.code], str(exc), trailing_metadata=trailing)
 
 
+def _parse(raw: bytes) -> pb.GradientMessage:
+    try:
+        return pb.GradientMessage.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument("malformed GradientMessage (not valid protobuf)") from None
+
+
 class AggregatorService:
     """The ``fedgrad.v1.Aggregator`` service over an ``Aggregator`` core."""
 
@@ -66,7 +75,10 @@ class AggregatorService:
                     self.pull, pb.PullRequest.FromString, lambda raw: raw
                 ),
                 "PushGradients": grpc.stream_unary_rpc_method_handler(
-                    self.push, pb.GradientMessage.FromString, pb.PushReply.SerializeToString
+                    # Raw bytes in: chunks are decoded in place (fedgrad.framing), no copy.
+                    self.push,
+                    None,
+                    pb.PushReply.SerializeToString,
                 ),
                 "Leave": grpc.unary_unary_rpc_method_handler(
                     self.leave, pb.LeaveRequest.FromString, pb.LeaveReply.SerializeToString
@@ -110,12 +122,13 @@ class AggregatorService:
         self.core.sent(request.node_id, snapshot)
 
     async def push(
-        self, requests: AsyncIterator[pb.GradientMessage], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.PushReply:
         ticket: UploadTicket | None = None
         node, round_ = "?", "?"
         try:
-            first = await self._next(requests)
+            raw = await self._next(requests)
+            first = _parse(raw) if raw is not None else None
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
             h = first.header
@@ -140,17 +153,20 @@ class AggregatorService:
             if ticket is not None:
                 self.core.release(ticket)
 
-    async def _receive(
-        self, requests: AsyncIterator[pb.GradientMessage], ticket: UploadTicket
-    ) -> None:
-        assert ticket.staged is not None
-        while (message := await self._next(requests)) is not None:
+    async def _receive(self, requests: AsyncIterator[bytes], ticket: UploadTicket) -> None:
+        staged = ticket.staged
+        assert staged is not None
+        while (raw := await self._next(requests)) is not None:
+            view = decode_chunk(raw)
+            if view is not None:
+                staged.add(view.tensor, view.offset, raw, view.data_start, view.data_len)
+                continue
+            message = _parse(raw)
             if message.WhichOneof("kind") != "chunk":
                 raise InvalidArgument("only chunks may follow the UploadHeader (header repeated?)")
-            c = message.chunk
-            ticket.staged.add(c.tensor, c.offset, c.data)
+            staged.add(message.chunk.tensor, message.chunk.offset, message.chunk.data)
 
-    async def _next(self, requests: AsyncIterator[pb.GradientMessage]) -> pb.GradientMessage | None:
+    async def _next(self, requests: AsyncIterator[bytes]) -> bytes | None:
         try:
             return await asyncio.wait_for(anext(requests), self.idle_timeout)
         except StopAsyncIteration:
