@@ -71,14 +71,9 @@ class LocalCluster:
         self._make_task = _task_factory(task, dict(task_args or {}), seed)
         self.nodes, self.seed, self.timeout = nodes, seed, timeout
         self.node_options = dict(node_options or {})
+        options = {"finish_grace": 10.0, "progress": False, **aggregator_options}
         self.cfg = AggregatorConfig(
-            task="<local>",
-            listen="127.0.0.1:0",
-            nodes=nodes,
-            seed=seed,
-            progress=False,
-            finish_grace=10.0,
-            **aggregator_options,
+            task="<local>", listen="127.0.0.1:0", nodes=nodes, seed=seed, **options
         )
         self._server: ServerThread | None = None
 
