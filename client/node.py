@@ -52,6 +52,8 @@ class Node:
     def __init__(self, task: Task, cfg: NodeConfig) -> None:
         self.task, self.cfg = task, cfg
         self.stop_event = threading.Event()
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.model = task.model()
         self.params = [p for _, p in trainable_parameters(self.model)]

@@ -67,6 +67,7 @@ class NodeConfig:
     round_wait: float = 600.0
     min_bandwidth: float = 10e6
     wire_dtype: str | None = None
+    threads: int = 0
     log_format: str = "text"
 
 

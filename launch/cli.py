@@ -238,6 +238,12 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
         help="deadline of control calls (default 10); transfers add bytes / 10 MB/s",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads for training (default 0: torch's choice; use 1 when"
+        " several nodes share a machine)",
+    )
+    p.add_argument(
         "--compress",
         choices=("none", "float16", "bfloat16"),
         help="wire dtype of uploads (default none)",

@@ -115,6 +115,9 @@ def run_demo(nodes: int, rounds: int, task: str, task_args: dict[str, str], out:
                             f"{i}/{nodes}",
                             "--give-up-after",
                             "30",
+                            # N nodes share this machine's cores: one torch thread each.
+                            "--threads",
+                            "1",
                         ],
                         stdout=node_log,
                         stderr=subprocess.STDOUT,
