@@ -1,0 +1,310 @@
+"""Turn the raw results of ``benchmarks.run`` into metrics, target ratios, a table and a chart.
+
+Each suite's repetition yields a few scalar metrics (``METRICS``); the summary
+is the median with min-max over repetitions; a ratio divides two summary
+medians of the same run and is checked against the target of issue 5.
+
+Not run directly: ``python -m benchmarks.run`` calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.common import ratio, summarize
+
+__all__ = ["METRICS", "RATIOS", "build", "chart", "one_line", "table"]
+
+_MB = 1e6
+Getter = Callable[[dict], float | None]
+
+
+def _rss_mb(r: dict) -> float:
+    return r["peak_rss_bytes"] / _MB
+
+
+def _round(unit: str = "s/round") -> tuple[str, str, Getter]:
+    return ("round_s", unit, lambda r: r["median"])
+
+
+_FEDGRAD_MAIN: list = [
+    _round(),
+    ("peak_rss_mb", "MB", _rss_mb),
+    ("rss_budget_mb", "MB", lambda r: 3 * r["model_bytes"] / _MB + 300),
+]
+_PER_BYTE: list = [
+    _round(),
+    ("s_per_gb", "s/GB of model", lambda r: r["median"] / (r["model_bytes"] / 1e9)),
+]
+
+#: suite -> [(metric, unit, getter of one repetition's result)]
+METRICS: dict[str, list[tuple[str, str, Getter]]] = {
+    "fedgrad_round": _FEDGRAD_MAIN,
+    "flower_grpc": [_round(), ("peak_rss_mb", "MB", _rss_mb)],
+    "flower_deploy": [_round(), ("peak_rss_mb", "MB", _rss_mb)],
+    "gloo": [("allreduce_s", "s", lambda r: r["median"])],
+    "fedgrad_push_pull": [
+        ("push_gbps", "GB/s", lambda r: r["push_gbps"]["median"]),
+        ("pull_gbps", "GB/s", lambda r: r["pull_gbps"]["median"]),
+    ],
+    "raw_upload": [("gbps", "GB/s", lambda r: r["median"])],
+    "raw_download": [("gbps", "GB/s", lambda r: r["median"])],
+    "raw_fanin": [("gbps", "GB/s", lambda r: r["median"])],
+    "fedgrad_rss_small_n": [("peak_rss_mb", "MB", _rss_mb), _round()],
+    "fedgrad_rss_large_n": [("peak_rss_mb", "MB", _rss_mb), _round()],
+    "fedgrad_many_tensors": _PER_BYTE,
+    "fedgrad_few_tensors": _PER_BYTE,
+    "fedgrad_scale": [
+        ("p50_s", "s/round", lambda r: r["p50"]),
+        ("p99_s", "s/round", lambda r: r["p99"]),
+        ("rounds_done", "rounds", lambda r: len(r["all_rounds"])),
+        ("node_errors", "nodes", lambda r: len(r["errors"])),
+    ],
+}
+
+#: (name, what, numerator (suite, metric), denominator (suite, metric), op, target)
+RATIOS = [
+    ("flower_grpc_over_fedgrad", "Flower gRPC round / fedgrad round",
+     ("flower_grpc", "round_s"), ("fedgrad_round", "round_s"), ">=", 10.0),
+    ("flower_deploy_over_fedgrad", "Flower deployment-engine round / fedgrad round",
+     ("flower_deploy", "round_s"), ("fedgrad_round", "round_s"), ">=", 10.0),
+    ("fedgrad_over_gloo", "fedgrad round / gloo all_reduce",
+     ("fedgrad_round", "round_s"), ("gloo", "allreduce_s"), "<=", 4.0),
+    ("push_over_raw_upload", "fedgrad push / raw grpcio client-stream",
+     ("fedgrad_push_pull", "push_gbps"), ("raw_upload", "gbps"), ">=", 0.8),
+    ("broadcast_over_raw_download", "fedgrad broadcast / raw grpcio server-stream",
+     ("fedgrad_push_pull", "pull_gbps"), ("raw_download", "gbps"), ">=", 0.8),
+    ("rss_over_budget", "aggregator peak RSS / (3 x model + 300 MB)",
+     ("fedgrad_round", "peak_rss_mb"), ("fedgrad_round", "rss_budget_mb"), "<=", 1.0),
+    ("rss_large_n_over_small_n", "aggregator peak RSS, large N / small N",
+     ("fedgrad_rss_large_n", "peak_rss_mb"), ("fedgrad_rss_small_n", "peak_rss_mb"), "<=", 1.2),
+    ("many_over_few_tensors", "per byte: 2000 x 1K tensors / 20 tensors",
+     ("fedgrad_many_tensors", "s_per_gb"), ("fedgrad_few_tensors", "s_per_gb"), "<=", 2.0),
+]  # fmt: skip
+
+
+def _metrics(suite: str, result: dict) -> dict[str, float]:
+    """Return the scalar metrics of one repetition (empty if it failed)."""
+    if "error" in result:
+        return {}
+    out = {}
+    for key, _unit, get in METRICS.get(suite, []):
+        try:
+            value = get(result)
+        except (KeyError, TypeError, ZeroDivisionError):
+            value = None
+        if value is not None:
+            out[key] = float(value)
+    return out
+
+
+def one_line(suite: str, result: dict) -> str:
+    """Return a short progress line for one repetition."""
+    if "error" in result:
+        return "ERROR " + result["error"].splitlines()[0]
+    metrics = _metrics(suite, result)
+    shown = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items())
+    return f"{shown} ({result.get('wall_seconds', 0):.0f} s)"
+
+
+def _machine() -> dict[str, Any]:
+    versions = {}
+    for dist in ("torch", "grpcio", "protobuf", "flwr", "fedgrad"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _ratios(summary: dict) -> list[dict]:
+    out = []
+    for name, what, (ns, nm), (ds, dm), op, target in RATIOS:
+        num = summary.get(ns, {}).get(nm, {}).get("median")
+        den = summary.get(ds, {}).get(dm, {}).get("median")
+        value = ratio(num, den)
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"name": name, "what": what, "value": value, "op": op, "target": target,
+                    "met": met})  # fmt: skip
+    return out
+
+
+def _scale_verdict(runs: dict, plan: dict) -> dict:
+    """The scale target: every repetition completed all rounds with no node error."""
+    reps = runs.get("fedgrad_scale", [])
+    ok = bool(reps) and all(
+        "error" not in r and not r["errors"] and len(r["all_rounds"]) == plan["scale_rounds"]
+        for r in reps
+    )
+    return {"name": "scale_nodes_complete", "what": f"{plan['scale_nodes']} concurrent nodes "
+            "complete every round (p50/p99 in the table)", "value": None, "op": "all",
+            "target": plan["scale_rounds"], "met": ok if reps else None}  # fmt: skip
+
+
+def build(runs: dict, plan: dict, mode: str, command: str, seconds: float) -> dict:
+    """Return the results document: machine, plan, raw runs, summaries, ratios."""
+    summary: dict[str, dict] = {}
+    for suite, reps in runs.items():
+        per_metric: dict[str, list[float]] = {}
+        for result in reps:
+            for key, value in _metrics(suite, result).items():
+                per_metric.setdefault(key, []).append(value)
+        summary[suite] = {k: summarize(v) for k, v in per_metric.items()}
+        errors = [r["error"] for r in reps if "error" in r]
+        if errors:
+            summary[suite]["errors"] = errors  # type: ignore[assignment]
+    return {
+        "mode": mode,
+        "command": command,
+        "wall_seconds": seconds,
+        "machine": _machine(),
+        "plan": plan,
+        "summary": summary,
+        "ratios": [*_ratios(summary), _scale_verdict(runs, plan)],
+        "units": {s: {k: u for k, u, _ in m} for s, m in METRICS.items()},
+        "runs": runs,
+    }
+
+
+def _fmt(stats: dict) -> str:
+    if not stats or stats.get("median") is None:
+        return "n/a"
+    return f"{stats['median']:.4g} [{stats['min']:.4g}-{stats['max']:.4g}] (n={stats['n']})"
+
+
+def table(results: dict) -> str:
+    """Return the plain-text table of medians [min-max] and the ratios."""
+    lines = [f"{'suite':<22} {'metric':<14} {'median [min-max] (n)':<40} unit", "-" * 86]
+    for suite, metrics in results["summary"].items():
+        units = results["units"].get(suite, {})
+        for key, stats in metrics.items():
+            if key == "errors":
+                lines.append(f"{suite:<22} {'ERROR':<14} {stats[0].splitlines()[0][:60]}")
+                continue
+            lines.append(f"{suite:<22} {key:<14} {_fmt(stats):<40} {units.get(key, '')}")
+    lines += ["", f"{'ratio':<30} {'value':>9}  target  met", "-" * 60]
+    for r in results["ratios"]:
+        value = "n/a" if r["value"] is None else f"{r['value']:.3g}"
+        met = {True: "yes", False: "NO", None: "n/a"}[r["met"]]
+        lines.append(f"{r['name']:<30} {value:>9}  {r['op']} {r['target']:<4} {met}   {r['what']}")
+    return "\n".join(lines)
+
+
+def _bars(ax, results: dict, items: list[tuple[str, str, str]], title: str, unit: str) -> None:
+    """Draw one bar per (label, suite, metric) with min-max whiskers."""
+    labels, meds, lows, highs = [], [], [], []
+    for label, suite, metric in items:
+        stats = results["summary"].get(suite, {}).get(metric)
+        if not stats or stats.get("median") is None:
+            continue
+        labels.append(label)
+        meds.append(stats["median"])
+        lows.append(stats["median"] - stats["min"])
+        highs.append(stats["max"] - stats["median"])
+    ax.bar(labels, meds, yerr=[lows, highs], capsize=4, color="#4c72b0")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(unit)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+
+
+def _ratio_panel(ax, results: dict) -> None:
+    """Draw each ratio as a multiple of its target, oriented so >= 1 meets it."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    names, scores = [], []
+    for r in results["ratios"]:
+        if r["value"] is None or not r["value"]:
+            continue
+        score = r["value"] / r["target"] if r["op"] == ">=" else r["target"] / r["value"]
+        names.append(r["name"])
+        scores.append(score)
+    colors = ["#55a868" if s >= 1 else "#c44e52" for s in scores]
+    # Bars grow from 1 (the target) so misses point left and hits right on a log axis.
+    ax.barh(names, [s - 1 for s in scores], left=1, color=colors)
+    for y, score in enumerate(scores):
+        ax.text(score, y, f" {score:.2g}x ", va="center", ha="left" if score >= 1 else "right",
+                fontsize=7)  # fmt: skip
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = min([*scores, 1.0]), max([*scores, 1.0])
+    ax.set_xlim(lo / 3, hi * 3)
+    ax.set_title("target met by this factor (>= 1 meets it)", fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+
+
+def _panels(plan: dict) -> list[tuple[str, str, bool, list[tuple[str, str, str]]]]:
+    """Return (title, unit, log scale, [(label, suite, metric)]) of the three bar panels."""
+    small, large = plan["rss_nodes"]
+    return [
+        (f"round time, P={plan['params']:,} fp32, N={plan['nodes']}", "seconds (log)", True, [
+            ("fedgrad", "fedgrad_round", "round_s"),
+            ("Flower gRPC", "flower_grpc", "round_s"),
+            ("Flower deploy", "flower_deploy", "round_s"),
+            ("gloo all_reduce", "gloo", "allreduce_s"),
+        ]),
+        ("throughput, 1 MiB messages", "GB/s", False, [
+            ("raw upload", "raw_upload", "gbps"),
+            ("fedgrad push", "fedgrad_push_pull", "push_gbps"),
+            ("raw download", "raw_download", "gbps"),
+            ("fedgrad broadcast", "fedgrad_push_pull", "pull_gbps"),
+            ("raw fan-in", "raw_fanin", "gbps"),
+        ]),
+        ("peak RSS of the central process", "MB", False, [
+            (f"fedgrad N={plan['nodes']}", "fedgrad_round", "peak_rss_mb"),
+            (f"fedgrad N={small}", "fedgrad_rss_small_n", "peak_rss_mb"),
+            (f"fedgrad N={large}", "fedgrad_rss_large_n", "peak_rss_mb"),
+            ("Flower gRPC server", "flower_grpc", "peak_rss_mb"),
+            ("Flower SuperLink", "flower_deploy", "peak_rss_mb"),
+        ]),
+    ]  # fmt: skip
+
+
+def chart(results: dict, path: Path) -> None:
+    """Draw round times, throughputs, peak RSS and target ratios into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on benchmark machines
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    flat = [axes[0][0], axes[0][1], axes[1][0]]
+    for ax, (title, unit, log, items) in zip(flat, _panels(results["plan"]), strict=True):
+        _bars(ax, results, items, title, unit)
+        if log:
+            ax.set_yscale("log")
+    budget = results["summary"].get("fedgrad_round", {}).get("rss_budget_mb", {}).get("median")
+    if budget:
+        axes[1][0].axhline(budget, color="#c44e52", linestyle="--", label="3 x model + 300 MB")
+        axes[1][0].legend(fontsize=8)
+    _ratio_panel(axes[1][1], results)
+    fig.suptitle(f"fedgrad benchmarks ({results['mode']}), {results['machine']['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,170 @@
+"""Run every suite side by side in one run, interleaved, and report medians and ratios.
+
+Each repetition runs every suite once, in the same order (A B C .. A B C ..),
+so slow drifts of this noisy 2-core machine hit all suites alike; only ratios
+from one run are compared. Every suite starts fresh processes on 127.0.0.1.
+
+Full mode (``make bench``): P = 50M fp32 in 20 tensors, N = 4, 3 repetitions,
+plus the other targets of issue 5 (RSS at N = 16 vs N = 2, 2000 x 1K tensors
+vs 20 large ones, 200 concurrent nodes). Quick mode (``make bench-quick``):
+the same suites on small sizes, 2 repetitions, about 2 minutes.
+
+Run: ``python -m benchmarks.run [--quick] --out DIR [--reps 3] [--suites a,b]``
+Writes ``DIR/results.json``, ``DIR/chart.png`` and the children's logs under
+``DIR/logs``; prints the table of medians (min-max) and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from benchmarks import fedgrad_bench, flower_deploy, flower_grpc, gloo, raw_grpc, report
+from benchmarks.common import BenchError, MiB, Procs
+
+__all__ = ["FULL", "QUICK", "SUITES", "Plan", "execute", "run"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one benchmark run (all suites read what they need from it)."""
+
+    reps: int
+    params: int  # fp32 values of the main model (fedgrad, Flower, gloo)
+    tensors: int  # tensors of the main model
+    nodes: int  # nodes / clients / ranks of the main comparison
+    rounds: int  # fedgrad rounds per run (the first is not counted)
+    flower_rounds: int  # Flower rounds per run (the first is not counted)
+    raw_bytes: int  # bytes per raw grpcio transfer
+    gloo_iters: int
+    rss_nodes: tuple[int, int]  # N for "peak RSS flat in N" (small, large)
+    many_tensors: tuple[int, int]  # (count, params each) vs the same bytes in 20 tensors
+    scale_nodes: int
+    scale_params: int
+    scale_rounds: int
+    scale_procs: int  # driver processes sharing the scale nodes
+
+
+FULL = Plan(
+    reps=3, params=50_000_000, tensors=20, nodes=4, rounds=4, flower_rounds=3,
+    raw_bytes=256 * MiB, gloo_iters=5, rss_nodes=(2, 16), many_tensors=(2000, 1000),
+    scale_nodes=200, scale_params=100_000, scale_rounds=10, scale_procs=4,
+)  # fmt: skip
+QUICK = Plan(
+    reps=2, params=2_000_000, tensors=20, nodes=2, rounds=3, flower_rounds=2,
+    raw_bytes=32 * MiB, gloo_iters=3, rss_nodes=(2, 8), many_tensors=(2000, 1000),
+    scale_nodes=50, scale_params=10_000, scale_rounds=4, scale_procs=2,
+)  # fmt: skip
+
+Suite = Callable[[Plan, Procs], dict]
+
+
+def _many(plan: Plan, procs: Procs) -> dict:
+    count, each = plan.many_tensors
+    return fedgrad_bench.round_time(count * each, count, plan.nodes, plan.rounds, procs)
+
+
+def _few(plan: Plan, procs: Procs) -> dict:
+    count, each = plan.many_tensors
+    return fedgrad_bench.round_time(count * each, 20, plan.nodes, plan.rounds, procs)
+
+
+def _rss(index: int) -> Suite:
+    def suite(plan: Plan, procs: Procs) -> dict:
+        n = plan.rss_nodes[index]
+        return fedgrad_bench.driver_rounds(plan.params, plan.tensors, n, 3, procs=procs)
+
+    return suite
+
+
+#: name -> suite, in the order each repetition runs them (fedgrad next to its peer).
+SUITES: dict[str, Suite] = {
+    "fedgrad_round": lambda p, pr: fedgrad_bench.round_time(
+        p.params, p.tensors, p.nodes, p.rounds, pr),
+    "flower_grpc": lambda p, pr: flower_grpc.measure_flower_grpc(
+        p.params, p.tensors, p.nodes, p.flower_rounds, pr),
+    "gloo": lambda p, pr: gloo.measure_allreduce(p.params, p.nodes, p.gloo_iters, procs=pr),
+    "fedgrad_push_pull": lambda p, pr: fedgrad_bench.push_broadcast(
+        p.params, p.tensors, 4, pr),
+    "raw_upload": lambda p, pr: raw_grpc.measure_upload(p.raw_bytes, 3, pr),
+    "raw_download": lambda p, pr: raw_grpc.measure_download(p.raw_bytes, 3, pr),
+    "raw_fanin": lambda p, pr: raw_grpc.measure_fanin(p.raw_bytes, p.nodes, 3, pr),
+    "flower_deploy": lambda p, pr: flower_deploy.measure_flower_deploy(
+        p.params, p.tensors, p.nodes, p.flower_rounds, pr),
+    "fedgrad_rss_small_n": _rss(0),
+    "fedgrad_rss_large_n": _rss(1),
+    "fedgrad_many_tensors": _many,
+    "fedgrad_few_tensors": _few,
+    "fedgrad_scale": lambda p, pr: fedgrad_bench.driver_rounds(
+        p.scale_params, 4, p.scale_nodes, p.scale_rounds, p.scale_procs, pr),
+}  # fmt: skip
+
+# Errors that will not go away on the next repetition: stop retrying the suite.
+_PERMANENT = (fedgrad_bench.NOT_AVAILABLE, "flwr not importable")
+
+
+def run(plan: Plan, out: Path, names: list[str], log: Callable[[str], None] = print) -> dict:
+    """Run ``names`` (in SUITES order) ``plan.reps`` times, interleaved; return the results."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    given_up: set[str] = set()
+    for rep in range(plan.reps):
+        for name in names:
+            if name in given_up:
+                continue
+            started = time.monotonic()
+            with Procs(out / "logs" / f"rep{rep}-{name}") as procs:
+                try:
+                    result = SUITES[name](plan, procs)
+                except BenchError as err:
+                    result = {"error": str(err)}
+                    if any(p in str(err) for p in _PERMANENT):
+                        given_up.add(name)
+                except Exception as err:  # a broken suite must not cost the others' results
+                    result = {"error": f"{type(err).__name__}: {err}"}
+            result["wall_seconds"] = time.monotonic() - started
+            runs[name].append(result)
+            log(f"[rep {rep + 1}/{plan.reps}] {name}: {report.one_line(name, result)}")
+    return runs
+
+
+def execute(plan: Plan, out: Path, names: list[str], mode: str, command: str) -> dict:
+    """Run, then write ``out/results.json`` and ``out/chart.png``; return the results."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    runs = run(plan, out, names)
+    results = report.build(runs, asdict(plan), mode, command, time.time() - started)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    report.chart(results, out / "chart.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, run, print the table and ratios, write results.json and chart.png."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes")
+    parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 2)")
+    parser.add_argument("--params", type=int, help="override P (fp32 values of the main model)")
+    parser.add_argument("--suites", help=f"comma-separated subset of: {', '.join(SUITES)}")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    plan = replace(plan, reps=args.reps or plan.reps, params=args.params or plan.params)
+    names = list(SUITES) if not args.suites else args.suites.split(",")
+    if unknown := [n for n in names if n not in SUITES]:
+        parser.error(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
+    names = [n for n in SUITES if n in names]  # always in the interleaving order
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m benchmarks.run {argv_text}".strip()
+    results = execute(plan, args.out, names, "quick" if args.quick else "full", command)
+    print(report.table(results))
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'chart.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

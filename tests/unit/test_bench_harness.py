@@ -1,0 +1,96 @@
+"""The benchmark harness runs end to end on a tiny size (no timing assertions).
+
+Benchmarks are not tests: these check only that every suite starts its
+processes, produces well-formed results, and that run/report write
+results.json and chart.png. Flower suites are skipped only if flwr is not
+installed (it comes with the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from benchmarks import fedgrad_bench, report, run
+from benchmarks.common import BenchError, percentile, ratio, summarize
+from benchmarks.flower_grpc import flower_available
+
+FLOWER_MISSING = flower_available()
+
+TINY = replace(
+    run.QUICK,
+    reps=1,
+    params=20_000,
+    nodes=2,
+    rounds=3,
+    flower_rounds=2,
+    raw_bytes=2 * 1024 * 1024,
+    gloo_iters=1,
+    rss_nodes=(2, 3),
+    many_tensors=(50, 100),
+    scale_nodes=6,
+    scale_params=1_000,
+    scale_rounds=3,
+    scale_procs=2,
+)
+
+
+def test_statistics_helpers() -> None:
+    assert summarize([3.0, 1.0, 2.0]) == {
+        "n": 3, "median": 2.0, "min": 1.0, "max": 3.0, "values": [3.0, 1.0, 2.0],
+    }  # fmt: skip
+    assert summarize([])["median"] is None
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert percentile([], 50) is None
+    assert ratio(1.0, 0.0) is None
+    assert ratio(None, 2.0) is None
+    assert ratio(3.0, 2.0) == 1.5
+
+
+@pytest.mark.slow
+def test_every_suite_runs_on_a_tiny_size(tmp_path: Path) -> None:
+    names = [n for n in run.SUITES if not (FLOWER_MISSING and n.startswith("flower"))]
+    results = run.execute(TINY, tmp_path, names, mode="tiny", command="pytest")
+
+    assert (tmp_path / "chart.png").stat().st_size > 0
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["plan"]["params"] == TINY.params
+    for name in names:
+        (result,) = results["runs"][name]
+        assert "error" not in result, f"{name}: {result.get('error')}"
+        for metric, _unit, _get in report.METRICS[name]:
+            assert results["summary"][name][metric]["n"] == 1, (name, metric)
+    assert {r["name"] for r in results["ratios"]} >= {name for name, *_ in report.RATIOS}
+    assert "ratio" in report.table(results)
+
+
+@pytest.mark.skipif(FLOWER_MISSING is not None, reason=f"Flower suites need flwr: {FLOWER_MISSING}")
+def test_flower_suites_are_selected_when_flwr_is_installed() -> None:
+    assert {"flower_grpc", "flower_deploy"} <= set(run.SUITES)
+
+
+def test_missing_fedgrad_cli_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def missing() -> list[str]:
+        raise BenchError(fedgrad_bench.NOT_AVAILABLE)
+
+    monkeypatch.setattr(fedgrad_bench, "fedgrad_cli", missing)
+    plan = replace(TINY, reps=2)
+    runs = run.run(plan, tmp_path, ["fedgrad_round", "fedgrad_scale"], log=lambda _line: None)
+
+    # Reported once per suite, then not retried: the CLI will not appear mid-run.
+    assert runs["fedgrad_round"] == [
+        {
+            "error": fedgrad_bench.NOT_AVAILABLE,
+            "wall_seconds": runs["fedgrad_round"][0]["wall_seconds"],
+        }
+    ]
+    assert len(runs["fedgrad_scale"]) == 1
+    results = report.build(runs, asdict(plan), "tiny", "pytest", 0.0)
+    assert results["summary"]["fedgrad_round"]["errors"] == [fedgrad_bench.NOT_AVAILABLE]
+    assert "n/a" in report.table(results)
