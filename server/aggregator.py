@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -118,6 +119,7 @@ class Aggregator:
         self.on_round: list[Callable[[RoundRecord], None]] = []
         self.uploads_accepted = 0
         self.inflight: set[UploadTicket] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.rejections: dict[str, int] = {}
         self.phase_seconds: dict[str, float] = {}
         self._reduce_seconds = 0.0
@@ -381,7 +383,8 @@ class Aggregator:
                 "upload counted",
                 extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"},
             )
-        await self._maybe_close()
+        # Reply now; the step and the broadcast run after (the node pulls the next round).
+        self._spawn(self._maybe_close())
         return ticket.round
 
     # -- rounds ------------------------------------------------------------------------
@@ -395,6 +398,11 @@ class Aggregator:
         if not waiting:
             return True
         return self.deadline_passed and len(self.reported) >= self.cfg.min_nodes
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _maybe_close(self) -> None:
         async with self._commit:
