@@ -123,3 +123,11 @@ class Accumulator:
         for spec in self.layout.specs:
             yield (flat[element : element + spec.numel] / divisor).reshape(spec.shape)
             element += spec.numel
+
+    def result_into(self, outputs: list[torch.Tensor], divisor: float) -> None:
+        """Write total / divisor into ``outputs`` (one per manifest entry, any float dtype)."""
+        flat = torch.from_numpy(self.total)
+        element = 0
+        for spec, out in zip(self.layout.specs, outputs, strict=True):
+            torch.div(flat[element : element + spec.numel].view(spec.shape), divisor, out=out)
+            element += spec.numel

@@ -453,10 +453,12 @@ class Aggregator:
             callback(record)
 
     def _step(self, divisor: float) -> dict[str, float]:
-        for p, g in zip(self.params, self.acc.result(divisor), strict=True):
-            p.grad = g.to(p.dtype)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+        # .grad buffers live across rounds: overwritten in place, never reallocated.
+        self.acc.result_into([p.grad for p in self.params], divisor)  # type: ignore[misc]
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.eval()
             return self.task.evaluate(self.model) or {}
