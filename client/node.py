@@ -23,7 +23,7 @@ from fedgrad.codec import (
     write_chunk,
 )
 from fedgrad.config import NodeConfig
-from fedgrad.errors import TaskError
+from fedgrad.errors import RefusedError, TaskError
 from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import round_generator
@@ -182,8 +182,17 @@ class Node:
 
         Raises:
             GaveUpError: the aggregator was unreachable for ``give_up_after`` seconds.
+            RefusedError: the aggregator refused this node (credentials, bad input).
             TaskError: the task or the aggregator's model does not fit.
         """
+        try:
+            return self._loop()
+        except grpc.RpcError as exc:
+            raise RefusedError(
+                f"the aggregator refused node {self.cfg.node_id!r}: {exc.code().name}: {exc.details()}"
+            ) from None
+
+    def _loop(self) -> NodeResult:
         self.join()
         next_round = 0
         while not self.stop_event.is_set():

@@ -276,6 +276,8 @@ def iter_chunk_pieces(
         end = min(position + chunk_bytes, layout.total)
         while not layout.element_aligned(end):
             end -= 1
+        if end == position:
+            raise ValueError(f"chunk_bytes {chunk_bytes} is smaller than one element")
         tensor, offset = layout.locate(position)
         pieces = [
             views[t][off : off + n]
@@ -332,7 +334,17 @@ class ChunkCursor:
         self.position = 0
 
     def advance(self, tensor: int, offset: int, size: int) -> int:
-        """Validate the next chunk and return its flat start position.
+        """Validate the next chunk, move past it, and return its flat start position.
+
+        Raises:
+            InvalidArgument: out of order, empty, oversized, misaligned or beyond the end.
+        """
+        start = self.check(tensor, offset, size)
+        self.position = start + size
+        return start
+
+    def check(self, tensor: int, offset: int, size: int) -> int:
+        """Validate the next chunk without moving; return its flat start position.
 
         Raises:
             InvalidArgument: out of order, empty, oversized, misaligned or beyond the end.
@@ -354,7 +366,6 @@ class ChunkCursor:
             )
         if not self.layout.element_aligned(end):
             raise InvalidArgument(f"chunk ending at flat byte {end} splits an element")
-        self.position = end
         return start
 
     @property

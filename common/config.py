@@ -5,10 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedgrad.codec import DEFAULT_CHUNK_BYTES
+from fedgrad.errors import ConfigError
 
-__all__ = ["REDUCTIONS", "AggregatorConfig", "NodeConfig", "OPTIMIZERS", "parse_hostport"]
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "MIN_CHUNK_BYTES",
+    "REDUCTIONS",
+    "AggregatorConfig",
+    "NodeConfig",
+    "OPTIMIZERS",
+    "parse_hostport",
+]
 
 REDUCTIONS = ("weighted-mean", "mean", "sum")
+#: Largest chunk payload: below gRPC's 4 MiB message limit with room for the framing.
+MAX_CHUNK_BYTES = 4 * 1024 * 1024 - 64 * 1024
+MIN_CHUNK_BYTES = 8
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
@@ -35,6 +47,8 @@ class AggregatorConfig:
     staging_mb: int = 512
     max_inflight: int = 0
     max_rpcs: int = 2048
+    slot_wait: float = 60.0
+    allow_nodes: tuple[str, ...] = ()
     finish_grace: float = 30.0
     idle_timeout: float = 30.0
     shutdown_grace: float = 10.0
@@ -46,6 +60,15 @@ class AggregatorConfig:
     log_format: str = "text"
     reflection: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigError(
+                f"chunk_bytes {self.chunk_bytes} must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]"
+                " (one element at least; below gRPC's 4 MiB message limit)"
+            )
+        if self.nodes < 1 or self.rounds < 1 or self.min_nodes < 1:
+            raise ConfigError("nodes, rounds and min_nodes must be >= 1")
 
 
 @dataclass(frozen=True)

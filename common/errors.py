@@ -6,6 +6,7 @@ Hierarchy::
     ├── ConfigError                   bad flag, config file or task spec (start-up)
     ├── TaskError                     a user task misbehaved (wrong gradient shapes, ...)
     ├── GaveUpError                   a node could not reach the aggregator in time
+    ├── RefusedError                  the aggregator refused a node for good (bad credentials, ...)
     └── RpcError                      maps to one gRPC status code (``code`` attribute)
         ├── InvalidArgument           INVALID_ARGUMENT: malformed, wrong shape/dtype,
         │                             non-finite, chunk out of order
@@ -31,6 +32,7 @@ __all__ = [
     "GaveUpError",
     "InvalidArgument",
     "PermissionDenied",
+    "RefusedError",
     "ResourceExhausted",
     "RpcError",
     "StaleRound",
@@ -54,6 +56,10 @@ class TaskError(FedgradError):
 
 class GaveUpError(FedgradError):
     """A node retried for its whole budget and could not reach the aggregator."""
+
+
+class RefusedError(FedgradError):
+    """The aggregator refused the node with a code retrying cannot fix."""
 
 
 class RpcError(FedgradError):

@@ -168,6 +168,22 @@ def _aggregator_parser(sub: argparse._SubParsersAction) -> None:
         help="after the last round, wait this long for nodes to fetch the final parameters (default 30)",
     )
     p.add_argument(
+        "--max-rpcs",
+        type=_positive(int),
+        help="concurrent calls the server accepts; beyond: RESOURCE_EXHAUSTED (default 2048)",
+    )
+    p.add_argument(
+        "--slot-wait",
+        type=_positive(float),
+        metavar="SEC",
+        help="how long an upload may queue for a staging slot before RESOURCE_EXHAUSTED (default 60)",
+    )
+    p.add_argument(
+        "--allow-nodes",
+        metavar="ID,ID,...",
+        help="only these node ids may take part (checked against the mTLS/token identity)",
+    )
+    p.add_argument(
         "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
     )
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate (turns on TLS)")
@@ -266,6 +282,7 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
         type=_task_arg,
         default=[],
         metavar="KEY=VALUE",
+        help="option for the task, repeatable",
     )
     p.add_argument(
         "--out",
@@ -279,31 +296,39 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:
             if name == "status"
             else "exit 0 iff the aggregator's gRPC health service says SERVING",
         )
-        q.add_argument("address", metavar="HOST:PORT")
-        q.add_argument("--tls-ca", metavar="PEM")
-        q.add_argument("--tls-cert", metavar="PEM")
-        q.add_argument("--tls-key", metavar="PEM")
-        q.add_argument("--timeout", type=_positive(float), default=5.0, metavar="SEC")
+        q.add_argument("address", metavar="HOST:PORT", help="the aggregator's address")
+        q.add_argument("--tls-ca", metavar="PEM", help="CA of the aggregator certificate (TLS)")
+        q.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+        q.add_argument("--tls-key", metavar="PEM", help="client key (mutual TLS)")
+        q.add_argument(
+            "--timeout",
+            type=_positive(float),
+            default=5.0,
+            metavar="SEC",
+            help="deadline of the call (default 5)",
+        )
         if name == "status":
-            q.add_argument("--token-file", metavar="FILE")
+            q.add_argument("--token-file", metavar="FILE", help="token file (or FEDGRAD_TOKEN)")
             q.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a history CSV")
-    p.add_argument("history", metavar="history.csv")
-    p.add_argument("--out", default="curves.png")
+    p.add_argument("history", metavar="history.csv", help="a history CSV (--history, demo)")
+    p.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
     p = sub.add_parser("certs", help="create certificates for a mutual-TLS federation")
     certs = p.add_subparsers(dest="certs_command", required=True)
     q = certs.add_parser(
         "init", help="write a CA, a server certificate and one client certificate per node"
     )
-    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder to write the files into")
     q.add_argument("--nodes", required=True, help="comma-separated node ids")
     q.add_argument(
         "--hosts",
         default="localhost,127.0.0.1",
         help="server names/IPs (default localhost,127.0.0.1)",
     )
-    q.add_argument("--days", type=_positive(int), default=365)
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument(
+        "--days", type=_positive(int), default=365, help="validity of the certificates (365)"
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,12 +21,12 @@ from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
 from fedgrad.launch.options import build_config, resolve
 from fedgrad.logs import setup_logging
+from fedgrad.server.security import check_listen_policy
 from fedgrad.task import load_task
 
 __all__ = ["dispatch"]
 
 log = logging.getLogger("fedgrad.cli")
-_LOOPBACK = ("127.", "localhost", "::1", "[::1]")
 
 
 def dispatch(args: argparse.Namespace, subparser: Callable[[str], argparse.ArgumentParser]) -> int:
@@ -60,19 +60,14 @@ def aggregator_config(values: dict[str, Any]) -> AggregatorConfig:
     values = dict(values)
     values["task_args"] = tuple(values.get("task_args", ()))
     values["progress"] = not values.pop("no_progress", False)
+    values["allow_nodes"] = tuple(n for n in values.get("allow_nodes", "").split(",") if n)
     cfg = build_config(AggregatorConfig, values)
-    host, _ = parse_hostport(cfg.listen)
+    parse_hostport(cfg.listen)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    if not cfg.tls_cert and not cfg.insecure and not host.startswith(_LOOPBACK):
-        raise ConfigError(
-            f"refusing to serve plaintext on {cfg.listen}: anyone on the network could join or read"
-            " the model. Turn TLS on (`fedgrad certs init --out certs --nodes n1,n2 --hosts HOST`,"
-            " then --tls-cert certs/server.pem --tls-key certs/server.key --tls-client-ca certs/ca.pem)"
-            " or pass --insecure on a trusted network"
-        )
+    check_listen_policy(cfg)
     if cfg.min_nodes > cfg.nodes:
         raise ConfigError(f"--min-nodes {cfg.min_nodes} is more than --nodes {cfg.nodes}")
     return cfg

@@ -52,7 +52,7 @@ class StagedUpload:
             InvalidArgument: the chunk is out of order, misaligned, oversized or not finite.
         """
         length = len(raw) - start if length is None else length
-        position = self.cursor.advance(tensor, offset, length)
+        position = self.cursor.check(tensor, offset, length)
         for run, run_offset, nbytes in self.layout.run_segments(position, length):
             at = start + run.start + run_offset - position
             if not _all_finite(decode_floats(raw, at, nbytes, run.dtype)):
@@ -61,6 +61,8 @@ class StagedUpload:
                     f"non-finite value (NaN or Inf) in the chunk at flat byte {position}"
                     f" (tensor {first}, {self.layout.specs[first].name!r} or after)"
                 )
+        # Move the cursor only now: a refused chunk must not count as received.
+        self.cursor.position = position + length
         self.chunks.append((position, raw, start, length))
 
     @property

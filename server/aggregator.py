@@ -36,11 +36,13 @@ from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.checkpoint import load_checkpoint, save_checkpoint
 from fedgrad.task import Task, trainable_parameters
 
-__all__ = ["Aggregator", "NodeRecord", "UploadTicket", "make_optimizer"]
+__all__ = ["MAX_PULLS_PER_NODE", "Aggregator", "NodeRecord", "UploadTicket", "make_optimizer"]
+
+#: Parameter streams one node may hold open at once (one, plus one reconnecting).
+MAX_PULLS_PER_NODE = 2
 
 log = logging.getLogger("fedgrad.aggregator")
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_WAIT_FOR_SLOT = 60.0
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -71,6 +73,7 @@ class NodeRecord:
     last_round: int = -1
     last_seen: float = field(default_factory=time.monotonic)
     uploading: bool = False
+    pulls: int = 0
 
 
 @dataclass(eq=False)
@@ -253,11 +256,32 @@ class Aggregator:
 
     # -- parameters --------------------------------------------------------------
     async def wait_snapshot(self, node_id: str, min_round: int) -> Snapshot:
-        """Wait until a round >= ``min_round`` (or the end) is published; return it."""
+        """Wait until a round >= ``min_round`` (or the end) is published; return it.
+
+        The caller must call ``pull_done`` when its stream ends.
+        """
         self._check_open()
         record = self._joined(node_id)
+        if record.pulls >= MAX_PULLS_PER_NODE:
+            raise ResourceExhausted(
+                f"node {node_id!r} already has {record.pulls} parameter streams open"
+            )
         if record.state == "dropped":
             record.state = "active"
+        record.pulls += 1
+        try:
+            return await self._wait_published(min_round)
+        except BaseException:
+            record.pulls -= 1
+            raise
+
+    def pull_done(self, node_id: str) -> None:
+        """Release a parameter stream slot of ``node_id``."""
+        record = self.nodes.get(node_id)
+        if record is not None and record.pulls > 0:
+            record.pulls -= 1
+
+    async def _wait_published(self, min_round: int) -> Snapshot:
         async with self._changed:
             await self._changed.wait_for(
                 lambda: (
@@ -314,12 +338,15 @@ class Aggregator:
             record.state = "active"
         record.uploading = True
         try:
-            await asyncio.wait_for(self._slots.acquire(), _WAIT_FOR_SLOT)
+            await asyncio.wait_for(self._slots.acquire(), self.cfg.slot_wait)
         except TimeoutError:
             record.uploading = False
             raise ResourceExhausted(
-                f"{self.max_inflight} uploads in flight for {_WAIT_FOR_SLOT:.0f} s; retry later"
+                f"{self.max_inflight} uploads in flight for {self.cfg.slot_wait:.0f} s; retry later"
             ) from None
+        except BaseException:
+            record.uploading = False  # cancelled while queued: the node must not stay locked out
+            raise
         ticket = UploadTicket(
             node_id, round_, upload_id, weight, metrics, StagedUpload(layout, self.cfg.chunk_bytes)
         )
@@ -525,9 +552,11 @@ class Aggregator:
             await asyncio.to_thread(self.checkpoint)
 
     def close(self) -> None:
-        """Cancel the round timer (on shutdown)."""
+        """Cancel the round timer and background work (on shutdown)."""
         if self._deadline_task is not None:
             self._deadline_task.cancel()
+        for task in list(self._background):
+            task.cancel()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Return the model's full state dict (parameters and buffers), detached."""

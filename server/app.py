@@ -13,11 +13,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 
-from fedgrad.codec import DEFAULT_CHUNK_BYTES
 from fedgrad.config import AggregatorConfig
 from fedgrad.history import write_history
 from fedgrad.server.aggregator import Aggregator
-from fedgrad.server.security import Authorizer, server_credentials
+from fedgrad.server.security import Authorizer, check_listen_policy, server_credentials
 from fedgrad.server.service import SERVICE_NAME, AggregatorService
 from fedgrad.task import Task
 
@@ -27,12 +26,12 @@ log = logging.getLogger("fedgrad.server")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
-def server_options(chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[tuple[str, Any]]:
+def server_options() -> list[tuple[str, Any]]:
     """Return the channel options of the aggregator (see DESIGN.md, "Defaults")."""
-    limit = max(MAX_MESSAGE_BYTES, chunk_bytes + 64 * 1024)
+    # Fixed, never raised with the chunk size: oversized input is refused before our code.
     return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # A second server on the same port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", 60_000),
@@ -57,9 +56,10 @@ class AggregatorServer:
 
     async def start(self) -> int:
         """Start serving on ``cfg.listen``; return the bound port."""
+        check_listen_policy(self.cfg)
         await self.core.start()
         server = grpc.aio.server(
-            options=server_options(self.cfg.chunk_bytes),
+            options=server_options(),
             maximum_concurrent_rpcs=self.cfg.max_rpcs,
         )
         service = AggregatorService(

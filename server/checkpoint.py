@@ -123,7 +123,10 @@ def load_checkpoint(
         raise ConfigError(
             f"checkpoint tensors {tensor_file} are missing or do not match their SHA-256"
         )
-    tensors = load_file(str(tensor_file))
+    try:
+        tensors = load_file(str(tensor_file))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ConfigError(f"checkpoint tensors {tensor_file} are corrupt: {exc}") from None
     params = {k.removeprefix("param/"): v for k, v in tensors.items() if k.startswith("param/")}
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

@@ -8,15 +8,53 @@ UNAUTHENTICATED. Tokens are compared in constant time and never logged.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from pathlib import Path
 
 import grpc
 
 from fedgrad.auth import TokenStore, identity_from_auth_context, load_token_file, parse_bearer
-from fedgrad.config import AggregatorConfig
-from fedgrad.errors import PermissionDenied, Unauthenticated
+from fedgrad.config import AggregatorConfig, parse_hostport
+from fedgrad.errors import ConfigError, PermissionDenied, Unauthenticated
 
-__all__ = ["Authorizer", "server_credentials"]
+__all__ = ["Authorizer", "check_listen_policy", "is_loopback", "server_credentials"]
+
+log = logging.getLogger("fedgrad.security")
+
+
+def is_loopback(host: str) -> bool:
+    """Return True only for "localhost" and loopback IP addresses (not look-alike names)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen_policy(cfg: AggregatorConfig) -> None:
+    """Refuse plaintext off loopback unless ``insecure``; warn when TLS authenticates nobody.
+
+    Raises:
+        ConfigError: plaintext on a non-loopback address without ``--insecure``.
+    """
+    host = parse_hostport(cfg.listen)[0]
+    if is_loopback(host):
+        return
+    if not cfg.tls_cert and not cfg.insecure:
+        raise ConfigError(
+            f"refusing to serve plaintext on {cfg.listen}: anyone on the network could join or read"
+            " the model. Turn TLS on (`fedgrad certs init --out certs --nodes n1,n2 --hosts HOST`,"
+            " then --tls-cert certs/server.pem --tls-key certs/server.key --tls-client-ca certs/ca.pem)"
+            " or pass --insecure on a trusted network"
+        )
+    if not cfg.tls_client_ca and not cfg.tokens:
+        log.warning(
+            "serving on %s with no client authentication: any caller can join; add"
+            " --tls-client-ca (mutual TLS) or --tokens",
+            cfg.listen,
+        )
 
 
 def server_credentials(cfg: AggregatorConfig) -> grpc.ServerCredentials | None:
@@ -35,14 +73,16 @@ def server_credentials(cfg: AggregatorConfig) -> grpc.ServerCredentials | None:
 class Authorizer:
     """Check the caller's credentials against the node id a call names."""
 
-    def __init__(self, tokens: TokenStore | None, mutual_tls: bool) -> None:
-        self.tokens, self.mutual_tls = tokens, mutual_tls
+    def __init__(
+        self, tokens: TokenStore | None, mutual_tls: bool, allowed: frozenset[str] = frozenset()
+    ) -> None:
+        self.tokens, self.mutual_tls, self.allowed = tokens, mutual_tls, allowed
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> Authorizer:
-        """Build the policy of ``--tokens`` and ``--tls-client-ca``."""
+        """Build the policy of ``--tokens``, ``--tls-client-ca`` and ``--allow-nodes``."""
         tokens = load_token_file(cfg.tokens) if cfg.tokens else None
-        return cls(tokens, bool(cfg.tls_client_ca))
+        return cls(tokens, bool(cfg.tls_client_ca), frozenset(cfg.allow_nodes))
 
     @property
     def enabled(self) -> bool:

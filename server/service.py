@@ -45,11 +45,13 @@ async def _fail(
     await context.abort(grpc.StatusCode[exc.code], str(exc), trailing_metadata=trailing)
 
 
-def _parse(raw: bytes) -> pb.GradientMessage:
+def _parse(raw: bytes, cls: Any = pb.GradientMessage) -> Any:
+    # Requests arrive as raw bytes and are parsed here, so that garbage becomes
+    # INVALID_ARGUMENT with a message instead of grpc's generic deserializer failure.
     try:
-        return pb.GradientMessage.FromString(raw)
+        return cls.FromString(raw)
     except DecodeError:
-        raise InvalidArgument("malformed GradientMessage (not valid protobuf)") from None
+        raise InvalidArgument(f"malformed {cls.__name__} (not valid protobuf)") from None
 
 
 class AggregatorService:
@@ -69,10 +71,13 @@ class AggregatorService:
             SERVICE_NAME,
             {
                 "Join": grpc.unary_unary_rpc_method_handler(
-                    self.join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString
+                    self.join, None, pb.JoinReply.SerializeToString
                 ),
                 "PullParameters": grpc.unary_stream_rpc_method_handler(
-                    self.pull, pb.PullRequest.FromString, lambda raw: raw
+                    # Raw bytes out: the round's messages are serialized once for all nodes.
+                    self.pull,
+                    None,
+                    None,
                 ),
                 "PushGradients": grpc.stream_unary_rpc_method_handler(
                     # Raw bytes in: chunks are decoded in place (fedgrad.framing), no copy.
@@ -81,19 +86,19 @@ class AggregatorService:
                     pb.PushReply.SerializeToString,
                 ),
                 "Leave": grpc.unary_unary_rpc_method_handler(
-                    self.leave, pb.LeaveRequest.FromString, pb.LeaveReply.SerializeToString
+                    self.leave, None, pb.LeaveReply.SerializeToString
                 ),
                 "GetStatus": grpc.unary_unary_rpc_method_handler(
-                    self.status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString
+                    self.status, None, pb.StatusReply.SerializeToString
                 ),
             },
         )
 
-    async def join(
-        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
-    ) -> pb.JoinReply:
+    async def join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         core = self.core
+        request = pb.JoinRequest()
         try:
+            request = _parse(raw, pb.JoinRequest)
             self.auth.check(context, request.node_id)
             await core.join(request.node_id, request.num_samples)
         except RpcError as exc:
@@ -108,18 +113,21 @@ class AggregatorService:
             finished=core.finished,
         )
 
-    async def pull(
-        self, request: pb.PullRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        request = pb.PullRequest()
         try:
+            request = _parse(raw, pb.PullRequest)
             self.auth.check(context, request.node_id)
             snapshot = await self.core.wait_snapshot(request.node_id, request.min_round)
         except RpcError as exc:
             await _fail(context, exc, request.node_id, request.min_round, self.core)
             return
-        for message in snapshot.messages:
-            yield message
-        self.core.sent(request.node_id, snapshot)
+        try:
+            for message in snapshot.messages:
+                yield message
+            self.core.sent(request.node_id, snapshot)
+        finally:
+            self.core.pull_done(request.node_id)
 
     async def push(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -127,6 +135,8 @@ class AggregatorService:
         ticket: UploadTicket | None = None
         node, round_ = "?", "?"
         try:
+            # Authenticate before reading anything: strangers must not hold a stream open.
+            self.auth.identify(context)
             raw = await self._next(requests)
             first = _parse(raw) if raw is not None else None
             if first is None or first.WhichOneof("kind") != "header":
@@ -183,20 +193,19 @@ class AggregatorService:
             self._layouts[wire_dtype] = layout
         return layout
 
-    async def leave(
-        self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LeaveReply:
+    async def leave(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        request = pb.LeaveRequest()
         try:
+            request = _parse(raw, pb.LeaveRequest)
             self.auth.check(context, request.node_id)
             await self.core.leave(request.node_id)
         except RpcError as exc:
             await _fail(context, exc, request.node_id, self.core.round, self.core)
         return pb.LeaveReply()
 
-    async def status(
-        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatusReply:
+    async def status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusReply:
         try:
+            _parse(raw, pb.StatusRequest)
             self.auth.identify(context)
         except RpcError as exc:
             await _fail(context, exc, "?", self.core.round, self.core)

@@ -1,0 +1,255 @@
+"""The ``fedgrad`` command line, run as separate processes over real gRPC on loopback.
+
+Every process leads its own process group, is waited for with a timeout and is
+killed at teardown; tests that start processes are marked ``slow``. Help text is
+checked in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fedgrad.history import read_history
+from fedgrad.launch.cli import build_parser, main
+from fedgrad.tasks.linear import LinearTask
+
+#: Generous bound on any one process (import torch, a few rounds); no timing is asserted.
+PROC_TIMEOUT = 120.0
+ROUNDS = 3
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = PROC_TIMEOUT) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+# -- a federation of three processes --------------------------------------------------------------
+@pytest.mark.slow
+def test_aggregator_and_two_nodes_as_processes(spawn, cli, tmp_path: Path) -> None:
+    save, history, port_file = tmp_path / "X.safetensors", tmp_path / "H.csv", tmp_path / "port"
+    aggregator = spawn(
+        *cli.argv, "aggregator", "--task", "linear", "--listen", "127.0.0.1:0",
+        "--port-file", port_file, "--nodes", "2", "--rounds", str(ROUNDS),
+        "--save", save, "--history", history, "--no-progress", "--finish-grace", "20",
+    )  # fmt: skip
+    port = cli.wait_port(port_file, aggregator)
+    nodes = [
+        spawn(
+            *cli.argv,
+            "node",
+            "--task",
+            "linear",
+            "--aggregator",
+            f"127.0.0.1:{port}",
+            "--node-id",
+            f"node-{i}",
+            "--shard",
+            f"{i}/2",
+            "--give-up-after",
+            "30",
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for i, node in enumerate(nodes):
+        code, _, err = _finish(node)
+        assert code == 0, f"node-{i} exited {code}:\n{err}"
+    code, _, err = _finish(aggregator)
+    assert code == 0, f"aggregator exited {code}:\n{err}"
+
+    task = LinearTask(seed=0)
+    want = task.model().state_dict()
+    saved = load_file(str(save))
+    assert set(saved) == set(want)
+    for name, value in want.items():
+        assert saved[name].shape == value.shape and saved[name].dtype == value.dtype
+    with safe_open(str(save), framework="pt") as fh:
+        assert fh.metadata().get("round") == str(ROUNDS)
+
+    records = read_history(history)
+    assert [r.round for r in records] == [1, 2, 3]
+    assert all(r.nodes == 2 for r in records)
+
+    # Two full shards, weighted mean: the same as 3 steps of full-batch descent
+    # (float64; tolerance as in test_training.py).
+    torch.manual_seed(0)
+    model = task.model()
+    opt = torch.optim.SGD(model.parameters(), lr=task.lr)
+    for _ in range(ROUNDS):
+        opt.zero_grad()
+        task.loss(model, task.full_data()).backward()
+        opt.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(saved[name], value.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_node_gives_up_on_a_closed_port(spawn, cli, closed_port: int) -> None:
+    node = spawn(
+        *cli.argv, "node", "--task", "linear", "--aggregator", f"127.0.0.1:{closed_port}",
+        "--give-up-after", "2",
+    )  # fmt: skip
+    code, out, err = _finish(node, timeout=60)
+    assert code != 0
+    assert "gave up" in err.lower(), err
+    assert "Traceback" not in err, "a clear message, not a stack trace"
+
+
+@pytest.mark.slow
+def test_demo(spawn, cli, tmp_path: Path) -> None:
+    out_dir = tmp_path / "demo"
+    demo = spawn(
+        *cli.argv, "demo", "--nodes", "2", "--rounds", str(ROUNDS), "--out", out_dir,
+        "--task", "linear",
+    )  # fmt: skip
+    code, out, err = _finish(demo, timeout=240)
+    assert code == 0, f"demo exited {code}:\n{out}\n{err}"
+    assert len(read_history(out_dir / "history.csv")) == ROUNDS
+    assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- help -----------------------------------------------------------------------------------------
+def _parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+SUBCOMMANDS = [path for path, _ in _parsers(build_parser())]
+
+
+@pytest.mark.slow
+def test_top_level_help_of_the_installed_script(spawn) -> None:
+    script = Path(sys.executable).parent / "fedgrad"
+    code, out, err = _finish(spawn(script, "--help"), timeout=60)
+    assert code == 0, err
+    for name in ("aggregator", "node", "demo"):
+        assert name in out
+
+
+@pytest.mark.parametrize("path", SUBCOMMANDS, ids=lambda p: " ".join(p) or "fedgrad")
+def test_help_exits_zero(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*path, "--help"])
+    assert info.value.code == 0
+    assert "usage: fedgrad" in capsys.readouterr().out
+
+
+def test_every_option_has_help() -> None:
+    missing = []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    if not choice.help:
+                        missing.append(f"fedgrad {' '.join(path)} {choice.dest} (subcommand)")
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                name = "/".join(action.option_strings) or action.dest
+                missing.append(f"fedgrad {' '.join(path)} {name}")
+    assert not missing, "options without help text:\n" + "\n".join(missing)
+
+
+# -- bad configuration ----------------------------------------------------------------------------
+AGGREGATOR = ("aggregator", "--listen", "127.0.0.1:0", "--nodes", "1", "--rounds", "1")
+BAD_CONFIGS = {
+    # case: (arguments after the CLI, extra environment, text the message must contain)
+    "malformed --task-arg": ((*AGGREGATOR, "--task", "linear", "--task-arg", "samples"), {},
+                             "KEY=VALUE"),
+    "bad task option value": ((*AGGREGATOR, "--task", "linear", "--task-arg", "samples=-3"), {},
+                              "samples"),
+    "unknown task option": ((*AGGREGATOR, "--task", "linear", "--task-arg", "colour=red"), {},
+                            "colour"),
+    "shard index out of range": (("node", "--task", "linear", "--shard", "5/2"), {}, "5/2"),
+    "malformed shard": (("node", "--task", "linear", "--shard", "1-2"), {}, "I/N"),
+    "unknown config key": ((*AGGREGATOR, "--task", "linear", "--config", "{toml}"), {},
+                           "colour"),
+    "non-numeric environment": ((*AGGREGATOR, "--task", "linear"), {"FEDGRAD_ROUNDS": "abc"},
+                                "FEDGRAD_ROUNDS"),
+    "unknown task": (("node", "--task", "nosuchtask"), {}, "nosuchtask"),
+    # A chunk smaller than one float64 cannot carry an element; one above gRPC's 4 MiB
+    # default cannot reach a node (its channel keeps the default limit).
+    "chunk smaller than an element": ((*AGGREGATOR, "--task", "linear", "--chunk-bytes", "4"),
+                                      {}, "chunk"),
+    "chunk above the message limit": ((*AGGREGATOR, "--task", "linear",
+                                       "--chunk-bytes", str(8 << 20)), {}, "chunk"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(cli, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple]]:
+    """Run every BAD_CONFIGS case at once (each is a full interpreter start-up).
+
+    Yields case -> (exit code or None, output). An aggregator that accepts its
+    config writes its --port-file: it is stopped there and reported as accepted;
+    a node that accepts its config gives up on a closed port after 1 s.
+    """
+    tmp = tmp_path_factory.mktemp("config")
+    toml = tmp / "bad.toml"
+    toml.write_text('rounds = 2\ncolour = "blue"\n')
+    node_guard = ["--aggregator", f"127.0.0.1:{cli.closed_port()}", "--give-up-after", "1"]
+    procs, port_files = {}, {}
+    for i, (case, (args, env, _)) in enumerate(BAD_CONFIGS.items()):
+        argv = [a.replace("{toml}", str(toml)) for a in args]
+        if argv[0] == "node":
+            argv += node_guard
+        else:
+            port_files[case] = tmp / f"port-{i}"
+            argv += ["--port-file", str(port_files[case])]
+        procs[case] = subprocess.Popen(
+            [*cli.argv, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=cli.env(**env), start_new_session=True,
+        )  # fmt: skip
+    results: dict[str, tuple] = {}
+    try:
+        deadline = time.monotonic() + PROC_TIMEOUT
+        while len(results) < len(procs) and time.monotonic() < deadline:
+            for case, proc in procs.items():
+                if case in results:
+                    continue
+                accepted = case in port_files and port_files[case].exists()
+                if proc.poll() is None and not accepted:
+                    continue
+                if accepted:
+                    proc.kill()
+                out, err = proc.communicate(timeout=30)
+                code = None if accepted else proc.returncode
+                results[case] = (
+                    code,
+                    ("ACCEPTED: it started serving\n" if accepted else "") + out + err,
+                )
+            time.sleep(0.1)
+        for case in procs.keys() - results.keys():
+            results[case] = (None, "still running: the bad value was accepted")
+        yield results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_problem(bad_config_runs, case: str) -> None:
+    code, output = bad_config_runs[case]
+    assert code == 2, f"exit {code}:\n{output}"
+    assert BAD_CONFIGS[case][2] in output, output
+    assert "Traceback" not in output
