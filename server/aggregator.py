@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
@@ -61,6 +62,16 @@ def check_id(kind: str, value: str) -> str:
     if not _ID.match(value):
         raise InvalidArgument(f"{kind} {value!r} must be 1-128 characters of [A-Za-z0-9._-]")
     return value
+
+
+def _check_metrics(metrics: dict[str, float]) -> None:
+    if len(metrics) > 64:
+        raise InvalidArgument(f"{len(metrics)} metrics in the header; at most 64")
+    for name, value in metrics.items():
+        if len(name) > 128 or not math.isfinite(value):
+            raise InvalidArgument(
+                f"metric {name[:128]!r} = {value}: names up to 128 chars, finite values"
+            )
 
 
 @dataclass
@@ -315,6 +326,7 @@ class Aggregator:
             FailedPrecondition, StaleRound, AlreadyExists, InvalidArgument, ResourceExhausted.
         """
         check_id("upload_id", upload_id)
+        _check_metrics(metrics)
         self._check_open()
         record = self._joined(node_id)
         if record.state == "left":

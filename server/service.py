@@ -96,13 +96,14 @@ class AggregatorService:
 
     async def join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         core = self.core
-        request = pb.JoinRequest()
+        node = "?"
         try:
             request = _parse(raw, pb.JoinRequest)
-            self.auth.check(context, request.node_id)
-            await core.join(request.node_id, request.num_samples)
+            node = request.node_id
+            self.auth.check(context, node)
+            await core.join(node, request.num_samples)
         except RpcError as exc:
-            await _fail(context, exc, request.node_id, core.round, self.core)
+            await _fail(context, exc, node, core.round, self.core)
         return pb.JoinReply(
             manifest=manifest_to_proto(core.layout.specs),
             reduction=_REDUCTION[core.cfg.reduce],  # type: ignore[arg-type]
@@ -114,20 +115,21 @@ class AggregatorService:
         )
 
     async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        request = pb.PullRequest()
+        node: str = "?"
         try:
             request = _parse(raw, pb.PullRequest)
-            self.auth.check(context, request.node_id)
-            snapshot = await self.core.wait_snapshot(request.node_id, request.min_round)
+            node = request.node_id
+            self.auth.check(context, node)
+            snapshot = await self.core.wait_snapshot(node, request.min_round)
         except RpcError as exc:
-            await _fail(context, exc, request.node_id, request.min_round, self.core)
+            await _fail(context, exc, node, self.core.round, self.core)
             return
         try:
             for message in snapshot.messages:
                 yield message
-            self.core.sent(request.node_id, snapshot)
+            self.core.sent(node, snapshot)
         finally:
-            self.core.pull_done(request.node_id)
+            self.core.pull_done(node)
 
     async def push(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -194,13 +196,14 @@ class AggregatorService:
         return layout
 
     async def leave(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
-        request = pb.LeaveRequest()
+        node = "?"
         try:
             request = _parse(raw, pb.LeaveRequest)
-            self.auth.check(context, request.node_id)
-            await self.core.leave(request.node_id)
+            node = request.node_id
+            self.auth.check(context, node)
+            await self.core.leave(node)
         except RpcError as exc:
-            await _fail(context, exc, request.node_id, self.core.round, self.core)
+            await _fail(context, exc, node, self.core.round, self.core)
         return pb.LeaveReply()
 
     async def status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusReply:
