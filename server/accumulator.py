@@ -12,6 +12,7 @@ makes vanishingly rare for float32 models (see README, "Determinism").
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,12 +81,13 @@ class StagedUpload:
 class Accumulator:
     """A float64 running sum of weighted gradients over one flat stream."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, workers: int = 1) -> None:
         self.layout = layout
+        self.workers = max(1, workers)
+        self._executor: ThreadPoolExecutor | None = None
         self.total = np.zeros(layout.numel, dtype=np.float64)
         self.weight = 0.0
         self.count = 0
-        self._scratch = np.empty(0, dtype=np.float64)
 
     def reset(self) -> None:
         """Forget every committed upload (start a new round)."""
@@ -94,29 +96,55 @@ class Accumulator:
         self.count = 0
 
     def commit(self, staged: StagedUpload, weight: int) -> None:
-        """Add a complete upload times ``weight``. Not thread-safe: one commit at a time."""
+        """Add a complete upload times ``weight``. Not thread-safe: one commit at a time.
+
+        Chunks cover disjoint elements, so they are split between worker threads
+        (numpy releases the GIL); the sum per element is the same whatever the split.
+        """
         staged.complete()
         if not 1 <= weight < MAX_EXACT_WEIGHT:
             raise InvalidArgument(f"weight {weight} is outside [1, {MAX_EXACT_WEIGHT})")
-        for position, raw, start, length in staged.chunks:
-            for run, run_offset, nbytes in staged.layout.run_segments(position, length):
-                at = start + run.start + run_offset - position
-                values = decode_floats(raw, at, nbytes, run.dtype)
-                first = run.first_element + run_offset // run.itemsize
-                self._add(first, values, weight)
+        chunks = staged.chunks
+        if self.workers > 1 and len(chunks) >= 2 * self.workers:
+            parts = [chunks[i :: self.workers] for i in range(self.workers)]
+            for future in [
+                self._pool().submit(self._add_chunks, staged.layout, p, weight) for p in parts
+            ]:
+                future.result()
+        else:
+            self._add_chunks(staged.layout, chunks, weight)
         self.weight += weight
         self.count += 1
 
-    def _add(self, first: int, values: np.ndarray, weight: int) -> None:
-        target = self.total[first : first + values.size]
-        if weight == 1:
-            np.add(target, values, out=target)
-            return
-        if self._scratch.size < values.size:
-            self._scratch = np.empty(values.size, dtype=np.float64)
-        scaled = self._scratch[: values.size]
-        np.multiply(values, float(weight), out=scaled, dtype=np.float64)
-        np.add(target, scaled, out=target)
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="fedgrad-reduce")
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    def _add_chunks(
+        self, layout: Layout, chunks: list[tuple[int, bytes, int, int]], weight: int
+    ) -> None:
+        scratch = np.empty(0, dtype=np.float64)
+        for position, raw, start, length in chunks:
+            for run, run_offset, nbytes in layout.run_segments(position, length):
+                at = start + run.start + run_offset - position
+                values = decode_floats(raw, at, nbytes, run.dtype)
+                first = run.first_element + run_offset // run.itemsize
+                target = self.total[first : first + values.size]
+                if weight == 1:
+                    np.add(target, values, out=target)
+                    continue
+                if scratch.size < values.size:
+                    scratch = np.empty(values.size, dtype=np.float64)
+                scaled = scratch[: values.size]
+                np.multiply(values, float(weight), out=scaled, dtype=np.float64)
+                np.add(target, scaled, out=target)
 
     def result(self, divisor: float) -> Iterator[torch.Tensor]:
         """Yield total / divisor per manifest entry, one float64 tensor at a time."""

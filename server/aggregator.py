@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -112,7 +113,9 @@ class Aggregator:
         self.layout = Layout(specs_of(named))
         lr = cfg.lr if cfg.lr is not None else task.lr
         self.optimizer = make_optimizer(cfg.optimizer or task.optimizer, self.params, lr)
-        self.acc = Accumulator(self.layout)
+        # Two reduce threads pay off once uploads are large; small models stay single-threaded.
+        workers = min(2, os.cpu_count() or 1) if self.layout.total >= 16 << 20 else 1
+        self.acc = Accumulator(self.layout, workers)
         self.session_id = uuid.uuid4().hex
         self.round = 0
         self.started = self.finished = False
@@ -495,9 +498,11 @@ class Aggregator:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.empty_like(p)
-        # .grad buffers live across rounds: overwritten in place, never reallocated.
         self.acc.result_into([p.grad for p in self.params], divisor)  # type: ignore[misc]
         self.optimizer.step()
+        # Free the gradients before the broadcast is serialized: peak memory is then
+        # params + accumulator + max(gradients, broadcast), not their sum.
+        self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.eval()
             return self.task.evaluate(self.model) or {}
@@ -505,6 +510,7 @@ class Aggregator:
     async def _publish(self, first: bool) -> None:
         """Serialize the parameters of the (new) round and wake waiting pulls. Holds _changed."""
         self.finished = self.round >= self.cfg.rounds
+        self.snapshot = None  # let the old broadcast go before the new one is built
         self.snapshot = await asyncio.to_thread(
             make_snapshot,
             self.params,
@@ -569,6 +575,7 @@ class Aggregator:
             self._deadline_task.cancel()
         for task in list(self._background):
             task.cancel()
+        self.acc.close()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Return the model's full state dict (parameters and buffers), detached."""
