@@ -107,6 +107,7 @@ class DriverNode:
             if key not in chunks_cache:
                 chunks_cache[key] = stream_chunks(reply.manifest, reply.chunk_bytes)
         self.chunks = chunks_cache[key]
+        self.total_bytes = sum(len(m.chunk.data) for m in self.chunks)
 
     def pull(self, min_round: int, timeout: float) -> tuple[pb.ParameterHeader, float]:
         """Stream the parameters of the first round >= ``min_round``; count the bytes.
@@ -135,6 +136,7 @@ class DriverNode:
         def messages():
             yield pb.GradientMessage(header=header)
             yield from self.chunks  # built once, shared read-only by all threads
+            yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=self.total_bytes))
 
         self.stub.PushGradients(messages(), timeout=timeout)
 

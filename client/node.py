@@ -161,6 +161,7 @@ class Node:
             views = [byte_view(t) for t in tensors]
             for t, o, pieces in iter_chunk_pieces(views, layout, self.chunk_bytes):
                 yield encode_chunk(t, o, pieces)
+            yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=layout.total)).SerializeToString()
 
         timeout = self.cfg.call_timeout + layout.total / self.cfg.min_bandwidth
         return self._push_raw(messages(), timeout=timeout, metadata=self.metadata)

@@ -136,7 +136,8 @@ class Aggregator:
         self.on_round: list[Callable[[RoundRecord], None]] = []
         self.uploads_accepted = 0
         self.inflight: set[UploadTicket] = set()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._deadline_task: asyncio.Task[None] | None = None
         self.rejections: dict[str, int] = {}
         self.phase_seconds: dict[str, float] = {}
         self._reduce_seconds = 0.0
@@ -148,7 +149,6 @@ class Aggregator:
         self._changed = asyncio.Condition()
         self._commit = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.max_inflight)
-        self._deadline_task: asyncio.Task[None] | None = None
         if self.resumed:
             async with self._changed:
                 await self._publish(first=True)
@@ -400,6 +400,14 @@ class Aggregator:
         staged = ticket.staged
         assert staged is not None
         staged.complete()
+        # Once the add starts, it finishes together with its bookkeeping even if the
+        # caller is cancelled: otherwise a retry of the same upload would count twice.
+        task = asyncio.get_running_loop().create_task(self._count(ticket, staged))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    async def _count(self, ticket: UploadTicket, staged: StagedUpload) -> int:
         async with self._commit:
             if self.round != ticket.round or self.finished:
                 raise StaleRound(f"round {ticket.round} closed during the upload", self.round)
@@ -539,6 +547,7 @@ class Aggregator:
         self.deadline_passed = True
         await self._maybe_close()
         if self.round == round_:
+            self.phase = "waiting"
             log.warning(
                 "round deadline passed with %d of %d required uploads; waiting for nodes",
                 len(self.reported),

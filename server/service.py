@@ -34,6 +34,11 @@ async def _fail(
     context: grpc.aio.ServicerContext, exc: RpcError, node: str, round_: Any, core: Aggregator
 ) -> None:
     core.rejections[exc.code] = core.rejections.get(exc.code, 0) + 1
+    if context.done():
+        # The call already ended (client cancelled, or grpc refused an oversized message):
+        # there is no one to tell, and aborting a finished call would raise inside grpc.
+        log.info("call ended: %s", exc, extra={"node": node, "round": round_, "event": "ended"})
+        return
     log.warning(
         "rejected: %s",
         exc,
@@ -160,7 +165,7 @@ class AggregatorService:
             return pb.PushReply(duplicate=ticket.duplicate, round=counted)
         except RpcError as exc:
             await _fail(context, exc, node, round_, self.core)
-            raise AssertionError("unreachable") from exc
+            return pb.PushReply()  # only reached when the call had already ended
         finally:
             if ticket is not None:
                 self.core.release(ticket)
@@ -168,15 +173,34 @@ class AggregatorService:
     async def _receive(self, requests: AsyncIterator[bytes], ticket: UploadTicket) -> None:
         staged = ticket.staged
         assert staged is not None
+        ended = False
         while (raw := await self._next(requests)) is not None:
             view = decode_chunk(raw)
-            if view is not None:
+            if view is not None and not ended:
                 staged.add(view.tensor, view.offset, raw, view.data_start, view.data_len)
                 continue
             message = _parse(raw)
-            if message.WhichOneof("kind") != "chunk":
-                raise InvalidArgument("only chunks may follow the UploadHeader (header repeated?)")
-            staged.add(message.chunk.tensor, message.chunk.offset, message.chunk.data)
+            kind = message.WhichOneof("kind")
+            if ended:
+                raise InvalidArgument("a message followed the UploadEnd")
+            if kind == "chunk":
+                staged.add(message.chunk.tensor, message.chunk.offset, message.chunk.data)
+            elif kind == "end":
+                staged.complete()
+                if message.end.total_bytes != staged.nbytes:
+                    raise InvalidArgument(
+                        f"UploadEnd says {message.end.total_bytes} bytes, {staged.nbytes} arrived"
+                    )
+                ended = True
+            else:
+                raise InvalidArgument(
+                    "only chunks and one UploadEnd may follow the UploadHeader (header repeated?)"
+                )
+        if not ended:
+            staged.complete()
+            raise InvalidArgument(
+                "the stream ended without an UploadEnd (node cancelled or died?): nothing counted"
+            )
 
     async def _next(self, requests: AsyncIterator[bytes]) -> bytes | None:
         try:
@@ -223,7 +247,7 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
     nodes = []
     for r in sorted(core.nodes.values(), key=lambda r: r.node_id):
         state = "reported" if r.node_id in core.reported else r.state
-        if state == "dropped":
+        if state == "dropped" or (state == "active" and core.deadline_passed):
             state = "late"
         nodes.append(
             pb.NodeStatus(

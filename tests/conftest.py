@@ -204,9 +204,21 @@ class Wire:
         ]
 
     @staticmethod
-    def upload(header: pb.UploadHeader, chunks: Sequence[pb.Chunk]) -> list[pb.GradientMessage]:
-        """Return the PushGradients stream: the header message, then one message per chunk."""
-        return [pb.GradientMessage(header=header)] + [pb.GradientMessage(chunk=c) for c in chunks]
+    def upload(
+        header: pb.UploadHeader, chunks: Sequence[pb.Chunk], end: bool = True
+    ) -> list[pb.GradientMessage]:
+        """Return the PushGradients stream: header, one message per chunk, then UploadEnd."""
+        tail = [Wire.end(chunks)] if end else []
+        return (
+            [pb.GradientMessage(header=header)]
+            + [pb.GradientMessage(chunk=c) for c in chunks]
+            + tail
+        )
+
+    @staticmethod
+    def end(chunks: Sequence[pb.Chunk]) -> pb.GradientMessage:
+        """Return the UploadEnd message that closes an upload made of ``chunks``."""
+        return pb.GradientMessage(end=pb.UploadEnd(total_bytes=sum(len(c.data) for c in chunks)))
 
     @staticmethod
     def read_parameters(

@@ -134,13 +134,21 @@ class UploadHeader(_message.Message):
     wire_dtype: DType
     def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
+class UploadEnd(_message.Message):
+    __slots__ = ("total_bytes",)
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: int
+    def __init__(self, total_bytes: _Optional[int] = ...) -> None: ...
+
 class GradientMessage(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: UploadHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    end: UploadEnd
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[UploadEnd, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("duplicate", "round")
