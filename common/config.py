@@ -69,6 +69,10 @@ class AggregatorConfig:
             )
         if self.nodes < 1 or self.rounds < 1 or self.min_nodes < 1:
             raise ConfigError("nodes, rounds and min_nodes must be >= 1")
+        if self.max_inflight < 0 or self.finish_grace < 0 or self.max_rpcs < 1:
+            raise ConfigError("max_inflight and finish_grace must be >= 0, max_rpcs >= 1")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is not a port (0..65535)")
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,23 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{' '.join(extras)}]" if extras else line
 
 
-def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
-    """Send fedgrad's logs to stderr in ``fmt`` ("text" or "json")."""
-    handler = logging.StreamHandler(sys.stderr)
+class _ClearLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Erase a live progress line before writing a record, so the two never run together."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\r\033[K" + super().format(record)
+
+
+def setup_logging(fmt: str = "text", level: int = logging.INFO, progress: bool = False) -> None:
+    """Send fedgrad's logs to stderr in ``fmt`` ("text" or "json").
+
+    Args:
+        fmt: "text" (readable lines) or "json" (one object per line).
+        level: the root level.
+        progress: a progress line is drawn on this terminal: clear it before each record.
+    """
+    live = progress and fmt == "text" and sys.stderr.isatty()
+    handler = _ClearLineHandler(sys.stderr) if live else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -41,6 +41,20 @@ def _hostport(value: str) -> str:
     return value
 
 
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
+    return port
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
 def _positive(kind: type) -> object:
     def convert(value: str) -> object:
         number = kind(value)
@@ -147,8 +161,8 @@ def _aggregator_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-inflight",
-        type=int,
-        help="uploads staged at once (default: --staging-mb / model size, 1..64)",
+        type=_non_negative,
+        help="uploads staged at once (default 0: --staging-mb / model size, 1..64)",
     )
     p.add_argument(
         "--staging-mb",
@@ -198,7 +212,9 @@ def _aggregator_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="per-node token file ('node_id token' or 'node_id sha256:HEX' per line)",
     )
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--metrics-port", type=_port, help="serve Prometheus metrics on this port (0 picks one)"
+    )
     p.add_argument(
         "--reflection", action="store_true", help="enable gRPC server reflection (grpcurl)"
     )
@@ -255,7 +271,7 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_non_negative,
         help="torch intra-op threads for training (default 0: torch's choice; use 1 when"
         " several nodes share a machine)",
     )

@@ -77,7 +77,7 @@ def run_aggregator(values: dict[str, Any]) -> int:
     """Serve until training is over (exit 0) or SIGTERM/SIGINT (graceful, exit 0)."""
     port_file = values.pop("port_file", None)
     cfg = aggregator_config(values)
-    setup_logging(cfg.log_format)
+    setup_logging(cfg.log_format, progress=cfg.progress)
     task = load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed)
     return asyncio.run(_serve(task, cfg, port_file))
 
@@ -219,7 +219,10 @@ def show_status(args: argparse.Namespace) -> int:
             print(f"fedgrad status: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        doc = MessageToDict(
+            reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(doc, indent=2))
         return 0
     print(
         f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "

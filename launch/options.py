@@ -21,10 +21,20 @@ C = TypeVar("C")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
+_SECTIONS = ("aggregator", "node")
+
+
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {
-        a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")
-    }
+    """Map every name a setting may go by (flag name and dest, with underscores) to its action."""
+    names: dict[str, argparse.Action] = {}
+    for a in parser._actions:
+        if not a.option_strings or a.dest in ("help", "config"):
+            continue
+        names[a.dest] = a
+        for flag in a.option_strings:
+            if flag.startswith("--"):
+                names[flag[2:].replace("-", "_")] = a
+    return names
 
 
 def _convert(action: argparse.Action, raw: Any, where: str) -> Any:
@@ -59,9 +69,21 @@ def _load_file(path: str, section: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    # Either flat keys, or a [aggregator] / [node] table for one file serving both.
-    table = data.get(section, data) if isinstance(data.get(section), dict) else data
-    return {k: v for k, v in table.items() if not isinstance(v, dict)}
+    # Flat keys shared by both sides, overridden by an [aggregator] / [node] table.
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            values[key] = value
+        elif key not in _SECTIONS:
+            raise ConfigError(
+                f"config file {path}: unknown table [{key}] (tables: [aggregator], [node])"
+            )
+    table = data.get(section, {})
+    for key, value in table.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {path}: nested table [{section}.{key}] is not allowed")
+        values[key] = value
+    return values
 
 
 def resolve(
@@ -93,11 +115,12 @@ def resolve(
                     f"config file {config_path}: unknown key {key!r} for {section}"
                     f" (known: {', '.join(sorted(actions))})"
                 )
-            values[dest] = _convert(actions[dest], raw, f"config file {config_path}, key {key!r}")
-    for dest, action in actions.items():
-        env_key = "FEDGRAD_" + dest.upper()
+            action = actions[dest]
+            values[action.dest] = _convert(action, raw, f"config file {config_path}, key {key!r}")
+    for name, action in actions.items():
+        env_key = "FEDGRAD_" + name.upper()
         if env_key in environ:
-            values[dest] = _convert(action, environ[env_key], f"environment {env_key}")
+            values[action.dest] = _convert(action, environ[env_key], f"environment {env_key}")
     values.update({k: v for k, v in vars(given).items() if k in actions})
     return values
 

@@ -381,7 +381,7 @@ class Aggregator:
     @property
     def staging_bytes(self) -> int:
         """Bytes of uploads staged right now."""
-        return sum(t.staged.nbytes for t in self.inflight if t.staged is not None)
+        return sum(t.staged.nbytes for t in list(self.inflight) if t.staged is not None)
 
     def release(self, ticket: UploadTicket) -> None:
         """Free the staging slot of a ticket (after commit or failure); idempotent."""

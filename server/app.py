@@ -13,7 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 
-from fedgrad.config import AggregatorConfig
+from fedgrad.config import AggregatorConfig, parse_hostport
+from fedgrad.errors import ConfigError
 from fedgrad.history import write_history
 from fedgrad.server.aggregator import Aggregator
 from fedgrad.server.security import Authorizer, check_listen_policy, server_credentials
@@ -57,6 +58,7 @@ class AggregatorServer:
     async def start(self) -> int:
         """Start serving on ``cfg.listen``; return the bound port."""
         check_listen_policy(self.cfg)
+        self._start_metrics()  # first: a taken port fails before anything serves
         await self.core.start()
         server = grpc.aio.server(
             options=server_options(),
@@ -84,17 +86,24 @@ class AggregatorServer:
         self.server = server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.cfg.metrics_port is not None:
-            from fedgrad.config import parse_hostport
-            from fedgrad.server.metrics import serve_metrics
+        log.info("aggregator listening on port %d", self.port, extra={"event": "listen"})
+        return self.port
 
-            host = parse_hostport(self.cfg.listen)[0]
+    def _start_metrics(self) -> None:
+        if self.cfg.metrics_port is None:
+            return
+        from fedgrad.server.metrics import serve_metrics
+
+        host = parse_hostport(self.cfg.listen)[0]
+        try:
             self.metrics_server, self.metrics_port = serve_metrics(
                 self.core, host, self.cfg.metrics_port
             )
-            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
-        log.info("aggregator listening on port %d", self.port, extra={"event": "listen"})
-        return self.port
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {host}:{self.cfg.metrics_port}: {exc.strerror}"
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
     async def wait_finished(self) -> None:
         """Wait for the end of training, then save the results."""

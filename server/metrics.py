@@ -32,9 +32,14 @@ class AggregatorCollector(Collector):
             self._phases[phase] = self._phases.get(phase, 0.0) + seconds
 
     def collect(self) -> Iterator[Any]:
+        # Runs on the HTTP thread while the event loop mutates the core: read only
+        # atomic copies (list()/dict() of a dict run in C under the GIL).
         core = self.core
+        nodes = list(core.nodes.values())
+        rejections = dict(core.rejections)
+        history = list(core.history)
         yield CounterMetricFamily(
-            "fedgrad_rounds_completed", "Rounds closed and applied.", value=len(core.history)
+            "fedgrad_rounds_completed", "Rounds closed and applied.", value=len(history)
         )
         yield GaugeMetricFamily("fedgrad_round", "The open round (0-based).", value=core.round)
         yield self._histogram()
@@ -58,17 +63,17 @@ class AggregatorCollector(Collector):
         rejected = CounterMetricFamily(
             "fedgrad_rejections", "Calls refused, by gRPC status code.", labels=["reason"]
         )
-        for reason, count in sorted(core.rejections.items()):
+        for reason, count in sorted(rejections.items()):
             rejected.add_metric([reason], count)
         yield rejected
         states = GaugeMetricFamily("fedgrad_nodes", "Nodes known, by state.", labels=["state"])
         for state in ("active", "dropped", "left"):
-            states.add_metric([state], sum(1 for r in core.nodes.values() if r.state == state))
+            states.add_metric([state], sum(1 for r in nodes if r.state == state))
         yield states
         yield GaugeMetricFamily(
             "fedgrad_staging_bytes", "Bytes of uploads staged in flight.", value=core.staging_bytes
         )
-        last = core.history[-1].train_loss if core.history else float("nan")
+        last = history[-1].train_loss if history else float("nan")
         yield GaugeMetricFamily("fedgrad_last_loss", "Train loss of the last round.", value=last)
 
     def _histogram(self) -> HistogramMetricFamily:

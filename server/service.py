@@ -268,6 +268,8 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
                 ("test_loss", last.test_loss),
                 ("test_accuracy", last.test_accuracy),
                 ("round_seconds", last.seconds),
+                # Payload throughput of the last round, both directions.
+                ("throughput_mb_per_s", last.bytes / 1e6 / last.seconds if last.seconds else 0.0),
             )
             if v == v
         }
