@@ -9,6 +9,7 @@ aggregation) from the cost of a model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,7 @@ class SyntheticTask(Task):
         grads = [torch.mul(b, scale, out=o) for b, o in zip(base, out, strict=True)]
         return Update(grads, self.num_samples(data), {"loss": scale})
 
-    def _base(self, index: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _base(self, index: int, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         layout = tuple((tuple(p.shape), p.dtype) for p in params)
         key = (index, layout)
         if key not in self._bases:
