@@ -114,11 +114,18 @@ class Authorizer:
             raise PermissionDenied(
                 f"certificate is for {cert_id!r} but the token is {token_id!r}'s"
             )
-        return cert_id or token_id
+        who = cert_id or token_id
+        if who is not None and self.allowed and who not in self.allowed:
+            raise PermissionDenied(f"node {who!r} is not in the aggregator's --allow-nodes list")
+        return who
 
     def check(self, context: grpc.aio.ServicerContext, node_id: str) -> None:
         """Raise unless the caller may act as ``node_id``."""
         who = self.identify(context)
+        if who is None and self.allowed and node_id not in self.allowed:
+            raise PermissionDenied(
+                f"node {node_id!r} is not in the aggregator's --allow-nodes list"
+            )
         if who is not None and who != node_id:
             raise PermissionDenied(
                 f"credentials belong to {who!r}; they may not act as node {node_id!r}"

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedgrad.codec import Layout, dtype_from_proto, manifest_to_proto
-from fedgrad.errors import InvalidArgument, RpcError, StaleRound
+from fedgrad.errors import InvalidArgument, ResourceExhausted, RpcError, StaleRound
 from fedgrad.framing import decode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.aggregator import Aggregator, UploadTicket
@@ -27,6 +27,8 @@ __all__ = ["SERVICE_NAME", "AggregatorService"]
 
 log = logging.getLogger("fedgrad.service")
 SERVICE_NAME = "fedgrad.v1.Aggregator"
+#: Upload streams one authenticated identity may hold open (one upload, plus retries).
+MAX_STREAMS_PER_IDENTITY = 2
 _REDUCTION = {"weighted-mean": pb.WEIGHTED_MEAN, "mean": pb.MEAN, "sum": pb.SUM}
 
 
@@ -69,6 +71,7 @@ class AggregatorService:
         self.idle_timeout = idle_timeout
         self.auth = auth or Authorizer(None, mutual_tls=False)
         self._layouts: dict[int, Layout] = {pb.DTYPE_UNSPECIFIED: core.layout}
+        self._streams: dict[str, int] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Return the generic handler that serves every method of the service."""
@@ -141,9 +144,11 @@ class AggregatorService:
     ) -> pb.PushReply:
         ticket: UploadTicket | None = None
         node, round_ = "?", "?"
+        who: str | None = None
         try:
-            # Authenticate before reading anything: strangers must not hold a stream open.
-            self.auth.identify(context)
+            # Authenticate before reading anything: strangers must not hold a stream open,
+            # and one identity may not hold more than a few (header-less calls included).
+            who = self._enter(self.auth.identify(context))
             raw = await self._next(requests)
             first = _parse(raw) if raw is not None else None
             if first is None or first.WhichOneof("kind") != "header":
@@ -167,6 +172,7 @@ class AggregatorService:
             await _fail(context, exc, node, round_, self.core)
             return pb.PushReply()  # only reached when the call had already ended
         finally:
+            self._exit(who)
             if ticket is not None:
                 self.core.release(ticket)
 
@@ -211,6 +217,21 @@ class AggregatorService:
             raise InvalidArgument(
                 f"no message for {self.idle_timeout:.0f} s: upload abandoned (per-chunk idle deadline)"
             ) from None
+
+    def _enter(self, who: str | None) -> str | None:
+        if who is not None:
+            if self._streams.get(who, 0) >= MAX_STREAMS_PER_IDENTITY:
+                raise ResourceExhausted(
+                    f"{who!r} already has {MAX_STREAMS_PER_IDENTITY} upload streams open"
+                )
+            self._streams[who] = self._streams.get(who, 0) + 1
+        return who
+
+    def _exit(self, who: str | None) -> None:
+        if who is not None:
+            self._streams[who] -= 1
+            if not self._streams[who]:
+                del self._streams[who]
 
     def _layout(self, wire_dtype: int) -> Layout:
         layout = self._layouts.get(wire_dtype)

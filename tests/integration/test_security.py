@@ -718,3 +718,63 @@ def test_cli_node_with_wrong_token_fails_cleanly_without_echoing_it(cli, spawn, 
     assert "UNAUTHENTICATED" in err
     assert bad not in out + err and good not in out + err
     assert "Traceback" not in err, f"a traceback instead of an error message:\n{err}"
+
+
+def test_allow_nodes_refuses_valid_credentials_of_other_nodes(serve, dial, pki, tokens, caplog):
+    # n1 and n2 both hold valid tokens, but only n1 is on the --allow-nodes list.
+    served = serve(
+        "linear", nodes=1, rounds=ROUNDS, tokens=str(tokens.path), allow_nodes=("n1",), **pki.server
+    )
+    stub = dial(served.address, pki.ca)
+    assert code_of(lambda: join(stub, "n2", tokens.md("n2"))) == PERMISSION_DENIED
+    assert code_of(lambda: status(stub, tokens.md("n2"))) == PERMISSION_DENIED
+    assert served.call(lambda: sorted(served.core.nodes)) == []
+    assert join(stub, "n1", tokens.md("n1")).round == 0
+    assert served.call(lambda: sorted(served.core.nodes)) == ["n1"]
+    assert any("allow-nodes" in r.getMessage() for r in caplog.records)
+
+
+def test_allow_nodes_without_credentials_checks_the_claimed_id(serve, connect):
+    served = serve("linear", nodes=1, rounds=ROUNDS, allow_nodes=("a",))
+    stub = connect(served)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Join(pb.JoinRequest(node_id="b", num_samples=1), timeout=TIMEOUT)
+    assert info.value.code() == PERMISSION_DENIED
+    assert stub.Join(pb.JoinRequest(node_id="a", num_samples=1), timeout=TIMEOUT).round == 0
+
+
+def test_one_identity_cannot_hold_more_than_two_upload_streams(serve, dial, pki, tokens):
+    # Header-less uploads are counted per identity before anything is read.
+    served = serve("linear", nodes=2, rounds=ROUNDS, tokens=str(tokens.path), **pki.server)
+    stub = dial(served.address, pki.ca)
+    held: list[Any] = []
+    gate = threading.Event()
+
+    def silent() -> Iterator[pb.GradientMessage]:
+        gate.wait(TIMEOUT)
+        return
+        yield  # a generator that sends nothing until released
+
+    try:
+        held = [
+            stub.PushGradients.future(silent(), timeout=TIMEOUT, metadata=tokens.md("n1"))
+            for _ in range(2)
+        ]
+        wait_until = time.monotonic() + TIMEOUT
+        code = grpc.StatusCode.OK
+        while time.monotonic() < wait_until:
+            code = code_of(lambda: push_silent(stub, tokens.md("n1")))
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                break
+            time.sleep(0.05)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Another identity is not affected.
+        assert join(stub, "n2", tokens.md("n2")).round >= 0
+    finally:
+        gate.set()
+        for future in held:
+            future.cancel()
+
+
+def push_silent(stub: pb_grpc.AggregatorStub, md: Metadata) -> Any:
+    return stub.PushGradients(iter(()), timeout=TIMEOUT, metadata=md)
