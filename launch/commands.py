@@ -67,7 +67,7 @@ def aggregator_config(values: dict[str, Any]) -> AggregatorConfig:
         raise ConfigError("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    check_listen_policy(cfg)
+    check_listen_policy(cfg, warn=False)  # refuse early; the server warns once it logs
     if cfg.min_nodes > cfg.nodes:
         raise ConfigError(f"--min-nodes {cfg.min_nodes} is more than --nodes {cfg.nodes}")
     return cfg

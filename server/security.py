@@ -33,7 +33,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_listen_policy(cfg: AggregatorConfig) -> None:
+def check_listen_policy(cfg: AggregatorConfig, warn: bool = True) -> None:
     """Refuse plaintext off loopback unless ``insecure``; warn when TLS authenticates nobody.
 
     Raises:
@@ -49,7 +49,7 @@ def check_listen_policy(cfg: AggregatorConfig) -> None:
             " then --tls-cert certs/server.pem --tls-key certs/server.key --tls-client-ca certs/ca.pem)"
             " or pass --insecure on a trusted network"
         )
-    if not cfg.tls_client_ca and not cfg.tokens:
+    if warn and not cfg.tls_client_ca and not cfg.tokens:
         log.warning(
             "serving on %s with no client authentication: any caller can join; add"
             " --tls-client-ca (mutual TLS) or --tokens",
