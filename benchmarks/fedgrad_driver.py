@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
+from fedgrad.client.node import PULL_METHOD, PUSH_METHOD
+from fedgrad.framing import decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
 
@@ -42,7 +44,7 @@ _OPTIONS = [
 _CALL_TIMEOUT = 30.0
 
 
-def stream_chunks(manifest: pb.Manifest, chunk_bytes: int) -> list[pb.GradientMessage]:
+def stream_chunks(manifest: pb.Manifest, chunk_bytes: int) -> list[bytes]:
     """Cut an all-zero flat stream for ``manifest`` into chunk messages, in order.
 
     Each chunk names the tensor and byte offset where its data begins; data
@@ -65,10 +67,17 @@ def stream_chunks(manifest: pb.Manifest, chunk_bytes: int) -> list[pb.GradientMe
         index = bisect.bisect_right(ends, pos)  # first tensor ending after pos: non-empty
         offset = pos - (ends[index] - sizes[index])
         n = min(chunk_bytes, total - pos)
-        chunk = pb.Chunk(tensor=index, offset=offset, data=zeros[:n])
-        chunks.append(pb.GradientMessage(chunk=chunk))
+        # Serialized once, like a real node's hand-framed chunks (fedgrad.framing).
+        chunks.append(encode_chunk(index, offset, [zeros[:n]]))
         pos += n
     return chunks
+
+
+def _data_len(raw: bytes) -> int:
+    view = decode_chunk(raw)
+    return (
+        view.data_len if view is not None else len(pb.ParameterMessage.FromString(raw).chunk.data)
+    )
 
 
 @dataclass
@@ -91,8 +100,15 @@ class DriverNode:
         self.node_id, self.num_samples = node_id, num_samples
         self.channel = grpc.insecure_channel(target, options=_OPTIONS)
         self.stub = pb_grpc.AggregatorStub(self.channel)
+        # Raw-bytes calls, as the fedgrad node makes them: no protobuf copy per chunk.
+        self._pull = self.channel.unary_stream(
+            PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString
+        )
+        self._push = self.channel.stream_unary(
+            PUSH_METHOD, response_deserializer=pb.PushReply.FromString
+        )
         self.stats = NodeStats(node_id)
-        self.chunks: list[pb.GradientMessage] = []
+        self.chunks: list[bytes] = []
         self.session = ""
 
     def join(self, chunks_cache: dict) -> None:
@@ -107,7 +123,7 @@ class DriverNode:
             if key not in chunks_cache:
                 chunks_cache[key] = stream_chunks(reply.manifest, reply.chunk_bytes)
         self.chunks = chunks_cache[key]
-        self.total_bytes = sum(len(m.chunk.data) for m in self.chunks)
+        self.total_bytes = sum(decode_chunk(m).data_len for m in self.chunks)
 
     def pull(self, min_round: int, timeout: float) -> tuple[pb.ParameterHeader, float]:
         """Stream the parameters of the first round >= ``min_round``; count the bytes.
@@ -116,12 +132,12 @@ class DriverNode:
             The header, and the seconds from its arrival to the end of the
             stream: the transfer alone, not the server-side wait for the round.
         """
-        stream = self.stub.PullParameters(
+        stream = self._pull(
             pb.PullRequest(node_id=self.node_id, min_round=min_round), timeout=timeout
         )
-        header = next(stream).header
+        header = pb.ParameterMessage.FromString(next(stream)).header
         start = time.monotonic()
-        got = sum(len(m.chunk.data) for m in stream)
+        got = sum(_data_len(raw) for raw in stream)
         if got != header.total_bytes:
             raise RuntimeError(f"pulled {got} of {header.total_bytes} bytes")
         return header, time.monotonic() - start
@@ -134,11 +150,12 @@ class DriverNode:
         )  # fmt: skip
 
         def messages():
-            yield pb.GradientMessage(header=header)
+            yield pb.GradientMessage(header=header).SerializeToString()
             yield from self.chunks  # built once, shared read-only by all threads
-            yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=self.total_bytes))
+            end = pb.UploadEnd(total_bytes=self.total_bytes)
+            yield pb.GradientMessage(end=end).SerializeToString()
 
-        self.stub.PushGradients(messages(), timeout=timeout)
+        self._push(messages(), timeout=timeout)
 
     def run(self, deadline: float, chunks_cache: dict) -> NodeStats:
         """Join and train until the aggregator says finished or ``deadline`` passes."""
