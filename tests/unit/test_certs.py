@@ -35,7 +35,11 @@ from fedgrad.certs import (
 )
 from fedgrad.errors import ConfigError
 
-NOW = dt.datetime.now(dt.UTC)
+
+def now() -> dt.datetime:
+    # Read the clock when asked, never at import: a slow suite reaches this module
+    # minutes after collection, later than certificates made "now" start being valid.
+    return dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +71,20 @@ def ext(cert: x509.Certificate, kind: type) -> x509.Extension:
 
 
 def verify_server(ca_cert: x509.Certificate, cert: x509.Certificate, name: x509.GeneralName):
-    builder = PolicyBuilder().store(Store([ca_cert])).time(NOW)
+    builder = PolicyBuilder().store(Store([ca_cert])).time(now())
     verifier = builder.build_server_verifier(name)  # type: ignore[arg-type]
     return verifier.verify(cert, [])
 
 
-def verify_client(ca_cert: x509.Certificate, cert: x509.Certificate, when=NOW):
+def verify_client(
+    ca_cert: x509.Certificate, cert: x509.Certificate, when: dt.datetime | None = None
+):
     return (
-        PolicyBuilder().store(Store([ca_cert])).time(when).build_client_verifier().verify(cert, [])
+        PolicyBuilder()
+        .store(Store([ca_cert]))
+        .time(when or now())
+        .build_client_verifier()
+        .verify(cert, [])
     )
 
 
@@ -94,7 +104,7 @@ def test_ca(ca):
     assert usage.key_cert_sign and usage.crl_sign and not usage.digital_signature
     lifetime = ca.cert.not_valid_after_utc - ca.cert.not_valid_before_utc
     assert lifetime == dt.timedelta(days=30)
-    assert ca.cert.not_valid_before_utc < NOW
+    assert ca.cert.not_valid_before_utc < now()
 
 
 def test_server_cert_default_hosts(ca):
@@ -163,13 +173,13 @@ def test_client_cert_rejects_bad_node_id(ca, node_id):
 
 
 def test_expired_cert():
-    ca = make_ca(days=30, valid_from=NOW - dt.timedelta(days=10))
-    expired = make_client_cert(ca, "n1", days=1, valid_from=NOW - dt.timedelta(days=3))
-    assert expired.cert.not_valid_after_utc < NOW
+    ca = make_ca(days=30, valid_from=now() - dt.timedelta(days=10))
+    expired = make_client_cert(ca, "n1", days=1, valid_from=now() - dt.timedelta(days=3))
+    assert expired.cert.not_valid_after_utc < now()
     with pytest.raises(VerificationError, match="not valid at validation time"):
         verify_client(ca.cert, expired.cert)
     # The same certificate was fine while it lasted.
-    verify_client(ca.cert, expired.cert, when=NOW - dt.timedelta(days=2, hours=12))
+    verify_client(ca.cert, expired.cert, when=now() - dt.timedelta(days=2, hours=12))
 
 
 def test_leaf_never_outlives_its_ca(ca):
@@ -255,7 +265,7 @@ def test_init_federation_contents(tmp_path):
         node = load_key_cert(paths[f"nodes/{node_id}.pem"], paths[f"nodes/{node_id}.key"])
         assert common_name(node.cert) == node_id
         verify_client(ca.cert, node.cert)
-    assert ca.cert.not_valid_after_utc - NOW > dt.timedelta(days=3000)
+    assert ca.cert.not_valid_after_utc - now() > dt.timedelta(days=3000)
 
 
 def test_init_federation_refuses_to_overwrite(tmp_path):
