@@ -166,6 +166,8 @@ def _run_in_order(serve, hand_node, dtype: str, order: Sequence[int]) -> list[to
         grads = [_seeded_gradients(nodes[0].specs, 7 * r + i) for i in range(4)]
         for i in order:
             nodes[i].push(r, grads[i])
+        if r == 0:
+            nodes[0].pull(1)  # the round closes after the last reply: wait for it, as nodes do
     header, params = nodes[0].pull(2)
     assert header.finished
     return params
