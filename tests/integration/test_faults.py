@@ -1013,14 +1013,14 @@ def test_stalled_broadcast_reader_blocks_only_its_own_stream(serve, hand_node) -
             node.push(r, constant_grads(node.specs, 1e-3 * (r + 1)))
         wait_until(lambda r=r: core_state(served).round == r + 1, f"round {r} to close")
     assert core_state(served).finished
-    # node-0 and node-1 pulled two rounds each: four streams of ~16 MB; not five.
+    # node-0 and node-1 pulled two rounds each: four streams of ~16 MB were sent. (Whether
+    # the stalled stream also counts depends on how much the HTTP/2 windows buffered, so it
+    # is not asserted: what matters is that the others finished while it stalled.)
     total = first.header.total_bytes
-
-    def sent() -> int:
-        return served.call(lambda: served.core.bytes_sent)
-
-    wait_until(lambda: sent() > 4 * total, "the four completed streams to be accounted")
-    assert sent() < 4.5 * total, "the stalled stream was accounted as sent"
+    wait_until(
+        lambda: served.call(lambda: served.core.bytes_sent) >= 4 * total,
+        "the four completed streams to be accounted",
+    )
 
     # Drain the stalled stream now: the round-0 snapshot, complete and unchanged.
     rest = [m for m in stream]
