@@ -93,7 +93,7 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize  # no tensor allocation: this runs per chunk segment
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +161,7 @@ class Run:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize  # no tensor allocation: this runs per chunk segment
 
 
 class Layout:
@@ -171,7 +171,7 @@ class Layout:
         """Lay out ``specs``; ``wire_dtype`` overrides every tensor's dtype on the wire."""
         self.specs = list(specs)
         self.dtypes = [wire_dtype or s.dtype for s in self.specs]
-        self.itemsizes = [torch.empty((), dtype=d).element_size() for d in self.dtypes]
+        self.itemsizes = [d.itemsize for d in self.dtypes]
         self.nbytes = [s.numel * size for s, size in zip(self.specs, self.itemsizes, strict=True)]
         self.starts = [0] * len(self.specs)
         for i in range(1, len(self.specs)):
