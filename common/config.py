@@ -46,6 +46,7 @@ class AggregatorConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     staging_mb: int = 512
     max_inflight: int = 0
+    accumulate: str = "float64"
     max_rpcs: int = 2048
     slot_wait: float = 60.0
     allow_nodes: tuple[str, ...] = ()
@@ -71,6 +72,8 @@ class AggregatorConfig:
             raise ConfigError("nodes, rounds and min_nodes must be >= 1")
         if self.max_inflight < 0 or self.finish_grace < 0 or self.max_rpcs < 1:
             raise ConfigError("max_inflight and finish_grace must be >= 0, max_rpcs >= 1")
+        if self.accumulate not in ("float64", "float32"):
+            raise ConfigError(f"accumulate {self.accumulate!r} must be float64 or float32")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} is not a port (0..65535)")
 

@@ -170,6 +170,13 @@ def _aggregator_parser(sub: argparse._SubParsersAction) -> None:
         help="memory budget for staged uploads, MiB (default 512)",
     )
     p.add_argument(
+        "--accumulate",
+        choices=["float64", "float32"],
+        help="accumulator dtype: float64 sums are order-independent for float32/16 models;"
+        " float32 halves the accumulator's memory, its sums depend on arrival order in the"
+        " last bits (default float64)",
+    )
+    p.add_argument(
         "--idle-timeout",
         type=_positive(float),
         metavar="SEC",

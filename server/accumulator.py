@@ -79,15 +79,22 @@ class StagedUpload:
 
 
 class Accumulator:
-    """A float64 running sum of weighted gradients over one flat stream."""
+    """A running sum of weighted gradients over one flat stream (float64 by default).
 
-    def __init__(self, layout: Layout, workers: int = 1) -> None:
+    ``dtype=np.float32`` halves the memory; its sums then depend on arrival order
+    in the last bits, and weights above 2**24 are no longer exact.
+    """
+
+    def __init__(self, layout: Layout, workers: int = 1, dtype: type = np.float64) -> None:
         self.layout = layout
         self.workers = max(1, workers)
         self._executor: ThreadPoolExecutor | None = None
-        self.total = np.zeros(layout.numel, dtype=np.float64)
+        self.total: np.ndarray = np.zeros(layout.numel, dtype=dtype)
         self.weight = 0.0
         self.count = 0
+        self._first_elements = [0] * len(layout.specs)
+        for i in range(1, len(layout.specs)):
+            self._first_elements[i] = self._first_elements[i - 1] + layout.specs[i - 1].numel
 
     def reset(self) -> None:
         """Forget every committed upload (start a new round).
@@ -138,7 +145,8 @@ class Accumulator:
         weight: int,
         overwrite: bool,
     ) -> None:
-        scratch = np.empty(0, dtype=np.float64)
+        dtype = self.total.dtype
+        scratch = np.empty(0, dtype=dtype)
         for position, raw, start, length in chunks:
             for run, run_offset, nbytes in layout.run_segments(position, length):
                 at = start + run.start + run_offset - position
@@ -146,15 +154,15 @@ class Accumulator:
                 first = run.first_element + run_offset // run.itemsize
                 target = self.total[first : first + values.size]
                 if overwrite:  # exact: n * g of a float32/16 g and n < 2**29 fits float64
-                    np.multiply(values, float(weight), out=target, dtype=np.float64)
+                    np.multiply(values, weight, out=target, dtype=dtype)
                     continue
                 if weight == 1:
                     np.add(target, values, out=target)
                     continue
                 if scratch.size < values.size:
-                    scratch = np.empty(values.size, dtype=np.float64)
+                    scratch = np.empty(values.size, dtype=dtype)
                 scaled = scratch[: values.size]
-                np.multiply(values, float(weight), out=scaled, dtype=np.float64)
+                np.multiply(values, weight, out=scaled, dtype=dtype)
                 np.add(target, scaled, out=target)
 
     def _totals(self) -> torch.Tensor:
@@ -170,10 +178,15 @@ class Accumulator:
             yield (flat[element : element + spec.numel] / divisor).reshape(spec.shape)
             element += spec.numel
 
-    def result_into(self, outputs: list[torch.Tensor], divisor: float) -> None:
-        """Write total / divisor into ``outputs`` (one per manifest entry, any float dtype)."""
+    def result_into(
+        self, outputs: list[torch.Tensor], divisor: float, indices: list[int] | None = None
+    ) -> None:
+        """Write total / divisor into ``outputs`` (any float dtype).
+
+        ``outputs[k]`` receives manifest entry ``indices[k]`` (every entry, in order, if None).
+        """
         flat = self._totals()
-        element = 0
-        for spec, out in zip(self.layout.specs, outputs, strict=True):
+        wanted = range(len(self.layout.specs)) if indices is None else indices
+        for i, out in zip(wanted, outputs, strict=True):
+            spec, element = self.layout.specs[i], self._first_elements[i]
             torch.div(flat[element : element + spec.numel].view(spec.shape), divisor, out=out)
-            element += spec.numel

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedgrad.codec import Layout, specs_of
@@ -43,6 +44,9 @@ __all__ = ["MAX_PULLS_PER_NODE", "Aggregator", "NodeRecord", "UploadTicket", "ma
 #: Parameter streams one node may hold open at once (one, plus one reconnecting).
 MAX_PULLS_PER_NODE = 2
 
+#: Bytes of gradients materialized at once during the optimizer step.
+STEP_BATCH_BYTES = 32 << 20
+
 log = logging.getLogger("fedgrad.aggregator")
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -56,6 +60,20 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r} (sgd, momentum, adam)")
+
+
+def _batches(sizes: list[int], limit: int) -> list[list[int]]:
+    """Split indices 0..len(sizes)-1 into consecutive runs of at most ``limit`` bytes each
+    (a single larger entry gets a run of its own)."""
+    batches: list[list[int]] = []
+    used = limit
+    for i, size in enumerate(sizes):
+        if not batches or used + size > limit:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += size
+    return batches
 
 
 def check_id(kind: str, value: str) -> str:
@@ -99,6 +117,7 @@ class UploadTicket:
     metrics: dict[str, float]
     staged: StagedUpload | None
     duplicate: bool = False
+    accepted: bool = False  # counted in the round; the reduce may still be running
 
 
 class Aggregator:
@@ -115,7 +134,9 @@ class Aggregator:
         self.optimizer = make_optimizer(cfg.optimizer or task.optimizer, self.params, lr)
         # Two reduce threads pay off once uploads are large; small models stay single-threaded.
         workers = min(2, os.cpu_count() or 1) if self.layout.total >= 16 << 20 else 1
-        self.acc = Accumulator(self.layout, workers)
+        dtype = np.float32 if cfg.accumulate == "float32" else np.float64
+        self.acc = Accumulator(self.layout, workers, dtype)
+        self._step_batches = _batches(self.layout.nbytes, STEP_BATCH_BYTES)
         self.session_id = uuid.uuid4().hex
         self.round = 0
         self.started = self.finished = False
@@ -142,6 +163,8 @@ class Aggregator:
         self.phase_seconds: dict[str, float] = {}
         self._reduce_seconds = 0.0
         self.closing = False
+        self.closing_round = False  # the step of the open round has begun
+        self.pending_reduces = 0  # accepted uploads not yet added to the accumulator
         self.resumed = bool(cfg.checkpoint_dir) and self._restore()
 
     async def start(self) -> None:
@@ -383,8 +406,13 @@ class Aggregator:
         """Bytes of uploads staged right now."""
         return sum(t.staged.nbytes for t in list(self.inflight) if t.staged is not None)
 
-    def release(self, ticket: UploadTicket) -> None:
-        """Free the staging slot of a ticket (after commit or failure); idempotent."""
+    def release(self, ticket: UploadTicket, reduced: bool = False) -> None:
+        """Free the staging slot of a ticket (after its reduce, or failure); idempotent.
+
+        An accepted ticket keeps its slot until its reduce is done (``reduced=True``).
+        """
+        if ticket.accepted and not reduced:
+            return
         self.inflight.discard(ticket)
         if ticket.staged is not None:
             ticket.staged = None
@@ -394,53 +422,73 @@ class Aggregator:
                 record.uploading = False
 
     async def commit(self, ticket: UploadTicket) -> int:
-        """Count a complete upload exactly once; return the round it counted in."""
+        """Accept a complete upload exactly once; return the round it counts in.
+
+        The reply does not wait for the reduce: once an upload is complete, valid and
+        recorded as this node's upload of the open round, it counts. The reduce runs
+        in the background (one at a time, in a worker thread) and the round closes
+        only after every accepted upload is reduced. An aggregator crash loses the
+        open round's accumulator either way, so acking before the add promises nothing
+        more than acking after it, and the node's upload overlaps the reduce.
+        """
         if ticket.duplicate:
             return ticket.round
         staged = ticket.staged
         assert staged is not None
         staged.complete()
-        # Once the add starts, it finishes together with its bookkeeping even if the
-        # caller is cancelled: otherwise a retry of the same upload would count twice.
-        task = asyncio.get_running_loop().create_task(self._count(ticket, staged))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return await asyncio.shield(task)
-
-    async def _count(self, ticket: UploadTicket, staged: StagedUpload) -> int:
-        async with self._commit:
-            if self.round != ticket.round or self.finished:
-                raise StaleRound(f"round {ticket.round} closed during the upload", self.round)
-            previous = self.reported.get(ticket.node_id)
-            if previous is not None:
-                if previous == ticket.upload_id:
-                    return ticket.round
-                raise AlreadyExists(
-                    f"node {ticket.node_id!r} already uploaded for round {ticket.round}"
-                )
-            began = time.perf_counter()
-            await asyncio.to_thread(self.acc.commit, staged, ticket.weight)
-            self._reduce_seconds += time.perf_counter() - began
-            self.uploads_accepted += 1
-            self.reported[ticket.node_id] = ticket.upload_id
-            self.bytes_received += staged.nbytes
-            self._round_bytes += staged.nbytes
-            if "loss" in ticket.metrics:
-                self.round_loss[0] += ticket.metrics["loss"] * ticket.weight
-                self.round_loss[1] += ticket.weight
-            self.nodes[ticket.node_id].last_round = ticket.round
-            log.debug(
-                "upload counted",
-                extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"},
+        if self.round != ticket.round or self.finished or self.closing_round:
+            current = self.round + 1 if self.closing_round else self.round
+            raise StaleRound(f"round {ticket.round} closed during the upload", current)
+        previous = self.reported.get(ticket.node_id)
+        if previous is not None:
+            if previous == ticket.upload_id:
+                return ticket.round
+            raise AlreadyExists(
+                f"node {ticket.node_id!r} already uploaded for round {ticket.round}"
             )
-        # Reply now; the step and the broadcast run after (the node pulls the next round).
-        self._spawn(self._maybe_close())
+        # From here on, no await until the reduce is scheduled: the acceptance is atomic.
+        ticket.accepted = True
+        self.reported[ticket.node_id] = ticket.upload_id
+        self.pending_reduces += 1
+        self.uploads_accepted += 1
+        self.bytes_received += staged.nbytes
+        self._round_bytes += staged.nbytes
+        if "loss" in ticket.metrics:
+            self.round_loss[0] += ticket.metrics["loss"] * ticket.weight
+            self.round_loss[1] += ticket.weight
+        self.nodes[ticket.node_id].last_round = ticket.round
+        self._spawn(self._reduce(ticket, staged))
+        log.debug(
+            "upload accepted",
+            extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"},
+        )
         return ticket.round
+
+    async def _reduce(self, ticket: UploadTicket, staged: StagedUpload) -> None:
+        try:
+            async with self._commit:
+                began = time.perf_counter()
+                await asyncio.to_thread(self.acc.commit, staged, ticket.weight)
+                self._reduce_seconds += time.perf_counter() - began
+        except asyncio.CancelledError:
+            raise  # shutting down: the open round is not checkpointed anyway
+        except Exception:
+            # Cannot happen for a validated upload (weights and length are checked before
+            # acceptance); if it does, say so loudly rather than close a round without it.
+            log.exception(
+                "reduce failed; the round will not close",
+                extra={"node": ticket.node_id, "round": ticket.round, "event": "reduce_failed"},
+            )
+            raise
+        finally:
+            self.release(ticket, reduced=True)
+        self.pending_reduces -= 1
+        await self._maybe_close()
 
     # -- rounds ------------------------------------------------------------------------
     def quorum(self) -> bool:
         """Return True if the open round may close now."""
-        if not self.started or self.finished or not self.reported:
+        if not self.started or self.finished or not self.reported or self.pending_reduces:
             return False
         waiting = [
             r for r in self.nodes.values() if r.state == "active" and r.node_id not in self.reported
@@ -470,6 +518,7 @@ class Aggregator:
 
     async def _close_round(self) -> None:
         self.phase = "stepping"
+        self.closing_round = True
         collected = time.perf_counter()
         phases = {"collect": time.monotonic() - self.round_started, "reduce": self._reduce_seconds}
         divisor = self.acc.weight if self.cfg.reduce != "sum" else 1.0
@@ -488,6 +537,7 @@ class Aggregator:
         )
         self.history.append(record)
         self.round += 1
+        self.closing_round = False
         self.acc.reset()
         self.reported.clear()
         self.round_loss = [0.0, 0.0]
@@ -503,14 +553,18 @@ class Aggregator:
             callback(record)
 
     def _step(self, divisor: float) -> dict[str, float]:
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-        self.acc.result_into([p.grad for p in self.params], divisor)  # type: ignore[misc]
-        self.optimizer.step()
-        # Free the gradients before the broadcast is serialized: peak memory is then
-        # params + accumulator + max(gradients, broadcast), not their sum.
-        self.optimizer.zero_grad(set_to_none=True)
+        # Gradients exist a batch of tensors at a time, never a whole second model:
+        # torch.optim skips parameters whose grad is None, and sgd, momentum and adam
+        # update each parameter from its own gradient and state, so stepping batch by
+        # batch gives the same parameters as one step over all of them.
+        for batch in self._step_batches:
+            grads = [torch.empty_like(self.params[i]) for i in batch]
+            self.acc.result_into(grads, divisor, batch)
+            for i, g in zip(batch, grads, strict=True):
+                self.params[i].grad = g
+            del grads
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.eval()
             return self.task.evaluate(self.model) or {}

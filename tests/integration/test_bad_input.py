@@ -87,8 +87,12 @@ class Bench:
         return self.a.specs
 
     def state(self) -> State:
-        def read() -> State:
+        """Read the aggregator's state once accepted uploads are reduced (up to 10 s)."""
+
+        def read() -> State | None:
             core = self.served.core
+            if core.pending_reduces:
+                return None
             return State(
                 round=core.round,
                 reported=dict(core.reported),
@@ -101,7 +105,12 @@ class Bench:
                 params={k: v.numpy().tobytes() for k, v in core.state_dict().items()},
             )
 
-        return self.served.call(read)
+        deadline = time.monotonic() + 10
+        while (state := self.served.call(read)) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError("accepted uploads were not reduced within 10 s")
+            time.sleep(0.01)
+        return state
 
     def push_raw(self, messages: Sequence[bytes]) -> grpc.RpcError | Any:
         """Send raw messages as one PushGradients stream; return the error (or the reply)."""

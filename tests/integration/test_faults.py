@@ -111,10 +111,16 @@ class CoreState:
 
 
 def core_state(served: Any) -> CoreState:
-    """Read the aggregator's round, accumulator and staging slots (thread-safe)."""
+    """Read the aggregator's round, accumulator and staging slots (thread-safe).
 
-    def read() -> CoreState:
+    Waits (up to 10 s) for accepted uploads to be reduced: an upload is acknowledged
+    when accepted, and reaches the accumulator a moment later.
+    """
+
+    def read() -> CoreState | None:
         core = served.core
+        if core.pending_reduces:
+            return None
         return CoreState(
             round=core.round,
             reported=dict(core.reported),
@@ -127,7 +133,12 @@ def core_state(served: Any) -> CoreState:
             finished=core.finished,
         )
 
-    return served.call(read)
+    deadline = time.monotonic() + 10
+    while (state := served.call(read)) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError("accepted uploads were not reduced within 10 s")
+        time.sleep(0.01)
+    return state
 
 
 def slots_free(served: Any) -> bool:
@@ -673,12 +684,13 @@ def test_resumed_round_is_recomputed_bitwise(
     hand_node(first, "node-0", num_samples=100)  # never uploads: the round stays open
     node = spawn(*cli.argv, "node", *DIGITS_FLAGS, "--aggregator", first.address,
                  "--node-id", "node-1", "--shard", "1/2", "--give-up-after", "60")  # fmt: skip
-    wait_until(lambda: "node-1" in core_state(first).reported, "node-1's upload", PROC_TIMEOUT)
+    # count, not reported: an upload is reported when accepted and counted once reduced.
+    wait_until(lambda: core_state(first).count == 1, "node-1's upload", PROC_TIMEOUT)
     lost = core_state(first)
     first.stop()  # the in-memory accumulation is gone; the checkpoint says round 0
 
     second = serve("digits", **cfg)
-    wait_until(lambda: "node-1" in core_state(second).reported, "node-1 to redo round 0",
+    wait_until(lambda: core_state(second).count == 1, "node-1 to redo round 0",
                PROC_TIMEOUT)  # fmt: skip
     again = core_state(second)
     assert (lost.round, again.round) == (0, 0)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from fedgrad import LocalCluster
 from fedgrad.codec import TensorSpec
 from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.server import aggregator
 from fedgrad.task import load_task
 from fedgrad.tasks.linear import LinearTask
 
@@ -124,16 +127,35 @@ OPT_TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-6, 1e-7)}
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 @pytest.mark.parametrize(
-    ("task_name", "task_args"),
-    [("linear", {"features": "4"}), ("synthetic", {"params": "3000", "tensors": "3"})],
-    ids=["float64", "float32"],
+    ("task_name", "task_args", "options"),
+    [
+        ("linear", {"features": "4"}, {}),
+        ("synthetic", {"params": "3000", "tensors": "3"}, {}),
+        # One tensor per optimizer step (as for models larger than STEP_BATCH_BYTES).
+        ("synthetic", {"params": "3000", "tensors": "3"}, {"step_batch_bytes": 1}),
+        ("synthetic", {"params": "3000", "tensors": "3"}, {"accumulate": "float32"}),
+    ],
+    ids=["float64", "float32", "float32-step-per-tensor", "float32-accumulate-float32"],
 )
 def test_optimizer_step_matches_plain_torch(
-    serve, hand_node, optimizer: str, task_name: str, task_args: dict[str, str]
+    serve,
+    hand_node,
+    monkeypatch: pytest.MonkeyPatch,
+    optimizer: str,
+    task_name: str,
+    task_args: dict[str, str],
+    options: dict[str, Any],
 ) -> None:
     rounds, lr, samples = 3, 0.01, (30, 70)
     task = load_task(task_name, task_args, seed=0)
-    served = serve(task, nodes=2, rounds=rounds, optimizer=optimizer, lr=lr, seed=SEED)
+    options = dict(options)
+    if "step_batch_bytes" in options:
+        monkeypatch.setattr(aggregator, "STEP_BATCH_BYTES", options.pop("step_batch_bytes"))
+    served = serve(task, nodes=2, rounds=rounds, optimizer=optimizer, lr=lr, seed=SEED, **options)
+    if options.get("accumulate") == "float32":
+        assert served.core.acc.total.dtype == np.float32
+    if aggregator.STEP_BATCH_BYTES == 1:
+        assert len(served.core._step_batches) == 3
     nodes = [hand_node(served, f"n{i}", num_samples=n) for i, n in enumerate(samples)]
 
     torch.manual_seed(SEED)

@@ -260,3 +260,51 @@ def test_commit_order_does_not_change_the_sum_of_float64_gradients() -> None:
     # DESIGN.md: "Arrival order must not change the result (accumulate at higher
     # precision, or another exact scheme)". The built-in `linear` task is float64.
     _assert_order_independent(_specs(torch.float64), (1, 1, 1))
+
+
+# -- float32 accumulation, partial results, step batches ------------------------------------------
+def test_float32_accumulator_is_within_float32_rounding_of_the_reference() -> None:
+    specs = _specs(torch.float32)
+    layout = Layout(specs)
+    uploads = [_gradients(specs, seed) for seed in range(3)]
+    acc = Accumulator(layout, dtype=np.float32)
+    for tensors, w in zip(uploads, (100, 7, 3_000), strict=True):
+        acc.commit(_stage(layout, tensors), w)
+    assert acc.total.dtype == np.float32 and acc.total.nbytes == layout.numel * 4
+    outputs = [torch.empty(s.shape, dtype=torch.float32) for s in specs]
+    acc.result_into(outputs, 3_107.0)
+    for got, want in zip(outputs, _reference(uploads, (100, 7, 3_000), 3_107.0), strict=True):
+        torch.testing.assert_close(got, want.to(torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_result_into_a_subset_writes_exactly_those_tensors() -> None:
+    specs = _specs()
+    layout = Layout(specs)
+    uploads = [_gradients(specs, seed) for seed in range(2)]
+    acc = Accumulator(layout)
+    for tensors in uploads:
+        acc.commit(_stage(layout, tensors), 3)
+    full = list(acc.result(6.0))
+    picked = [4, 0, 3]
+    outputs = [torch.empty(specs[i].shape, dtype=torch.float64) for i in picked]
+    acc.result_into(outputs, 6.0, picked)
+    for i, out in zip(picked, outputs, strict=True):
+        assert torch.equal(out, full[i])
+
+
+@pytest.mark.parametrize(
+    ("sizes", "limit", "want"),
+    [
+        ([10, 10, 10], 25, [[0, 1], [2]]),
+        ([10, 10, 10], 1, [[0], [1], [2]]),
+        ([10, 10, 10], 1 << 30, [[0, 1, 2]]),
+        ([50, 1, 1, 50], 20, [[0], [1, 2], [3]]),
+        ([], 10, []),
+    ],
+)
+def test_step_batches_cover_every_tensor_in_order_within_the_limit(
+    sizes: list[int], limit: int, want: list[list[int]]
+) -> None:
+    from fedgrad.server.aggregator import _batches
+
+    assert _batches(sizes, limit) == want
