@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import grpc
 import torch
 
 from fedgrad.auth import bearer_metadata
-from fedgrad.client.transport import Backoff, open_channel
+from fedgrad.client.transport import Backoff, Stopped, open_channel
 from fedgrad.codec import (
     ChunkCursor,
     Layout,
@@ -47,11 +48,13 @@ class NodeResult:
 
 
 class Node:
-    """One compute node. ``run()`` returns when the aggregator finishes training."""
+    """One compute node. ``run()`` returns when training is over, or after ``stop()``."""
 
     def __init__(self, task: Task, cfg: NodeConfig) -> None:
         self.task, self.cfg = task, cfg
         self.stop_event = threading.Event()
+        self._stop_reason = "stop requested"
+        self._active: Any = None  # the call in flight, for stop() to cancel
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -65,12 +68,14 @@ class Node:
         self.channel, self.stub = open_channel(cfg)
         # Raw-bytes twins of two stub methods: chunks are framed and read in place.
         self._pull_raw = self.channel.unary_stream(
-            PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString
+            PULL_METHOD,
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=None,
         )
         self._push_raw = self.channel.stream_unary(
-            PUSH_METHOD, response_deserializer=pb.PushReply.FromString
+            PUSH_METHOD, request_serializer=None, response_deserializer=pb.PushReply.FromString
         )
-        self.backoff = Backoff(cfg.give_up_after)
+        self.backoff = Backoff(cfg.give_up_after, stop=self.stop_event)
         self.session_id = ""
         self.uploads = 0
 
@@ -78,14 +83,56 @@ class Node:
         """Close the channel."""
         self.channel.close()
 
+    def stop(self, reason: str = "stop requested") -> None:
+        """Make ``run()`` leave the federation and return, whatever the node is doing now.
+
+        Cancels the call in flight and ends a backoff wait; ``run()`` then calls Leave
+        and returns its ``NodeResult``. Idempotent, and safe from any thread at any
+        moment, before, during or after ``run()``. From a signal handler, keep ``run()``
+        off the main thread (as ``fedgrad node`` does): the handler interrupts the main
+        thread between any two bytecodes, possibly inside a lock that this method takes.
+
+        Args:
+            reason: logged as "REASON: leaving the federation"; the first one wins.
+        """
+        if not self.stop_event.is_set():
+            self._stop_reason = reason
+        self.stop_event.set()
+        # After set(): a call started later sees the event, so every call is cancelled.
+        call = self._active
+        if call is not None:
+            call.cancel()
+
+    @contextmanager
+    def _cancellable(
+        self, method: Callable[..., Any], request: Any, timeout: float
+    ) -> Iterator[Any]:
+        """Start ``method(request)`` where ``stop()`` can cancel it; raise Stopped if it did."""
+        if self.stop_event.is_set():
+            raise Stopped
+        call = method(request, timeout=timeout, metadata=self.metadata)
+        self._active = call
+        try:
+            if self.stop_event.is_set():  # stop() looked before this call existed
+                call.cancel()
+            yield call
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            if self.stop_event.is_set():
+                raise Stopped from None
+            raise
+        finally:
+            self._active = None
+
     # -- calls -------------------------------------------------------------------
     def join(self) -> pb.JoinReply:
         """Join (idempotent) and check that the aggregator's model is this task's model."""
         request = pb.JoinRequest(node_id=self.cfg.node_id, num_samples=self.num_samples)
-        reply: pb.JoinReply = self.backoff.call(
-            "join",
-            lambda: self.stub.Join(request, timeout=self.cfg.call_timeout, metadata=self.metadata),
-        )
+
+        def call() -> pb.JoinReply:
+            with self._cancellable(self.stub.Join.future, request, self.cfg.call_timeout) as join:
+                return join.result()
+
+        reply = self.backoff.call("join", call)
         theirs = manifest_from_proto(reply.manifest)
         if theirs != self.layout.specs:
             raise TaskError(
@@ -107,26 +154,23 @@ class Node:
         timeout = (
             self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
         )
-        stream = self._pull_raw(
-            pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
-            timeout=timeout,
-            metadata=self.metadata,
-        )
-        first = pb.ParameterMessage.FromString(next(stream))
-        if first.WhichOneof("kind") != "header":
-            raise TaskError("aggregator sent a chunk before the ParameterHeader")
-        header = first.header
-        cursor = ChunkCursor(self.layout, max(self.chunk_bytes, 1))
-        with torch.no_grad():
-            for raw in stream:
-                view = decode_chunk(raw)
-                if view is None:
-                    c = pb.ParameterMessage.FromString(raw).chunk
-                    view = ChunkView(c.data, c.tensor, c.offset, 0, len(c.data))
-                start = cursor.advance(view.tensor, view.offset, view.data_len)
-                write_chunk(
-                    self.views, self.layout, start, view.raw, view.data_start, view.data_len
-                )
+        request = pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round)
+        with self._cancellable(self._pull_raw, request, timeout) as stream:
+            first = pb.ParameterMessage.FromString(next(stream))
+            if first.WhichOneof("kind") != "header":
+                raise TaskError("aggregator sent a chunk before the ParameterHeader")
+            header = first.header
+            cursor = ChunkCursor(self.layout, max(self.chunk_bytes, 1))
+            with torch.no_grad():
+                for raw in stream:
+                    view = decode_chunk(raw)
+                    if view is None:
+                        c = pb.ParameterMessage.FromString(raw).chunk
+                        view = ChunkView(c.data, c.tensor, c.offset, 0, len(c.data))
+                    start = cursor.advance(view.tensor, view.offset, view.data_len)
+                    write_chunk(
+                        self.views, self.layout, start, view.raw, view.data_start, view.data_len
+                    )
         if not cursor.complete:
             raise TaskError(
                 f"parameter stream ended after {cursor.position} of {self.layout.total} bytes"
@@ -164,7 +208,9 @@ class Node:
             yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=layout.total)).SerializeToString()
 
         timeout = self.cfg.call_timeout + layout.total / self.cfg.min_bandwidth
-        return self._push_raw(messages(), timeout=timeout, metadata=self.metadata)
+        # The future form: a blocking call could not be cancelled by stop().
+        with self._cancellable(self._push_raw.future, messages(), timeout) as call:
+            return call.result()
 
     def leave(self) -> None:
         """Tell the aggregator to stop waiting for this node (best effort)."""
@@ -179,7 +225,10 @@ class Node:
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> NodeResult:
-        """Train until the aggregator finishes; reconnect across aggregator restarts.
+        """Train until the aggregator finishes or ``stop()``; reconnect across aggregator restarts.
+
+        Returns:
+            What the node did, also after ``stop()`` (then the node has called Leave).
 
         Raises:
             GaveUpError: the aggregator was unreachable for ``give_up_after`` seconds.
@@ -194,20 +243,28 @@ class Node:
             ) from None
 
     def _loop(self) -> NodeResult:
-        self.join()
         next_round = 0
-        while not self.stop_event.is_set():
-            try:
-                header = self.pull(next_round)
-                if header.session_id != self.session_id:
-                    next_round = self.join().round
-                    continue
-                if header.finished:
-                    return NodeResult(self.cfg.node_id, self.uploads, header.round)
-                next_round = self.train_round(header.round)
-                self.backoff.reset()
-            except grpc.RpcError as exc:
-                next_round = self._recover(exc, next_round)
+        try:
+            self.join()
+            while not self.stop_event.is_set():
+                try:
+                    header = self.pull(next_round)
+                    if header.session_id != self.session_id:
+                        next_round = self.join().round
+                        continue
+                    if header.finished:
+                        return NodeResult(self.cfg.node_id, self.uploads, header.round)
+                    next_round = self.train_round(header.round)
+                    self.backoff.reset()
+                except grpc.RpcError as exc:
+                    next_round = self._recover(exc, next_round)
+        except Stopped:
+            pass
+        log.info(
+            "%s: leaving the federation",
+            self._stop_reason,
+            extra={"node": self.cfg.node_id, "event": "leave"},
+        )
         self.leave()
         return NodeResult(self.cfg.node_id, self.uploads, next_round)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from fedgrad.config import NodeConfig
 from fedgrad.errors import GaveUpError
 from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
 
-__all__ = ["TRANSIENT", "Backoff", "open_channel"]
+__all__ = ["TRANSIENT", "Backoff", "Stopped", "open_channel"]
 
 log = logging.getLogger("fedgrad.node")
 T = TypeVar("T")
@@ -30,6 +31,10 @@ TRANSIENT = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+
+
+class Stopped(Exception):
+    """A stop was requested: make no further call or try. ``Node.run()`` never raises it."""
 
 
 def _read(path: str | None) -> bytes | None:
@@ -60,10 +65,17 @@ def open_channel(cfg: NodeConfig) -> tuple[grpc.Channel, pb_grpc.AggregatorStub]
 
 
 class Backoff:
-    """Exponential backoff with full jitter, bounded by a give-up budget."""
+    """Exponential backoff with full jitter, bounded by a give-up budget; ``stop`` ends waits."""
 
-    def __init__(self, give_up_after: float, first: float = 0.2, cap: float = 5.0) -> None:
+    def __init__(
+        self,
+        give_up_after: float,
+        first: float = 0.2,
+        cap: float = 5.0,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.give_up_after, self.first, self.cap = give_up_after, first, cap
+        self.stop = stop if stop is not None else threading.Event()
         self.reset()
 
     def reset(self) -> None:
@@ -72,7 +84,14 @@ class Backoff:
         self.since = time.monotonic()
 
     def wait(self, what: str, error: grpc.RpcError) -> None:
-        """Sleep before the next try, or raise GaveUpError once the budget is spent."""
+        """Sleep before the next try.
+
+        Raises:
+            Stopped: ``stop`` is set, or gets set while sleeping.
+            GaveUpError: the budget is spent.
+        """
+        if self.stop.is_set():
+            raise Stopped
         elapsed = time.monotonic() - self.since
         if elapsed >= self.give_up_after:
             raise GaveUpError(
@@ -84,10 +103,11 @@ class Backoff:
         delay = min(delay, self.give_up_after - elapsed)
         self.attempt += 1
         log.info("%s failed (%s); retrying in %.2f s", what, error.code().name, delay)
-        time.sleep(delay)
+        if self.stop.wait(delay):
+            raise Stopped
 
     def call(self, what: str, fn: Callable[[], T], retry_on: Any = TRANSIENT) -> T:
-        """Call ``fn`` until it succeeds, retrying transient errors with backoff."""
+        """Call ``fn`` until it succeeds, retrying transient errors with backoff (see ``wait``)."""
         while True:
             try:
                 result = fn()

@@ -10,8 +10,10 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -27,6 +29,7 @@ from fedgrad.task import load_task
 __all__ = ["dispatch"]
 
 log = logging.getLogger("fedgrad.cli")
+T = TypeVar("T")
 
 
 def dispatch(args: argparse.Namespace, subparser: Callable[[str], argparse.ArgumentParser]) -> int:
@@ -132,10 +135,6 @@ def _log_round(r: RoundRecord, total: int, phases: dict[str, float]) -> None:
 
 
 # -- node ------------------------------------------------------------------------------
-class _Terminate(Exception):
-    pass
-
-
 def node_config(values: dict[str, Any]) -> NodeConfig:
     """Build and check the node's config from resolved option values."""
     values = dict(values)
@@ -159,32 +158,48 @@ def node_config(values: dict[str, Any]) -> NodeConfig:
 
 
 def run_node(values: dict[str, Any]) -> int:
-    """Train until the aggregator finishes (exit 0); SIGTERM leaves cleanly (exit 0)."""
+    """Train until the aggregator finishes (exit 0); SIGTERM or SIGINT leaves cleanly (exit 0)."""
     from fedgrad.client.node import Node
 
     cfg = node_config(values)
     setup_logging(cfg.log_format)
     node = Node(load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed), cfg)
 
-    def terminate(signum: int, frame: Any) -> None:
-        node.stop_event.set()
-        raise _Terminate
+    def request_stop(signum: int, frame: Any) -> None:
+        node.stop(signal.Signals(signum).name)  # logged as "SIGTERM: leaving the federation"
 
-    signal.signal(signal.SIGTERM, terminate)
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
     try:
-        result = node.run()
-        log.info(
-            "done: %d uploads, final round %d",
-            result.uploads,
-            result.final_round,
-            extra={"node": cfg.node_id, "event": "exit"},
-        )
-    except _Terminate:
-        log.info("SIGTERM: leaving the federation", extra={"node": cfg.node_id, "event": "leave"})
-        node.leave()
+        result = _off_the_main_thread(node.run)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)  # None: set outside Python
         node.close()
+    log.info(
+        "done: %d uploads, final round %d",
+        result.uploads,
+        result.final_round,
+        extra={"node": cfg.node_id, "event": "exit"},
+    )
     return 0
+
+
+def _off_the_main_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a worker thread while this one waits; return its result or raise its error.
+
+    Python runs signal handlers on the main thread between two bytecodes, so a handler
+    that interrupted the node itself could land inside a lock that ``Node.stop`` takes,
+    or inside gRPC's own code. Here it interrupts a wait that holds none of the node's.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="node") as pool:
+        running = pool.submit(fn)
+        while not running.done():
+            # Short waits, as gRPC's own (grpc/grpc#19464): when the kernel gives the signal
+            # to another thread, its Python handler runs only once this thread runs bytecode.
+            # https://docs.python.org/3/library/signal.html#signals-and-threads
+            futures.wait([running], timeout=0.1)
+        return running.result()
 
 
 # -- tools -----------------------------------------------------------------------------
