@@ -44,7 +44,7 @@ class AggregatorConfig:
     min_nodes: int = 1
     checkpoint_dir: str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    staging_mb: int = 512
+    staging_mb: int = 256
     max_inflight: int = 0
     accumulate: str = "float64"
     max_rpcs: int = 2048

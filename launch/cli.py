@@ -167,7 +167,7 @@ def _aggregator_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--staging-mb",
         type=_positive(int),
-        help="memory budget for staged uploads, MiB (default 512)",
+        help="memory budget for staged uploads, MiB (default 256: one 200 MB upload at a time)",
     )
     p.add_argument(
         "--accumulate",

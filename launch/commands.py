@@ -22,6 +22,7 @@ from fedgrad.config import AggregatorConfig, NodeConfig, parse_hostport
 from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
 from fedgrad.launch.options import build_config, resolve
+from fedgrad.launch.tuning import freeze_startup_objects, limit_malloc_arenas
 from fedgrad.logs import setup_logging
 from fedgrad.server.security import check_listen_policy
 from fedgrad.task import load_task
@@ -81,6 +82,7 @@ def run_aggregator(values: dict[str, Any]) -> int:
     port_file = values.pop("port_file", None)
     cfg = aggregator_config(values)
     setup_logging(cfg.log_format, progress=cfg.progress)
+    limit_malloc_arenas()
     task = load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed)
     return asyncio.run(_serve(task, cfg, port_file))
 
@@ -90,6 +92,7 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
 
     server = AggregatorServer(task, cfg)
     port = await server.start()
+    freeze_startup_objects()
     if port_file:
         Path(port_file).write_text(f"{port}\n")
     server.core.on_round.append(lambda r: _log_round(r, cfg.rounds, server.core.phase_seconds))
@@ -171,6 +174,7 @@ def run_node(values: dict[str, Any]) -> int:
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, request_stop) for sig in handled}
     try:
+        freeze_startup_objects()
         result = _off_the_main_thread(node.run)
     finally:
         for sig, handler in previous.items():
