@@ -47,6 +47,7 @@ _PER_BYTE: list = [
 #: suite -> [(metric, unit, getter of one repetition's result)]
 METRICS: dict[str, list[tuple[str, str, Getter]]] = {
     "fedgrad_round": _FEDGRAD_MAIN,
+    "fedgrad_round_lean": _FEDGRAD_MAIN,
     "flower_grpc": [_round(), ("peak_rss_mb", "MB", _rss_mb)],
     "flower_deploy": [_round(), ("peak_rss_mb", "MB", _rss_mb)],
     "gloo": [("allreduce_s", "s", lambda r: r["median"])],
@@ -83,6 +84,8 @@ RATIOS = [
      ("fedgrad_push_pull", "pull_gbps"), ("raw_download", "gbps"), ">=", 0.8),
     ("rss_over_budget", "aggregator peak RSS / (3 x model + 300 MB)",
      ("fedgrad_round", "peak_rss_mb"), ("fedgrad_round", "rss_budget_mb"), "<=", 1.0),
+    ("rss_lean_over_budget", "same, with --accumulate float32 (memory mode)",
+     ("fedgrad_round_lean", "peak_rss_mb"), ("fedgrad_round_lean", "rss_budget_mb"), "<=", 1.0),
     ("rss_large_n_over_small_n", "aggregator peak RSS, large N / small N",
      ("fedgrad_rss_large_n", "peak_rss_mb"), ("fedgrad_rss_small_n", "peak_rss_mb"), "<=", 1.2),
     ("many_over_few_tensors", "per byte: 2000 x 1K tensors / 20 tensors",
@@ -278,6 +281,7 @@ def _panels(plan: dict) -> list[tuple[str, str, bool, list[tuple[str, str, str]]
         ]),
         ("peak RSS of the central process", "MB", False, [
             (f"fedgrad N={plan['nodes']}", "fedgrad_round", "peak_rss_mb"),
+            ("fedgrad float32 acc.", "fedgrad_round_lean", "peak_rss_mb"),
             (f"fedgrad N={small}", "fedgrad_rss_small_n", "peak_rss_mb"),
             (f"fedgrad N={large}", "fedgrad_rss_large_n", "peak_rss_mb"),
             ("Flower gRPC server", "flower_grpc", "peak_rss_mb"),

@@ -86,6 +86,9 @@ def _rss(index: int) -> Suite:
 SUITES: dict[str, Suite] = {
     "fedgrad_round": lambda p, pr: fedgrad_bench.round_time(
         p.params, p.tensors, p.nodes, p.rounds, pr),
+    # The memory mode: float32 accumulator (README, "Memory").
+    "fedgrad_round_lean": lambda p, pr: fedgrad_bench.round_time(
+        p.params, p.tensors, p.nodes, p.rounds, pr, extra=("--accumulate", "float32")),
     "flower_grpc": lambda p, pr: flower_grpc.measure_flower_grpc(
         p.params, p.tensors, p.nodes, p.flower_rounds, pr),
     "gloo": lambda p, pr: gloo.measure_allreduce(p.params, p.nodes, p.gloo_iters, procs=pr),
