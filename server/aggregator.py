@@ -470,8 +470,6 @@ class Aggregator:
                 began = time.perf_counter()
                 await asyncio.to_thread(self.acc.commit, staged, ticket.weight)
                 self._reduce_seconds += time.perf_counter() - began
-        except asyncio.CancelledError:
-            raise  # shutting down: the open round is not checkpointed anyway
         except Exception:
             # Cannot happen for a validated upload (weights and length are checked before
             # acceptance); if it does, say so loudly rather than close a round without it.
