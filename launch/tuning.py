@@ -5,8 +5,8 @@ notebooks) keeps its own allocator and garbage-collector settings.
 
 Measured with 50M float32 parameters, 4 nodes, on 2 cores (README, "Performance"):
 
-* one malloc arena in the aggregator: peak RSS 1.55-1.60 GB instead of
-  1.97-2.25 GB, same round time. gRPC's threads, the event loop and the reduce
+* one malloc arena in the aggregator: peak RSS 1.68-1.85 GB instead of
+  1.97-2.25 GB (two uploads staged), same round time. gRPC's threads, the event loop and the reduce
   threads otherwise each grow their own arena, and the 1 MiB chunk buffers
   freed in one are not reused by another.
 * ``gc.freeze()`` once startup is done: the collector stops re-scanning the tens
