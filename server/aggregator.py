@@ -598,7 +598,8 @@ class Aggregator:
             return
         self.deadline_passed = True
         await self._maybe_close()
-        if self.round == round_:
+        # Still open with the quorum reached: an upload is being added; it closes the round.
+        if self.round == round_ and len(self.reported) < self.cfg.min_nodes:
             self.phase = "waiting"
             log.warning(
                 "round deadline passed with %d of %d required uploads; waiting for nodes",
