@@ -44,8 +44,11 @@ pytestmark = pytest.mark.slow
 CALL = 10.0
 CHUNK = 16
 MiB = 1 << 20
-#: Allowed growth of the aggregator's RSS over one property (hundreds of calls).
-RSS_BOUND = 32 * MiB
+#: Allowed growth of the aggregator's RSS over one property (hundreds of calls, many of them
+#: 4 MiB oversized messages). Measured 0.3-18 MiB on a quiet machine and 32 MiB once under
+#: load (allocator retention, not growth per call); a leaked 4 MiB message per call would
+#: be hundreds of MiB.
+RSS_BOUND = 64 * MiB
 EXPECTED = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
