@@ -1,10 +1,6 @@
 """Faults in a round's life: deadline and quorum, late and repeated uploads.
 
-Every case runs on the real gRPC stack: in-process aggregators on 127.0.0.1 port 0
-(the ``serve`` fixture) driven by hand nodes, ``fedgrad`` CLI processes killed with
-real signals, and a small TCP fault proxy (``faultproxy.py``) for lost replies,
-resets, blackholes and slow links. Waits are bounded; no timing is asserted
-(round deadlines and idle deadlines are configuration, not measurements).
+How these tests run (real gRPC, real signals, bounded waits): ``faults_support.py``.
 
 Issue 3, "Faults" (the other bullets: ``faults_support.py``):
 
