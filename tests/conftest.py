@@ -17,6 +17,7 @@ stopped at teardown whatever the test did.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -84,6 +85,20 @@ class Served:
         """Run ``fn()`` on the server's event loop (thread-safe reads of the core)."""
 
         async def run() -> Any:
+            return fn()
+
+        return self.thread.call(run(), timeout=timeout)
+
+    def call_settled(self, fn: Callable[[], Any], timeout: float = CALL_TIMEOUT) -> Any:
+        """Like ``call``, once no counted upload is still waiting to be added.
+
+        The PushGradients reply comes when an upload is counted; its add into the
+        accumulator follows a moment later. Reads of the accumulator use this.
+        """
+
+        async def run() -> Any:
+            while self.core.pending_reduces:
+                await asyncio.sleep(0.005)
             return fn()
 
         return self.thread.call(run(), timeout=timeout)

@@ -90,16 +90,11 @@ class CoreState:
 
 
 def core_state(served: Any) -> CoreState:
-    """Read the aggregator's round, accumulator and staging slots (thread-safe).
+    """Read the aggregator's round, accumulator and staging slots (thread-safe), once
+    counted uploads are added (``Served.call_settled``)."""
 
-    Waits (up to 10 s) for accepted uploads to be reduced: an upload is acknowledged
-    when accepted, and reaches the accumulator a moment later.
-    """
-
-    def read() -> CoreState | None:
+    def read() -> CoreState:
         core = served.core
-        if core.pending_reduces:
-            return None
         return CoreState(
             round=core.round,
             reported=dict(core.reported),
@@ -112,12 +107,7 @@ def core_state(served: Any) -> CoreState:
             finished=core.finished,
         )
 
-    deadline = time.monotonic() + 10
-    while (state := served.call(read)) is None:
-        if time.monotonic() > deadline:
-            raise AssertionError("accepted uploads were not reduced within 10 s")
-        time.sleep(0.01)
-    return state
+    return served.call_settled(read)
 
 
 def slots_free(served: Any) -> bool:

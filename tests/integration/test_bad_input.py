@@ -87,12 +87,10 @@ class Bench:
         return self.a.specs
 
     def state(self) -> State:
-        """Read the aggregator's state once accepted uploads are reduced (up to 10 s)."""
+        """Read the aggregator's state once counted uploads are added."""
 
-        def read() -> State | None:
+        def read() -> State:
             core = self.served.core
-            if core.pending_reduces:
-                return None
             return State(
                 round=core.round,
                 reported=dict(core.reported),
@@ -105,12 +103,7 @@ class Bench:
                 params={k: v.numpy().tobytes() for k, v in core.state_dict().items()},
             )
 
-        deadline = time.monotonic() + 10
-        while (state := self.served.call(read)) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError("accepted uploads were not reduced within 10 s")
-            time.sleep(0.01)
-        return state
+        return self.served.call_settled(read)
 
     def push_raw(self, messages: Sequence[bytes]) -> grpc.RpcError | Any:
         """Send raw messages as one PushGradients stream; return the error (or the reply)."""
