@@ -171,12 +171,10 @@ class Accumulator:
         return torch.from_numpy(self.total)
 
     def result(self, divisor: float) -> Iterator[torch.Tensor]:
-        """Yield total / divisor per manifest entry, one float64 tensor at a time."""
+        """Yield total / divisor per manifest entry, one tensor at a time."""
         flat = self._totals()
-        element = 0
-        for spec in self.layout.specs:
+        for spec, element in zip(self.layout.specs, self._first_elements, strict=True):
             yield (flat[element : element + spec.numel] / divisor).reshape(spec.shape)
-            element += spec.numel
 
     def result_into(
         self, outputs: list[torch.Tensor], divisor: float, indices: list[int] | None = None
