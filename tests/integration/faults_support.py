@@ -1,4 +1,4 @@
-"""Shared helpers of the fault tests (``test_faults_*.py``): bounds, waits, snapshots, uploads.
+"""Shared helpers of the fault tests (``test_faults_*.py``): bounds, snapshots, uploads.
 
 Faults: rounds never hang, state is never corrupted, a crash loses no committed round.
 Issue 3, "Faults", is split by topic:
@@ -12,7 +12,7 @@ Issue 3, "Faults", is split by topic:
 Every case runs on the real gRPC stack: in-process aggregators on 127.0.0.1 port 0
 (the ``serve`` fixture) driven by hand nodes, ``fedgrad`` CLI processes killed with
 real signals, and a small TCP fault proxy (``faultproxy.py``) for lost replies,
-resets, blackholes and slow links. Waits are bounded; no timing is asserted
+resets, blackholes and slow links. Waits are bounded (``polling.py``); no timing is asserted
 (round deadlines and idle deadlines are configuration, not measurements).
 
 The ``stalled`` fixture that makes ``StalledUpload``s is in tests/integration/conftest.py.
@@ -41,8 +41,6 @@ from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.checkpoint import CHECKPOINT_FILE
 
 # -- bounds --------------------------------------------------------------------------------
-#: Bound on any wait for a state the test caused (a round to close, a slot to free).
-WAIT = 30.0
 #: Bound on a whole CLI process (import torch, a few rounds, reconnect backoff).
 PROC_TIMEOUT = 150.0
 #: Deadline of the hand-made calls of the fault tests.
@@ -53,18 +51,6 @@ SYNTHETIC_ARGS = (("params", "4000000"), ("tensors", "4"))
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)
-
-
 @dataclass(frozen=True)
 class CoreState:
     """A consistent snapshot of what an upload may change, read on the server loop."""

@@ -33,7 +33,6 @@ from faults_support import (
     PROC_TIMEOUT,
     ROUND_FOREVER,
     SYNTHETIC_ARGS,
-    WAIT,
     assert_params,
     constant_grads,
     core_state,
@@ -41,9 +40,9 @@ from faults_support import (
     read_checkpoint_round,
     sgd_reference,
     slots_free,
-    wait_until,
     write_messages,
 )
+from polling import WAIT, wait_until
 from safetensors.torch import load_file
 
 from fedgrad.codec import manifest_from_proto

@@ -30,8 +30,8 @@ from faults_support import (
     core_state,
     log_lines,
     slots_free,
-    wait_until,
 )
+from polling import wait_until
 
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.task import load_task

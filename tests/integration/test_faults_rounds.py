@@ -31,8 +31,8 @@ from faults_support import (
     sgd_reference,
     slots_free,
     status,
-    wait_until,
 )
+from polling import wait_until
 
 
 # == round deadline and quorum ====================================================================

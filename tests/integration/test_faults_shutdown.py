@@ -21,7 +21,6 @@ from faults_support import (
     CALL,
     PROC_TIMEOUT,
     ROUND_FOREVER,
-    WAIT,
     HealthPoller,
     constant_grads,
     core_state,
@@ -29,9 +28,9 @@ from faults_support import (
     node_states,
     read_checkpoint_round,
     status,
-    wait_until,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from polling import WAIT, wait_until
 
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.checkpoint import CHECKPOINT_FILE, load_checkpoint

@@ -21,6 +21,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from polling import wait_until
 
 from fedgrad.auth import bearer_metadata, generate_token
 from fedgrad.certs import init_federation
@@ -36,15 +37,6 @@ WAIT = 15.0
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 #: Chunks of 16 bytes cut the linear task's 72-byte gradient into 5 chunks.
 CHUNK = 16
-
-
-def wait_until(what: str, condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.01)
 
 
 def admitted(call: Callable[[], Any], timeout: float = WAIT) -> Any:
@@ -134,7 +126,7 @@ def test_second_concurrent_upload_from_one_node_is_resource_exhausted(serve, han
     served = serve("linear", nodes=2, rounds=2, chunk_bytes=CHUNK)
     n1, n2 = hand_node(served, "n1"), hand_node(served, "n2")
     first = held(n1, upload_id="n1.first")
-    wait_until("n1's first upload is staged", holding(served, "n1"))
+    wait_until(holding(served, "n1"), "n1's first upload is staged")
     for upload_id in ("n1.second", "n1.first"):  # a different upload, or the same one again
         stream = iter(n1.messages(0, zeros(n1), upload_id=upload_id))
         with pytest.raises(grpc.RpcError) as info:
@@ -144,7 +136,7 @@ def test_second_concurrent_upload_from_one_node_is_resource_exhausted(serve, han
     # The limit is per node: n2 uploads meanwhile, and n1's first upload then completes.
     assert n2.push(0, zeros(n2)).round == 0
     assert first.release().round == 0
-    wait_until("round 0 closes", published(served, 1))
+    wait_until(published(served, 1), "round 0 closes")
 
 
 def test_uploads_beyond_max_inflight_wait_for_a_slot_then_give_up(
@@ -153,7 +145,7 @@ def test_uploads_beyond_max_inflight_wait_for_a_slot_then_give_up(
     served = serve("linear", nodes=4, rounds=2, chunk_bytes=CHUNK, max_inflight=2, slot_wait=0.5)
     n1, n2, n3, n4 = (hand_node(served, f"n{i}") for i in range(1, 5))
     a, b = held(n1), held(n2)
-    wait_until("n1 and n2 hold both staging slots", holding(served, "n1", "n2"))
+    wait_until(holding(served, "n1", "n2"), "n1 and n2 hold both staging slots")
     # No slot frees up within the wait (--slot-wait, shortened here): the overflow is refused.
     with pytest.raises(grpc.RpcError) as info:
         n3.push(0, zeros(n3))
@@ -163,13 +155,13 @@ def test_uploads_beyond_max_inflight_wait_for_a_slot_then_give_up(
     # Within the wait, a queued upload takes the first slot that frees up.
     monkeypatch.setattr(served.core, "cfg", replace(served.core.cfg, slot_wait=3 * TIMEOUT))
     queued = n3.stub.PushGradients.future(iter(n3.messages(0, zeros(n3))), timeout=3 * TIMEOUT)
-    wait_until("n3's upload is queued", marked_uploading(served, "n3"))
+    wait_until(marked_uploading(served, "n3"), "n3's upload is queued")
     assert served.call(lambda: len(served.core.inflight)) == 2, "never more than max_inflight"
     assert a.release().round == 0
     assert queued.result(timeout=TIMEOUT).round == 0
     assert b.release().round == 0
     assert n4.push(0, zeros(n4)).round == 0
-    wait_until("round 0 closes", published(served, 1))
+    wait_until(published(served, 1), "round 0 closes")
     assert served.call(lambda: served.core.history[-1].nodes) == 4
 
 
@@ -182,14 +174,14 @@ def test_upload_cancelled_while_queued_does_not_lock_its_node_out(serve, hand_no
     served = serve("linear", nodes=2, rounds=2, chunk_bytes=CHUNK, max_inflight=1)
     n1, n2 = hand_node(served, "n1"), hand_node(served, "n2")
     a = held(n1)
-    wait_until("n1 holds the only slot", holding(served, "n1"))
+    wait_until(holding(served, "n1"), "n1 holds the only slot")
     queued = n2.stub.PushGradients.future(iter(n2.messages(0, zeros(n2))), timeout=3 * TIMEOUT)
-    wait_until("n2's upload is queued", marked_uploading(served, "n2"))
+    wait_until(marked_uploading(served, "n2"), "n2's upload is queued")
     queued.cancel()
     assert a.release().round == 0
     wait_until(
-        "n2 is free to upload again after its queued upload was cancelled",
         lambda: served.call(lambda: not served.core.nodes["n2"].uploading),
+        "n2 is free to upload again after its queued upload was cancelled",
         timeout=5.0,
     )
     assert n2.push(0, zeros(n2)).round == 0
@@ -214,11 +206,11 @@ def test_max_rpcs_caps_concurrent_calls(serve, hand_node, connect):
     pulls = wait_pulls(nodes, per_node=1)
     try:
         wait_until(
-            "the 4th concurrent call is refused",
             lambda: (
                 code_of(lambda: probe.GetStatus(pb.StatusRequest(), timeout=TIMEOUT))
                 == RESOURCE_EXHAUSTED
             ),
+            "the 4th concurrent call is refused",
         )
         # Every kind of call, from anyone, is refused while max_rpcs calls are open.
         for call in (
@@ -234,7 +226,7 @@ def test_max_rpcs_caps_concurrent_calls(serve, hand_node, connect):
     # has retired the cancelled ones: nodes retry RESOURCE_EXHAUSTED, and so does this test).
     for n in nodes:
         assert admitted(lambda n=n: n.push(0, zeros(n))).round == 0
-    wait_until("round 0 closes", published(served, 1))
+    wait_until(published(served, 1), "round 0 closes")
 
 
 def test_one_node_cannot_take_every_rpc_slot(serve, hand_node, connect):
@@ -250,12 +242,12 @@ def test_one_node_cannot_take_every_rpc_slot(serve, hand_node, connect):
     try:
         # Either a per-node cap refuses some of greedy's pulls, or greedy fills the server.
         wait_until(
-            "a per-node cap refuses greedy's extra pulls, or greedy fills every slot",
             lambda: (
                 RESOURCE_EXHAUSTED in refused
                 or code_of(lambda: victim.stub.GetStatus(pb.StatusRequest(), timeout=TIMEOUT))
                 == RESOURCE_EXHAUSTED
             ),
+            "a per-node cap refuses greedy's extra pulls, or greedy fills every slot",
         )
         # The victim may retry, as real nodes do, for a few seconds.
         starved = code_of(lambda: admitted(victim.join, timeout=3.0))
@@ -291,7 +283,6 @@ def test_callers_without_credentials_cannot_hold_rpc_slots(serve, hand_node, con
     md = bearer_metadata(token)
     try:
         wait_until(
-            "the outsider's calls are refused, or they fill every slot",
             lambda: (
                 len(refused) == 4
                 or code_of(
@@ -299,6 +290,7 @@ def test_callers_without_credentials_cannot_hold_rpc_slots(serve, hand_node, con
                 )
                 == RESOURCE_EXHAUSTED
             ),
+            "the outsider's calls are refused, or they fill every slot",
         )
         join = pb.JoinRequest(node_id="n1", num_samples=1)
         blocked = code_of(

@@ -26,7 +26,6 @@ import logging
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import pytest
 import torch
+from polling import wait_until
 
 from fedgrad.client.node import Node, NodeResult
 from fedgrad.config import NodeConfig
@@ -59,16 +59,6 @@ LINEAR_FLAGS = ("--task", "linear")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = PROC_TIMEOUT) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)
-    return value
-
-
 def record(served: Any, node_id: str = NODE) -> NodeRecord | None:
     """Return a copy of what the aggregator knows of ``node_id``, read on its loop."""
     return served.call(lambda: copy.copy(served.core.nodes.get(node_id)))
@@ -184,7 +174,7 @@ def test_signal_while_waiting_for_a_round_that_does_not_open(
     """Round 0 waits for a second node that never joins; the node blocked in its pull leaves."""
     served = serve("linear", nodes=2, round_timeout=ROUND_FOREVER)
     node = node_process(spawn, cli, served, *LINEAR_FLAGS)
-    wait_until(lambda: pulling(served), "node-1 to wait in PullParameters")
+    wait_until(lambda: pulling(served), "node-1 to wait in PullParameters", PROC_TIMEOUT)
     err = signal_and_finish(node, sig)
     assert "done: 0 uploads, final round 0" in err
     assert states(connect(served)) == {NODE: "left"}
@@ -201,7 +191,7 @@ def test_sigterm_mid_pull_of_a_large_model(serve, hand_node, spawn, cli) -> None
     """
     served = serve("synthetic", task_args=BIG, nodes=2, round_timeout=ROUND_FOREVER)
     node = node_process(spawn, cli, served, *BIG_FLAGS)
-    wait_until(lambda: pulling(served), "node-1 to wait in PullParameters")
+    wait_until(lambda: pulling(served), "node-1 to wait in PullParameters", PROC_TIMEOUT)
     node.send_signal(signal.SIGSTOP)
     other = hand_node(served, "node-0")  # round 0 opens
     wait_until(lambda: unread_bytes(served.port) > 0, "bytes node-1 has not read", WAIT)
@@ -222,7 +212,7 @@ def test_sigterm_mid_push(serve, hand_node, wire, spawn, cli) -> None:
     served = serve("synthetic", task_args=BIG, nodes=2, max_inflight=1,
                    round_timeout=ROUND_FOREVER, idle_timeout=ROUND_FOREVER)  # fmt: skip
     node = node_process(spawn, cli, served, *BIG_FLAGS)
-    wait_until(lambda: pulling(served), "node-1 to wait in PullParameters")
+    wait_until(lambda: pulling(served), "node-1 to wait in PullParameters", PROC_TIMEOUT)
     node.send_signal(signal.SIGSTOP)
     other = hand_node(served, "node-0")  # round 0 opens
     release = threading.Event()
@@ -236,7 +226,9 @@ def test_sigterm_mid_push(serve, hand_node, wire, spawn, cli) -> None:
         wait_until(lambda: served.call(lambda: len(served.core.inflight)) == 1,
                    "node-0's upload to hold the only staging slot", WAIT)  # fmt: skip
         node.send_signal(signal.SIGCONT)
-        wait_until(lambda: record(served).uploading, "node-1's upload to wait for the slot")
+        wait_until(
+            lambda: record(served).uploading, "node-1's upload to wait for the slot", PROC_TIMEOUT
+        )
         signal_and_finish(node, signal.SIGTERM)
         wait_until(lambda: not record(served).uploading, "node-1's cancelled upload to end", EXIT)
         assert states(other.stub)[NODE] == "left"

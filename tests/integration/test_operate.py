@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedgrad.config import AggregatorConfig, NodeConfig
@@ -63,18 +64,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 class Scrape(dict):
     """One scrape of /metrics: ``scrape(name, **labels)`` is a sample's value (KeyError if absent)."""
 
@@ -167,7 +156,7 @@ def paced_rounds(
     """
     hand.pull(0)
     for r in range(rounds):
-        wait_until(reported(stub, r, cli_node), f"{cli_node} uploading round {r}")
+        wait_until(reported(stub, r, cli_node), f"{cli_node} uploading round {r}", WAIT)
         hold(r)
         hand.push(r, zeros(hand), metrics={"loss": 1.0})
         hand.pull(r + 1)
@@ -196,7 +185,7 @@ def test_metrics_move_during_a_run(serve, hand_node) -> None:
     # Round 0, half-way: one upload in, the round still open.
     a.pull(0)
     b.pull(0)
-    wait_until(lambda: scrape(port)("fedgrad_bytes_sent_total") > 0, "bytes sent to grow")
+    wait_until(lambda: scrape(port)("fedgrad_bytes_sent_total") > 0, "bytes sent to grow", WAIT)
     a.push(0, zeros(a), metrics={"loss": 1.5})
     mid = scrape(port)
     assert mid("fedgrad_uploads_accepted_total") == 1
@@ -237,6 +226,7 @@ def test_metrics_move_during_a_run(serve, hand_node) -> None:
             (s := scrape(port))("fedgrad_bytes_sent_total") > m1("fedgrad_bytes_sent_total") and s
         ),
         "bytes sent to grow in round 1",
+        WAIT,
     )
     assert m2("fedgrad_rounds_completed_total") == 2
     assert m2("fedgrad_uploads_accepted_total") == 4
@@ -338,6 +328,7 @@ def test_status_health_metrics_and_plot_of_a_cli_federation(
         wait_until(
             lambda: stub.GetStatus(pb.StatusRequest(), timeout=10).bytes_sent >= 4 * payload,
             "the four parameter streams to be counted",
+            WAIT,
         )
         bad_upload(hand, 1)
         tools = {
@@ -594,7 +585,9 @@ def test_progress_line_on_a_terminal(
     def hold(round_: int) -> None:
         # node-0 uploaded, the hand node holds: the bar of this round shows 1 of 2.
         wait_until(
-            lambda: f"round {round_ + 1}/2 {half}" in term.text, f"progress of round {round_ + 1}"
+            lambda: f"round {round_ + 1}/2 {half}" in term.text,
+            f"progress of round {round_ + 1}",
+            WAIT,
         )
 
     paced_rounds(hand, connect(port), 2, "node-0", hold)
@@ -625,9 +618,9 @@ def test_log_lines_do_not_run_into_the_progress_line(
         cli.env(),
     )
     port = cli.wait_port(port_file, term.proc)
-    wait_until(lambda: "round 1/1 [" in term.text, "a progress line before the join")
+    wait_until(lambda: "round 1/1 [" in term.text, "a progress line before the join", WAIT)
     hand_node(f"{LOCAL}:{port}", "late-joiner")  # logs "node joined" after the bar was drawn
-    wait_until(lambda: "node joined" in term.text, "the join log line")
+    wait_until(lambda: "node joined" in term.text, "the join log line", WAIT)
     text = term.text
     glued = [
         text[max(0, m.start() - 60) : m.start() + 40]
