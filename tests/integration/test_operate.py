@@ -187,6 +187,9 @@ def test_metrics_move_during_a_run(serve, hand_node) -> None:
     b.pull(0)
     wait_until(lambda: scrape(port)("fedgrad_bytes_sent_total") > 0, "bytes sent to grow", WAIT)
     a.push(0, zeros(a), metrics={"loss": 1.5})
+    # The reply means "counted"; the add, and the release of the upload's staging slot,
+    # follow a moment later. Scrape once they are done.
+    served.call_settled(lambda: None)
     mid = scrape(port)
     assert mid("fedgrad_uploads_accepted_total") == 1
     assert mid("fedgrad_bytes_received_total") == payload
