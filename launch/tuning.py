@@ -3,7 +3,8 @@
 Only the CLI calls these: a library user's process (``LocalCluster``, tests,
 notebooks) keeps its own allocator and garbage-collector settings.
 
-Measured with 50M float32 parameters, 4 nodes, on 2 cores (README, "Performance"):
+Measured with 50M float32 parameters, 4 nodes, on 2 cores (benchmarks/README.md,
+"Previous full run"):
 
 * one malloc arena in the aggregator: peak RSS 1.68-1.85 GB instead of
   1.97-2.25 GB (two uploads staged), same round time. gRPC's threads, the event loop and the reduce
