@@ -1,104 +1,275 @@
-"""Frozen configuration of the aggregator and the node, parsed once at start-up."""
+"""Frozen configuration of the aggregator and the node, parsed once at start-up.
+
+Each setting's default and its rule are declared together, on the field. The
+command line reads its help defaults from here, and ``__post_init__`` checks
+every value, so ``fedgrad aggregator``, ``fedgrad node`` and ``LocalCluster``
+refuse exactly the same values with exactly the same ``ConfigError`` message.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from fedgrad.codec import DEFAULT_CHUNK_BYTES
-from fedgrad.errors import ConfigError
+from fedgrad.errors import ConfigError, InvalidArgument
+from fedgrad.wire import MAX_MESSAGE_BYTES, check_id
 
 __all__ = [
+    "ACCUMULATORS",
+    "LOG_FORMATS",
     "MAX_CHUNK_BYTES",
     "MIN_CHUNK_BYTES",
+    "OPTIMIZERS",
     "REDUCTIONS",
+    "WIRE_DTYPES",
     "AggregatorConfig",
     "NodeConfig",
-    "OPTIMIZERS",
+    "check_setting",
     "parse_hostport",
 ]
 
 REDUCTIONS = ("weighted-mean", "mean", "sum")
-#: Largest chunk payload: below gRPC's 4 MiB message limit with room for the framing.
-MAX_CHUNK_BYTES = 4 * 1024 * 1024 - 64 * 1024
-MIN_CHUNK_BYTES = 8
 OPTIMIZERS = ("sgd", "momentum", "adam")
+#: Accumulator dtypes: float64 sums of float32/16 uploads do not depend on arrival order.
+ACCUMULATORS = ("float64", "float32")
+LOG_FORMATS = ("text", "json")
+#: Transport casts a node may declare for its uploads (None: the model's own dtypes).
+WIRE_DTYPES = ("float16", "bfloat16")
+#: Largest chunk payload: below gRPC's message limit with room for the framing.
+MAX_CHUNK_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+#: Smallest chunk payload: one float64 element.
+MIN_CHUNK_BYTES = 8
+
+T = TypeVar("T")
+#: A rule: ``check(name, value)`` raises ConfigError saying what to fix, else returns.
+Check = Callable[[str, Any], None]
+
+
+def _setting(default: T, check: Check | None = None) -> T:
+    """Declare a field with its default and the rule its values must follow."""
+    return field(default=default, metadata={"check": check} if check else {})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _count(low: int) -> Check:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    return check
+
+
+def _integer(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+
+
+def _seconds(*, zero: bool = False) -> Check:
+    def check(name: str, value: Any) -> None:
+        # `not value > 0` also refuses NaN; infinity is a valid "never".
+        if not _number(value) or math.isnan(value) or (value < 0 if zero else not value > 0):
+            bound = ">= 0" if zero else "> 0"
+            raise ConfigError(f"{name} must be a number of seconds {bound}, got {value!r}")
+
+    return check
+
+
+def _positive(name: str, value: Any) -> None:
+    if not _number(value) or not value > 0 or math.isinf(value):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _one_of(choices: Sequence[str]) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+def _optional(rule: Check) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value is not None:
+            rule(name, value)
+
+    return check
+
+
+def _port(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ConfigError(f"{name} must be a port in 0..65535 (0 picks one), got {value!r}")
+
+
+def _address(name: str, value: Any) -> None:
+    try:
+        parse_hostport(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name} must be HOST:PORT ([v6]:PORT for IPv6) with a port in 0..65535, got {value!r}"
+        ) from None
+
+
+def _node_id(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    try:
+        check_id(name, value)
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _node_ids(name: str, value: Any) -> None:
+    if isinstance(value, str) or not isinstance(value, tuple | list | frozenset | set):
+        raise ConfigError(f"{name} must be a sequence of node ids, got {value!r}")
+    for node_id in value:
+        _node_id(f"{name}: node id", node_id)
+
+
+def _chunk_bytes(name: str, value: Any) -> None:
+    if not isinstance(value, int) or not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"{name} must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}] (one float64 element"
+            f" at least; below gRPC's {MAX_MESSAGE_BYTES >> 20} MiB message limit), got {value!r}"
+        )
+
+
+def _shard(name: str, value: Any) -> None:
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise ConfigError(f"{name} must be (index, count), got {value!r}")
+    index, count = value
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(f"{name} {index}/{count}: N must be an integer >= 1 (shard I of N)")
+    if not isinstance(index, int) or not 0 <= index < count:
+        raise ConfigError(f"{name} {index}/{count}: index must be in [0, {count}) (0-based)")
+
+
+def _check_fields(config: object) -> None:
+    for f in fields(config):  # type: ignore[arg-type]
+        rule = f.metadata.get("check")
+        if rule is not None:
+            rule(f.name, getattr(config, f.name))
+
+
+def _check_tls_pair(cert: str | None, key: str | None) -> None:
+    if bool(cert) != bool(key):
+        raise ConfigError("tls_cert and tls_key go together: give both or neither")
+
+
+def check_setting(config: type, name: str, value: Any) -> None:
+    """Check one value against the rule of setting ``name`` of ``config``.
+
+    Cross-setting rules (``min_nodes <= nodes``, TLS pairs) are checked when the
+    config is built; this lets a caller say where one bad value came from.
+
+    Raises:
+        ConfigError: ``value`` breaks the rule, or ``config`` has no such setting.
+    """
+    for f in fields(config):
+        if f.name == name:
+            rule = f.metadata.get("check")
+            if rule is not None:
+                rule(name, value)
+            return
+    raise ConfigError(f"{config.__name__} has no setting {name!r}")
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    """Everything ``fedgrad aggregator`` takes; see ``fedgrad aggregator --help``."""
+    """Everything ``fedgrad aggregator`` takes; see ``fedgrad aggregator --help``.
+
+    Raises:
+        ConfigError: a value breaks its rule; the message names the setting and the fix.
+    """
 
     task: str = "digits"
     task_args: tuple[tuple[str, str], ...] = ()
-    listen: str = "127.0.0.1:50051"
-    nodes: int = 1
-    rounds: int = 10
-    seed: int = 0
-    optimizer: str | None = None
-    lr: float | None = None
-    reduce: str = "weighted-mean"
+    listen: str = _setting("127.0.0.1:50051", _address)
+    nodes: int = _setting(1, _count(1))
+    rounds: int = _setting(10, _count(1))
+    seed: int = _setting(0, _integer)
+    optimizer: str | None = _setting(None, _optional(_one_of(OPTIMIZERS)))
+    lr: float | None = _setting(None, _optional(_positive))
+    reduce: str = _setting("weighted-mean", _one_of(REDUCTIONS))
     save: str | None = None
     history: str | None = None
     insecure: bool = False
-    round_timeout: float = 300.0
-    min_nodes: int = 1
+    round_timeout: float = _setting(300.0, _seconds())
+    #: None: wait up to ``round_timeout`` for ``nodes`` before the first round.
+    start_timeout: float | None = _setting(None, _optional(_seconds()))
+    min_nodes: int = _setting(1, _count(1))
     checkpoint_dir: str | None = None
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    staging_mb: int = 256
-    max_inflight: int = 0
-    accumulate: str = "float64"
-    max_rpcs: int = 2048
-    slot_wait: float = 60.0
-    allow_nodes: tuple[str, ...] = ()
-    finish_grace: float = 30.0
-    idle_timeout: float = 30.0
-    shutdown_grace: float = 10.0
+    chunk_bytes: int = _setting(DEFAULT_CHUNK_BYTES, _chunk_bytes)
+    staging_mb: int = _setting(256, _count(1))
+    #: 0: as many as ``staging_mb`` holds uploads of the model's size, 1..64.
+    max_inflight: int = _setting(0, _count(0))
+    accumulate: str = _setting("float64", _one_of(ACCUMULATORS))
+    max_rpcs: int = _setting(2048, _count(1))
+    slot_wait: float = _setting(60.0, _seconds())
+    allow_nodes: tuple[str, ...] = _setting((), _node_ids)
+    finish_grace: float = _setting(30.0, _seconds(zero=True))
+    idle_timeout: float = _setting(30.0, _seconds())
+    shutdown_grace: float = _setting(10.0, _seconds(zero=True))
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tokens: str | None = None
-    metrics_port: int | None = None
-    log_format: str = "text"
+    metrics_port: int | None = _setting(None, _optional(_port))
+    log_format: str = _setting("text", _one_of(LOG_FORMATS))
     reflection: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+        _check_fields(self)
+        if self.min_nodes > self.nodes:
             raise ConfigError(
-                f"chunk_bytes {self.chunk_bytes} must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]"
-                " (one element at least; below gRPC's 4 MiB message limit)"
+                f"min_nodes must be <= nodes (a round could never close), got min_nodes"
+                f" {self.min_nodes} and nodes {self.nodes}"
             )
-        if self.nodes < 1 or self.rounds < 1 or self.min_nodes < 1:
-            raise ConfigError("nodes, rounds and min_nodes must be >= 1")
-        if self.max_inflight < 0 or self.finish_grace < 0 or self.max_rpcs < 1:
-            raise ConfigError("max_inflight and finish_grace must be >= 0, max_rpcs >= 1")
-        if self.accumulate not in ("float64", "float32"):
-            raise ConfigError(f"accumulate {self.accumulate!r} must be float64 or float32")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port {self.metrics_port} is not a port (0..65535)")
+        _check_tls_pair(self.tls_cert, self.tls_key)
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Everything ``fedgrad node`` takes; see ``fedgrad node --help``."""
+    """Everything ``fedgrad node`` takes; see ``fedgrad node --help``.
+
+    Raises:
+        ConfigError: a value breaks its rule; the message names the setting and the fix.
+    """
 
     task: str = "digits"
     task_args: tuple[tuple[str, str], ...] = ()
-    aggregator: str = "127.0.0.1:50051"
-    node_id: str = "node-0"
-    shard: tuple[int, int] = (0, 1)
-    seed: int = 0
+    aggregator: str = _setting("127.0.0.1:50051", _address)
+    node_id: str = _setting("node-0", _node_id)
+    shard: tuple[int, int] = _setting((0, 1), _shard)
+    seed: int = _setting(0, _integer)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     token: str | None = None
-    give_up_after: float = 120.0
-    call_timeout: float = 10.0
-    round_wait: float = 600.0
-    min_bandwidth: float = 10e6
-    wire_dtype: str | None = None
-    threads: int = 0
-    log_format: str = "text"
+    give_up_after: float = _setting(120.0, _seconds())
+    call_timeout: float = _setting(10.0, _seconds())
+    round_wait: float = _setting(600.0, _seconds())
+    #: Bytes per second a transfer's deadline assumes, on top of ``call_timeout``.
+    min_bandwidth: float = _setting(10e6, _positive)
+    wire_dtype: str | None = _setting(None, _optional(_one_of(WIRE_DTYPES)))
+    #: 0: torch's own choice.
+    threads: int = _setting(0, _count(0))
+    log_format: str = _setting("text", _one_of(LOG_FORMATS))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_tls_pair(self.tls_cert, self.tls_key)
+        if self.tls_cert and not self.tls_ca:
+            # Without a CA the node dials plaintext and would drop the certificate silently.
+            raise ConfigError("tls_cert and tls_key (mutual TLS) need tls_ca to turn TLS on")
 
 
 def parse_hostport(value: str) -> tuple[str, int]:

@@ -9,7 +9,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,14 +18,15 @@ from typing import Any, TypeVar
 import grpc
 
 from fedgrad.auth import bearer_metadata, load_node_token
-from fedgrad.config import AggregatorConfig, NodeConfig, parse_hostport
+from fedgrad.config import AggregatorConfig, NodeConfig
 from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
-from fedgrad.launch.options import build_config, resolve
+from fedgrad.launch.options import Resolved, build_config, resolve
 from fedgrad.launch.tuning import freeze_startup_objects, limit_malloc_arenas
 from fedgrad.logs import setup_logging
 from fedgrad.server.security import check_listen_policy
 from fedgrad.task import load_task
+from fedgrad.wire import open_channel
 
 __all__ = ["dispatch"]
 
@@ -59,21 +60,24 @@ def dispatch(args: argparse.Namespace, subparser: Callable[[str], argparse.Argum
 
 
 # -- aggregator ----------------------------------------------------------------------
-def aggregator_config(values: dict[str, Any]) -> AggregatorConfig:
-    """Build and check the aggregator's config from resolved option values."""
-    values = dict(values)
-    values["task_args"] = tuple(values.get("task_args", ()))
-    values["progress"] = not values.pop("no_progress", False)
-    values["allow_nodes"] = tuple(n for n in values.get("allow_nodes", "").split(",") if n)
-    cfg = build_config(AggregatorConfig, values)
-    parse_hostport(cfg.listen)
-    if bool(cfg.tls_cert) != bool(cfg.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    if cfg.tls_client_ca and not cfg.tls_cert:
-        raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+def _origin(values: Mapping[str, Any]) -> dict[str, str]:
+    """Where each value came from (``resolve``'s origins; none for a plain mapping)."""
+    return dict(values.origin) if isinstance(values, Resolved) else {}
+
+
+def aggregator_config(values: Mapping[str, Any]) -> AggregatorConfig:
+    """Build and check the aggregator's config from resolved option values.
+
+    Raises:
+        ConfigError: a value ``AggregatorConfig`` refuses, or plaintext off loopback.
+    """
+    origin, settings = _origin(values), dict(values)
+    settings["task_args"] = tuple(settings.get("task_args", ()))
+    settings["progress"] = not settings.pop("no_progress", False)
+    allow = settings.get("allow_nodes", "")
+    settings["allow_nodes"] = tuple(n for n in allow.split(",") if n)
+    cfg = build_config(AggregatorConfig, settings, origin)
     check_listen_policy(cfg, warn=False)  # refuse early; the server warns once it logs
-    if cfg.min_nodes > cfg.nodes:
-        raise ConfigError(f"--min-nodes {cfg.min_nodes} is more than --nodes {cfg.nodes}")
     return cfg
 
 
@@ -138,12 +142,16 @@ def _log_round(r: RoundRecord, total: int, phases: dict[str, float]) -> None:
 
 
 # -- node ------------------------------------------------------------------------------
-def node_config(values: dict[str, Any]) -> NodeConfig:
-    """Build and check the node's config from resolved option values."""
-    values = dict(values)
-    values["task_args"] = tuple(values.get("task_args", ()))
-    node_id = values.get("node_id", "node-0")
-    index, count = values.get("shard", ("0", 1))
+def node_config(values: Mapping[str, Any]) -> NodeConfig:
+    """Build and check the node's config from resolved option values.
+
+    Raises:
+        ConfigError: a value ``NodeConfig`` refuses, or an unreadable token.
+    """
+    origin, settings = _origin(values), dict(values)
+    settings["task_args"] = tuple(settings.get("task_args", ()))
+    node_id = settings.get("node_id", NodeConfig.node_id)
+    index, count = settings.get("shard", NodeConfig.shard)
     if index == "ordinal":
         match = re.search(r"-(\d+)$", node_id)
         if not match:
@@ -151,13 +159,14 @@ def node_config(values: dict[str, Any]) -> NodeConfig:
                 f"--shard ordinal/N needs a node id ending in -NUMBER, got {node_id!r}"
             )
         index = match.group(1)
-    if not 0 <= int(index) < count:
-        raise ConfigError(f"--shard {index}/{count}: index must be in [0, {count})")
-    values["shard"] = (int(index), count)
-    values["token"] = load_node_token(values.pop("token_file", None))
-    compress = values.pop("compress", "none")
-    values["wire_dtype"] = None if compress == "none" else compress
-    return build_config(NodeConfig, values)
+    settings["shard"] = (int(index), count)
+    settings["token"] = load_node_token(settings.pop("token_file", None))
+    compress = settings.pop("compress", None)
+    if compress is not None:
+        # The flag's own vocabulary: "none" is no cast; the rest is checked as wire_dtype.
+        settings["wire_dtype"] = None if compress == "none" else compress
+        origin["wire_dtype"] = origin.get("compress", "--compress")
+    return build_config(NodeConfig, settings, origin)
 
 
 def run_node(values: dict[str, Any]) -> int:
@@ -208,16 +217,7 @@ def _off_the_main_thread(fn: Callable[[], T]) -> T:
 
 # -- tools -----------------------------------------------------------------------------
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if args.tls_ca:
-
-        def read(p: str | None) -> bytes | None:
-            return Path(p).read_bytes() if p else None
-
-        creds = grpc.ssl_channel_credentials(
-            read(args.tls_ca), read(args.tls_key), read(args.tls_cert)
-        )
-        return grpc.secure_channel(args.address, creds)
-    return grpc.insecure_channel(args.address)
+    return open_channel(args.address, args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def show_status(args: argparse.Namespace) -> int:

@@ -12,11 +12,16 @@ from pathlib import Path
 
 import grpc
 
+from fedgrad.config import AggregatorConfig
 from fedgrad.history import plot_history, read_history
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
+from fedgrad.wire import open_channel
 
-__all__ = ["run_demo"]
+__all__ = ["NODES", "OUT", "ROUNDS", "run_demo"]
+
+#: Defaults of ``fedgrad demo``: a few nodes, enough rounds to see the curves flatten.
+NODES, ROUNDS, OUT = 4, 20, "runs/demo"
 
 _CLI = [sys.executable, "-m", "fedgrad.launch.cli"]
 
@@ -26,6 +31,17 @@ def _task_flags(task: str, task_args: dict[str, str]) -> list[str]:
     for key, value in task_args.items():
         flags += ["--task-arg", f"{key}={value}"]
     return flags
+
+
+def _spawn(
+    command: str, flags: list[str], options: dict[str, object], log: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``fedgrad COMMAND FLAGS --KEY VALUE...`` (True: a bare flag), output to ``log``."""
+    argv = [*_CLI, command, *flags]
+    for key, value in options.items():
+        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    with log.open("wb") as fh:
+        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
 
 
 def _wait_port(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -61,7 +77,13 @@ def _progress(stub: pb_grpc.AggregatorStub, started: float, last: list[int], tty
 
 
 def run_demo(nodes: int, rounds: int, task: str, task_args: dict[str, str], out: Path) -> int:
-    """Train ``task`` with ``nodes`` node processes; write history.csv and curves.png to ``out``."""
+    """Train ``task`` with ``nodes`` node processes; write history.csv and curves.png to ``out``.
+
+    Raises:
+        ConfigError: ``nodes`` or ``rounds`` is one the aggregator would refuse.
+    """
+    # Refuse what the aggregator would, with its message, before any process starts.
+    AggregatorConfig(task=task, nodes=nodes, rounds=rounds)
     out.mkdir(parents=True, exist_ok=True)
     port_file = out / "port"
     port_file.unlink(missing_ok=True)
@@ -70,59 +92,33 @@ def run_demo(nodes: int, rounds: int, task: str, task_args: dict[str, str], out:
     print(
         f"fedgrad demo: 1 aggregator + {nodes} nodes, task {task}, {rounds} rounds; logs in {out}/"
     )
-    procs: list[subprocess.Popen[bytes]] = []
-    with (out / "aggregator.log").open("wb") as agg_log:
-        agg = subprocess.Popen(
-            [
-                *_CLI,
-                "aggregator",
-                *flags,
-                "--listen",
-                "127.0.0.1:0",
-                "--port-file",
-                str(port_file),
-                "--nodes",
-                str(nodes),
-                "--rounds",
-                str(rounds),
-                "--history",
-                str(out / "history.csv"),
-                "--save",
-                str(out / "model.safetensors"),
-                "--no-progress",
-                "--finish-grace",
-                "10",
-            ],
-            stdout=agg_log,
-            stderr=subprocess.STDOUT,
-        )
-    procs.append(agg)
+    agg = _spawn(
+        "aggregator",
+        flags,
+        {
+            "listen": "127.0.0.1:0",
+            "port-file": port_file,
+            "nodes": nodes,
+            "rounds": rounds,
+            "history": out / "history.csv",
+            "save": out / "model.safetensors",
+            "no-progress": True,
+            "finish-grace": 10,
+        },
+        out / "aggregator.log",
+    )
+    procs = [agg]
     try:
         port = _wait_port(port_file, agg, 120)
         for i in range(nodes):
-            with (out / f"node-{i}.log").open("wb") as node_log:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            *_CLI,
-                            "node",
-                            *flags,
-                            "--aggregator",
-                            f"127.0.0.1:{port}",
-                            "--node-id",
-                            f"node-{i}",
-                            "--shard",
-                            f"{i}/{nodes}",
-                            "--give-up-after",
-                            "30",
-                            # N nodes share this machine's cores: one torch thread each.
-                            "--threads",
-                            "1",
-                        ],
-                        stdout=node_log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+            options: dict[str, object] = {
+                "aggregator": f"127.0.0.1:{port}",
+                "node-id": f"node-{i}",
+                "shard": f"{i}/{nodes}",
+                "give-up-after": 30,
+                "threads": 1,  # N nodes share this machine's cores: one torch thread each
+            }
+            procs.append(_spawn("node", flags, options, out / f"node-{i}.log"))
         _watch(procs, port, started)
     finally:
         for p in procs:
@@ -134,7 +130,7 @@ def run_demo(nodes: int, rounds: int, task: str, task_args: dict[str, str], out:
 def _watch(procs: list[subprocess.Popen[bytes]], port: int, started: float) -> None:
     tty = sys.stdout.isatty()
     last = [-1]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with open_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.AggregatorStub(channel)
         deadline = time.monotonic() + 900
         while procs[0].poll() is None and time.monotonic() < deadline:

@@ -21,6 +21,7 @@ import torch
 
 from fedgrad.client.node import Node, NodeResult
 from fedgrad.config import AggregatorConfig, NodeConfig
+from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
 from fedgrad.server.app import ServerThread
 from fedgrad.task import Task, load_task
@@ -66,15 +67,30 @@ class LocalCluster:
             seed: the training seed of aggregator and nodes.
             timeout: seconds ``run`` may take before it fails.
             node_options: extra ``NodeConfig`` fields (e.g. ``wire_dtype``).
-            **aggregator_options: extra ``AggregatorConfig`` fields (``reduce``, ``lr``, ...).
+            **aggregator_options: extra ``AggregatorConfig`` fields (``reduce``, ``lr``,
+                ``start_timeout``, ...).
+
+        Raises:
+            ConfigError: a value the configs refuse (the same message as the CLI's).
         """
-        self._make_task = _task_factory(task, dict(task_args or {}), seed)
-        self.nodes, self.seed, self.timeout = nodes, seed, timeout
-        self.node_options = dict(node_options or {})
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         options = {"finish_grace": 10.0, "progress": False, **aggregator_options}
+        # Both configs are built here, so a bad value fails now, not in a node thread.
         self.cfg = AggregatorConfig(
             task="<local>", listen="127.0.0.1:0", nodes=nodes, seed=seed, **options
         )
+        self.node_cfg = NodeConfig(
+            **{
+                "task": "<local>",
+                "shard": (0, nodes),
+                "seed": seed,
+                "give_up_after": 30.0,
+                **dict(node_options or {}),
+            }
+        )
+        self._make_task = _task_factory(task, dict(task_args or {}), seed)
+        self.nodes, self.seed, self.timeout = nodes, seed, timeout
         self._server: ServerThread | None = None
 
     def __enter__(self) -> LocalCluster:
@@ -120,14 +136,11 @@ class LocalCluster:
         )
 
     def _node(self, index: int, port: int, results: list[Any], errors: list[BaseException]) -> None:
-        cfg = NodeConfig(
-            task="<local>",
+        cfg = replace(
+            self.node_cfg,
             aggregator=f"127.0.0.1:{port}",
             node_id=f"node-{index}",
             shard=(index, self.nodes),
-            seed=self.seed,
-            give_up_after=30.0,
-            **self.node_options,
         )
         try:
             node = Node(self._make_task(), cfg)

@@ -1,7 +1,9 @@
 """Turn flags, FEDGRAD_* environment variables and a TOML file into a frozen config.
 
 Precedence: flags > environment > config file > defaults. Unknown config keys
-and bad values are errors at start-up, never mid-run.
+and bad values are errors at start-up, never mid-run. The rules a value must
+follow live in ``fedgrad.config``; this module only parses and says where a bad
+value came from (a file's key or an environment variable).
 """
 
 from __future__ import annotations
@@ -13,15 +15,27 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
 
+from fedgrad.config import check_setting
 from fedgrad.errors import ConfigError
 
-__all__ = ["resolve"]
+__all__ = ["Resolved", "build_config", "resolve"]
 
 C = TypeVar("C")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
 _SECTIONS = ("aggregator", "node")
+
+
+class Resolved(dict[str, Any]):
+    """Option values by dest; ``origin`` names the file key or variable a value came from.
+
+    Values given as flags have no origin: their errors read exactly as the config's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origin: dict[str, str] = {}
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -91,7 +105,7 @@ def resolve(
     given: argparse.Namespace,
     section: str,
     environ: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
+) -> Resolved:
     """Merge defaults < config file < environment < flags for one subcommand.
 
     Args:
@@ -100,12 +114,15 @@ def resolve(
         section: "aggregator" or "node" (table name in a shared config file).
         environ: the environment (default ``os.environ``).
 
+    Returns:
+        values by dest, with the origin of those from the file or the environment.
+
     Raises:
         ConfigError: unknown config keys or bad values, naming where they came from.
     """
     environ = os.environ if environ is None else environ
     actions = _actions(parser)
-    values: dict[str, Any] = {}
+    values = Resolved()
     config_path = getattr(given, "config", None) or environ.get("FEDGRAD_CONFIG")
     if config_path:
         for key, raw in _load_file(config_path, section).items():
@@ -116,16 +133,39 @@ def resolve(
                     f" (known: {', '.join(sorted(actions))})"
                 )
             action = actions[dest]
-            values[action.dest] = _convert(action, raw, f"config file {config_path}, key {key!r}")
+            where = f"config file {config_path}, key {key!r}"
+            values[action.dest] = _convert(action, raw, where)
+            values.origin[action.dest] = where
     for name, action in actions.items():
         env_key = "FEDGRAD_" + name.upper()
         if env_key in environ:
-            values[action.dest] = _convert(action, environ[env_key], f"environment {env_key}")
-    values.update({k: v for k, v in vars(given).items() if k in actions})
+            where = f"environment {env_key}"
+            values[action.dest] = _convert(action, environ[env_key], where)
+            values.origin[action.dest] = where
+    for dest, value in vars(given).items():
+        if dest in actions:
+            values[dest] = value
+            values.origin.pop(dest, None)
     return values
 
 
-def build_config(cls: type[C], values: Mapping[str, Any]) -> C:
-    """Build a frozen config dataclass from resolved values (unknown names ignored)."""
+def build_config(cls: type[C], values: Mapping[str, Any], origin: Mapping[str, str]) -> C:
+    """Build a frozen config dataclass from resolved values (unknown names ignored).
+
+    Args:
+        cls: ``AggregatorConfig`` or ``NodeConfig``.
+        values: setting name -> value, in the dataclass's own types.
+        origin: setting name -> where its value came from, prefixed to its error.
+
+    Raises:
+        ConfigError: a value breaks its rule in ``fedgrad.config``.
+    """
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in values.items() if k in names})
+    known = {k: v for k, v in values.items() if k in names}
+    for name, where in origin.items():
+        if name in known:
+            try:
+                check_setting(cls, name, known[name])
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+    return cls(**known)

@@ -84,10 +84,6 @@ class Authorizer:
         tokens = load_token_file(cfg.tokens) if cfg.tokens else None
         return cls(tokens, bool(cfg.tls_client_ca), frozenset(cfg.allow_nodes))
 
-    @property
-    def enabled(self) -> bool:
-        return self.tokens is not None or self.mutual_tls
-
     def identify(self, context: grpc.aio.ServicerContext) -> str | None:
         """Return the caller's authenticated identity (None when auth is off).
 

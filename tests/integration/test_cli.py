@@ -8,6 +8,7 @@ checked in-process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,8 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fedgrad.config import AggregatorConfig, NodeConfig
 from fedgrad.history import read_history
-from fedgrad.launch.cli import build_parser, main
+from fedgrad.launch.cli import build_parser, main, subparser
+from fedgrad.launch.commands import aggregator_config
+from fedgrad.launch.flags import shown
+from fedgrad.launch.options import resolve
 from fedgrad.tasks.linear import LinearTask
 
 #: Generous bound on any one process (import torch, a few rounds); no timing is asserted.
@@ -167,6 +172,43 @@ def test_every_option_has_help() -> None:
     assert not missing, "options without help text:\n" + "\n".join(missing)
 
 
+CONFIGS = {"aggregator": AggregatorConfig, "node": NodeConfig}
+#: Flags that are no setting of the config: they are turned into one or used by the CLI.
+CLI_ONLY_DESTS = {"help", "config", "port_file", "no_progress", "token_file", "compress"}
+
+
+@pytest.mark.parametrize("command", list(CONFIGS))
+def test_every_flag_is_a_setting_and_its_help_shows_the_config_default(command: str) -> None:
+    """Help defaults are read from the config dataclass, never retyped (STYLE.md 15)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CONFIGS[command])}
+    problems = []
+    for action in subparser(build_parser(), command)._actions:
+        if action.dest in CLI_ONLY_DESTS:
+            continue
+        if action.dest not in defaults:
+            problems.append(f"{action.option_strings}: no setting {action.dest!r}")
+            continue
+        default = defaults[action.dest]
+        if default in (None, True, False, ()):
+            continue  # no value to show; the help says in words what happens
+        text = "/".join(map(str, default)) if isinstance(default, tuple) else shown(default)
+        if f"default {text}" not in (action.help or ""):
+            problems.append(f"{action.option_strings}: help does not show 'default {text}'")
+    assert not problems, "\n".join(problems)
+
+
+def test_start_timeout_flag_sets_the_setting() -> None:
+    parser = build_parser()
+    given = parser.parse_args(["aggregator", "--start-timeout", "7.5"])
+    values = resolve(subparser(parser, "aggregator"), given, "aggregator", {})
+    assert aggregator_config(values).start_timeout == 7.5
+    given = parser.parse_args(["aggregator"])
+    values = resolve(subparser(parser, "aggregator"), given, "aggregator", {})
+    assert aggregator_config(values).start_timeout is None
+    help_text = subparser(parser, "aggregator").format_help()
+    assert "--start-timeout SEC" in help_text and "the round timeout" in help_text
+
+
 # -- bad configuration ----------------------------------------------------------------------------
 AGGREGATOR = ("aggregator", "--listen", "127.0.0.1:0", "--nodes", "1", "--rounds", "1")
 BAD_CONFIGS = {
@@ -190,6 +232,11 @@ BAD_CONFIGS = {
                                       {}, "chunk"),
     "chunk above the message limit": ((*AGGREGATOR, "--task", "linear",
                                        "--chunk-bytes", str(8 << 20)), {}, "chunk"),
+    # Checked by the config, not argparse (tests/unit/test_config.py has the full table).
+    "reduce not a choice": ((*AGGREGATOR, "--task", "linear", "--reduce", "median"), {},
+                            "reduce must be one of"),
+    "start timeout not positive": ((*AGGREGATOR, "--task", "linear", "--start-timeout", "0"),
+                                   {}, "start_timeout must be"),
 }  # fmt: skip
 
 
