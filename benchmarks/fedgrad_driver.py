@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from fedgrad.client.node import PULL_METHOD, PUSH_METHOD
 from fedgrad.framing import decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
+from fedgrad.wire import method_path
 
 __all__ = ["DriverNode", "NodeStats", "run_nodes"]
 
@@ -102,10 +102,10 @@ class DriverNode:
         self.stub = pb_grpc.AggregatorStub(self.channel)
         # Raw-bytes calls, as the fedgrad node makes them: no protobuf copy per chunk.
         self._pull = self.channel.unary_stream(
-            PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString
+            method_path("PullParameters"), request_serializer=pb.PullRequest.SerializeToString
         )
         self._push = self.channel.stream_unary(
-            PUSH_METHOD, response_deserializer=pb.PushReply.FromString
+            method_path("PushGradients"), response_deserializer=pb.PushReply.FromString
         )
         self.stats = NodeStats(node_id)
         self.chunks: list[bytes] = []

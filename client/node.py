@@ -1,19 +1,20 @@
-"""The compute node: join, pull parameters, compute, push gradients, repeat."""
+"""The compute node: join, pull parameters, compute, push gradients, repeat.
+
+The loop here knows rounds, tensors and the task; every gRPC call, retry and
+status-code rule is in ``fedgrad.client.transport``, which hands back replies or
+domain errors (``Failure`` with an ``Action``, ``Stopped``, ``RefusedError``).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 import torch
 
-from fedgrad.auth import bearer_metadata
-from fedgrad.client.transport import Backoff, Stopped, open_channel
+from fedgrad.client.transport import Action, Backoff, Failure, Stopped, Transport
 from fedgrad.codec import (
     ChunkCursor,
     Layout,
@@ -33,8 +34,6 @@ from fedgrad.task import Task, check_update, trainable_parameters
 __all__ = ["Node", "NodeResult"]
 
 log = logging.getLogger("fedgrad.node")
-PULL_METHOD = "/fedgrad.v1.Aggregator/PullParameters"
-PUSH_METHOD = "/fedgrad.v1.Aggregator/PushGradients"
 _WIRE = {None: pb.DTYPE_UNSPECIFIED, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 
 
@@ -52,9 +51,6 @@ class Node:
 
     def __init__(self, task: Task, cfg: NodeConfig) -> None:
         self.task, self.cfg = task, cfg
-        self.stop_event = threading.Event()
-        self._stop_reason = "stop requested"
-        self._active: Any = None  # the call in flight, for stop() to cancel
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -64,24 +60,24 @@ class Node:
         self.views = [byte_view(p.data) for p in self.params]
         self.data = task.shard(*cfg.shard)
         self.num_samples = task.num_samples(self.data)
-        self.metadata = bearer_metadata(cfg.token) if cfg.token else ()
-        self.channel, self.stub = open_channel(cfg)
-        # Raw-bytes twins of two stub methods: chunks are framed and read in place.
-        self._pull_raw = self.channel.unary_stream(
-            PULL_METHOD,
-            request_serializer=pb.PullRequest.SerializeToString,
-            response_deserializer=None,
-        )
-        self._push_raw = self.channel.stream_unary(
-            PUSH_METHOD, request_serializer=None, response_deserializer=pb.PushReply.FromString
-        )
-        self.backoff = Backoff(cfg.give_up_after, stop=self.stop_event)
+        self.transport = Transport(cfg)
         self.session_id = ""
+        self.chunk_bytes = 0
         self.uploads = 0
+
+    @property
+    def stop_event(self) -> threading.Event:
+        """Set once ``stop()`` was called."""
+        return self.transport.stopped
+
+    @property
+    def backoff(self) -> Backoff:
+        """The retry budget shared by every call (``attempt``: failures since the last success)."""
+        return self.transport.backoff
 
     def close(self) -> None:
         """Close the channel."""
-        self.channel.close()
+        self.transport.close()
 
     def stop(self, reason: str = "stop requested") -> None:
         """Make ``run()`` leave the federation and return, whatever the node is doing now.
@@ -95,44 +91,19 @@ class Node:
         Args:
             reason: logged as "REASON: leaving the federation"; the first one wins.
         """
-        if not self.stop_event.is_set():
-            self._stop_reason = reason
-        self.stop_event.set()
-        # After set(): a call started later sees the event, so every call is cancelled.
-        call = self._active
-        if call is not None:
-            call.cancel()
-
-    @contextmanager
-    def _cancellable(
-        self, method: Callable[..., Any], request: Any, timeout: float
-    ) -> Iterator[Any]:
-        """Start ``method(request)`` where ``stop()`` can cancel it; raise Stopped if it did."""
-        if self.stop_event.is_set():
-            raise Stopped
-        call = method(request, timeout=timeout, metadata=self.metadata)
-        self._active = call
-        try:
-            if self.stop_event.is_set():  # stop() looked before this call existed
-                call.cancel()
-            yield call
-        except (grpc.RpcError, grpc.FutureCancelledError):
-            if self.stop_event.is_set():
-                raise Stopped from None
-            raise
-        finally:
-            self._active = None
+        self.transport.stop(reason)
 
     # -- calls -------------------------------------------------------------------
-    def join(self) -> pb.JoinReply:
-        """Join (idempotent) and check that the aggregator's model is this task's model."""
-        request = pb.JoinRequest(node_id=self.cfg.node_id, num_samples=self.num_samples)
+    def join(self, after: Failure | None = None) -> pb.JoinReply:
+        """Join (idempotent) and check that the aggregator's model is this task's model.
 
-        def call() -> pb.JoinReply:
-            with self._cancellable(self.stub.Join.future, request, self.cfg.call_timeout) as join:
-                return join.result()
+        Args:
+            after: the failure that sent the node back to Join (backed off if transient).
 
-        reply = self.backoff.call("join", call)
+        Raises:
+            TaskError: the aggregator's model is not this task's model.
+        """
+        reply = self.transport.join(self.num_samples, after)
         theirs = manifest_from_proto(reply.manifest)
         if theirs != self.layout.specs:
             raise TaskError(
@@ -154,12 +125,10 @@ class Node:
         timeout = (
             self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
         )
-        request = pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round)
-        with self._cancellable(self._pull_raw, request, timeout) as stream:
+        with self.transport.pull(min_round, timeout) as stream:
             first = pb.ParameterMessage.FromString(next(stream))
             if first.WhichOneof("kind") != "header":
                 raise TaskError("aggregator sent a chunk before the ParameterHeader")
-            header = first.header
             cursor = ChunkCursor(self.layout, max(self.chunk_bytes, 1))
             with torch.no_grad():
                 for raw in stream:
@@ -175,7 +144,7 @@ class Node:
             raise TaskError(
                 f"parameter stream ended after {cursor.position} of {self.layout.total} bytes"
             )
-        return header
+        return first.header
 
     def push(
         self,
@@ -208,20 +177,11 @@ class Node:
             yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=layout.total)).SerializeToString()
 
         timeout = self.cfg.call_timeout + layout.total / self.cfg.min_bandwidth
-        # The future form: a blocking call could not be cancelled by stop().
-        with self._cancellable(self._push_raw.future, messages(), timeout) as call:
-            return call.result()
+        return self.transport.push(messages(), timeout)
 
     def leave(self) -> None:
         """Tell the aggregator to stop waiting for this node (best effort)."""
-        try:
-            self.stub.Leave(
-                pb.LeaveRequest(node_id=self.cfg.node_id),
-                timeout=self.cfg.call_timeout,
-                metadata=self.metadata,
-            )
-        except grpc.RpcError as exc:
-            log.info("leave failed: %s", exc.code().name)
+        self.transport.leave()
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> NodeResult:
@@ -237,9 +197,9 @@ class Node:
         """
         try:
             return self._loop()
-        except grpc.RpcError as exc:
+        except Failure as failure:  # a failure of a Join outside the loop's recovery
             raise RefusedError(
-                f"the aggregator refused node {self.cfg.node_id!r}: {exc.code().name}: {exc.details()}"
+                f"the aggregator refused node {self.cfg.node_id!r}: {failure}"
             ) from None
 
     def _loop(self) -> NodeResult:
@@ -255,14 +215,13 @@ class Node:
                     if header.finished:
                         return NodeResult(self.cfg.node_id, self.uploads, header.round)
                     next_round = self.train_round(header.round)
-                    self.backoff.reset()
-                except grpc.RpcError as exc:
-                    next_round = self._recover(exc, next_round)
+                except Failure as failure:
+                    next_round = self._recover(failure, next_round)
         except Stopped:
             pass
         log.info(
             "%s: leaving the federation",
-            self._stop_reason,
+            self.transport.stop_reason,
             extra={"node": self.cfg.node_id, "event": "leave"},
         )
         self.leave()
@@ -283,39 +242,21 @@ class Node:
         )
         return round_ + 1
 
-    def _recover(self, exc: grpc.RpcError, next_round: int) -> int:
-        code = exc.code()
-        if code == grpc.StatusCode.ABORTED:
-            current = _current_round(exc)
+    def _recover(self, failure: Failure, next_round: int) -> int:
+        """Return the round to pull after ``failure`` of a pull, a push or a Join."""
+        if failure.action is Action.CONTINUE_AT:
+            current = failure.current_round
             log.info(
-                "round closed before our upload counted; continuing at round %d",
+                "round closed before our upload counted; continuing at round %s",
                 current,
                 extra={"node": self.cfg.node_id, "round": next_round, "event": "stale"},
             )
             return current if current is not None else next_round
-        if code == grpc.StatusCode.ALREADY_EXISTS:
+        if failure.action is Action.NEXT_ROUND:
             return next_round + 1
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.backoff.attempt == 0:
-            return next_round  # a long wait for the next round ran out: ask again
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            return self.join().round
-        if code in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.CANCELLED,
-            grpc.StatusCode.UNKNOWN,
-        ):
-            self.backoff.wait("round", exc)
-            # After a reconnect, redo the aggregator's open round: if it restarted from a
-            # checkpoint our counted upload may be gone; if not, the same upload id is a no-op.
-            return self.join().round
-        raise exc
-
-
-def _current_round(exc: grpc.RpcError) -> int | None:
-    trailing: Any = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
-    for key, value in trailing:
-        if key == "fedgrad-current-round":
-            return int(value)
-    return None
+        if failure.action is Action.ASK_AGAIN:
+            return next_round
+        # REJOIN or BACK_OFF: after a reconnect, redo the aggregator's open round: if it
+        # restarted from a checkpoint our counted upload may be gone; if not, the same
+        # upload id is a no-op.
+        return self.join(after=failure).round

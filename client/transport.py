@@ -1,28 +1,69 @@
-"""The node's gRPC channel, credentials and retry policy."""
+"""The node's transport: every gRPC call, its retries, and what each status code means.
+
+The node loop (``fedgrad.client.node``) never sees grpc. It calls ``Transport.join``,
+``pull``, ``push`` and ``leave`` and gets protobuf replies, or one of:
+
+- ``Failure``: the call failed in a way the node recovers from; ``failure.action`` (an
+  ``Action``) says how (docs/protocol.md, "Status codes and what a node does");
+- ``RefusedError``: the aggregator refused the node for good (bad input, credentials);
+- ``GaveUpError``: transient failures lasted longer than the give-up budget;
+- ``Stopped``: ``stop()`` was called; the node leaves.
+
+``stop()`` cancels the call in flight from any thread.
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import grpc
 
+from fedgrad.auth import bearer_metadata
 from fedgrad.config import NodeConfig
-from fedgrad.errors import GaveUpError
-from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
+from fedgrad.errors import GaveUpError, RefusedError
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.wire import method_path, open_channel
 
-__all__ = ["TRANSIENT", "Backoff", "Stopped", "open_channel"]
+__all__ = ["CHANNEL_OPTIONS", "Action", "Backoff", "Failure", "Stopped", "Transport"]
 
 log = logging.getLogger("fedgrad.node")
-T = TypeVar("T")
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
-#: Codes after which the same call may succeed later (the aggregator restarts, a link returns).
-TRANSIENT = frozenset(
+
+#: Channel options on top of ``fedgrad.wire``'s message limits.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # Backoff is ours (with jitter and a give-up budget); keep the channel's short.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+# Trailing metadata of ABORTED: the aggregator's current round (docs/protocol.md). The
+# server spells it too (server/service.py); it belongs in fedgrad.wire next to the paths.
+_CURRENT_ROUND = "fedgrad-current-round"
+
+
+class Stopped(Exception):
+    """A stop was requested: make no further call or try. ``Node.run()`` never raises it."""
+
+
+class Action(enum.Enum):
+    """What the node loop does after a failed call (docs/protocol.md, "Status codes")."""
+
+    CONTINUE_AT = "pull the aggregator's current round"  # ABORTED
+    NEXT_ROUND = "go on with the next round"  # ALREADY_EXISTS
+    ASK_AGAIN = "ask for the same round again"  # a long wait for a round ran out
+    REJOIN = "join again, then pull the round Join names"  # FAILED_PRECONDITION
+    BACK_OFF = "back off, join again, then pull the round Join names"  # transient
+
+
+# Codes after which the same call may succeed later (the aggregator restarts, a link returns).
+_TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -31,37 +72,32 @@ TRANSIENT = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+# Every other code (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, ...) is a refusal.
+_ACTIONS = {
+    grpc.StatusCode.ABORTED: Action.CONTINUE_AT,
+    grpc.StatusCode.ALREADY_EXISTS: Action.NEXT_ROUND,
+    grpc.StatusCode.FAILED_PRECONDITION: Action.REJOIN,
+    **{code: Action.BACK_OFF for code in _TRANSIENT},
+}
 
 
-class Stopped(Exception):
-    """A stop was requested: make no further call or try. ``Node.run()`` never raises it."""
+class Failure(Exception):
+    """A call failed in a way the node recovers from.
 
+    Attributes:
+        action: what to do next.
+        code: the status code's name, e.g. ``"ABORTED"``.
+        details: the status details.
+        current_round: the aggregator's current round (ABORTED only), else None.
+        transient: the same call may succeed after a backoff.
+    """
 
-def _read(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
-def open_channel(cfg: NodeConfig) -> tuple[grpc.Channel, pb_grpc.AggregatorStub]:
-    """Open a channel (TLS when ``cfg.tls_ca`` is set) and its stub."""
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        # Backoff is ours (with jitter and a give-up budget); keep the channel's short.
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-    ]
-    if cfg.tls_ca:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(cfg.tls_ca),
-            private_key=_read(cfg.tls_key),
-            certificate_chain=_read(cfg.tls_cert),
-        )
-        channel = grpc.secure_channel(cfg.aggregator, creds, options=options)
-    else:
-        channel = grpc.insecure_channel(cfg.aggregator, options=options)
-    return channel, pb_grpc.AggregatorStub(channel)
+    def __init__(
+        self, action: Action, code: str, details: str, current_round: int | None, transient: bool
+    ) -> None:
+        super().__init__(f"{code}: {details}")
+        self.action, self.code, self.details = action, code, details
+        self.current_round, self.transient = current_round, transient
 
 
 class Backoff:
@@ -78,13 +114,18 @@ class Backoff:
         self.stop = stop if stop is not None else threading.Event()
         self.reset()
 
+    @property
+    def fresh(self) -> bool:
+        """True if nothing failed since the last success."""
+        return self.attempt == 0
+
     def reset(self) -> None:
         """Start a new budget after a success."""
         self.attempt = 0
         self.since = time.monotonic()
 
-    def wait(self, what: str, error: grpc.RpcError) -> None:
-        """Sleep before the next try.
+    def wait(self, what: str, failure: Failure) -> None:
+        """Sleep before the next try of ``what``, which failed with ``failure``.
 
         Raises:
             Stopped: ``stop`` is set, or gets set while sleeping.
@@ -95,26 +136,191 @@ class Backoff:
         elapsed = time.monotonic() - self.since
         if elapsed >= self.give_up_after:
             raise GaveUpError(
-                f"gave up after {elapsed:.0f} s: {what} failed with {error.code().name}:"
-                f" {error.details()} (is the aggregator running and reachable?"
+                f"gave up after {elapsed:.0f} s: {what} failed with {failure.code}:"
+                f" {failure.details} (is the aggregator running and reachable?"
                 " raise --give-up-after to wait longer)"
             )
         delay = random.uniform(0, min(self.cap, self.first * 2**self.attempt))
         delay = min(delay, self.give_up_after - elapsed)
         self.attempt += 1
-        log.info("%s failed (%s); retrying in %.2f s", what, error.code().name, delay)
+        log.info("%s failed (%s); retrying in %.2f s", what, failure.code, delay)
         if self.stop.wait(delay):
             raise Stopped
 
-    def call(self, what: str, fn: Callable[[], T], retry_on: Any = TRANSIENT) -> T:
-        """Call ``fn`` until it succeeds, retrying transient errors with backoff (see ``wait``)."""
+
+class Transport:
+    """The node's channel and calls; ``stop()`` cancels the call in flight.
+
+    Args:
+        cfg: the node's config (aggregator address, TLS files, token, deadlines, budget).
+    """
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.node_id, self.call_timeout = cfg.node_id, cfg.call_timeout
+        self.stopped = threading.Event()
+        self.backoff = Backoff(cfg.give_up_after, stop=self.stopped)
+        self.stop_reason = ""  # the first stop()'s reason
+        self._call: Any = None  # the call in flight, for stop() to cancel; see _started()
+        self._metadata = bearer_metadata(cfg.token) if cfg.token else ()
+        self.channel = open_channel(
+            cfg.aggregator, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, options=CHANNEL_OPTIONS
+        )
+        self._join = self.channel.unary_unary(
+            method_path("Join"),
+            request_serializer=pb.JoinRequest.SerializeToString,
+            response_deserializer=pb.JoinReply.FromString,
+        )
+        self._leave = self.channel.unary_unary(
+            method_path("Leave"),
+            request_serializer=pb.LeaveRequest.SerializeToString,
+            response_deserializer=pb.LeaveReply.FromString,
+        )
+        # Raw bytes both ways for the tensors: the node frames and reads chunks in place.
+        self._pull = self.channel.unary_stream(
+            method_path("PullParameters"),
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self._push = self.channel.stream_unary(
+            method_path("PushGradients"),
+            request_serializer=None,
+            response_deserializer=pb.PushReply.FromString,
+        )
+
+    def close(self) -> None:
+        """Close the channel; a call still in flight ends with CANCELLED."""
+        self.channel.close()
+
+    def stop(self, reason: str) -> None:
+        """Cancel the call in flight, end a backoff wait, and make every later call raise Stopped.
+
+        Idempotent, and safe from any thread.
+
+        Args:
+            reason: kept in ``stop_reason``; the first one wins.
+        """
+        if not self.stopped.is_set():
+            self.stop_reason = reason
+        self.stopped.set()
+        # After set(): a call started later sees the event, so every call is cancelled.
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    # -- the calls -------------------------------------------------------------------------
+    def join(self, num_samples: int, after: Failure | None = None) -> pb.JoinReply:
+        """Join (idempotent), retrying transient failures with backoff.
+
+        Args:
+            num_samples: this node's sample count.
+            after: the failure that sent the node back to Join; a transient one is
+                backed off first.
+
+        Returns:
+            The aggregator's reply (manifest, chunk size, round, session).
+
+        Raises:
+            Stopped, GaveUpError, RefusedError: see the module docstring.
+            Failure: a non-transient failure (e.g. ABORTED, FAILED_PRECONDITION).
+        """
+        if after is not None and after.action is Action.BACK_OFF:
+            self.backoff.wait("round", after)
+        request = pb.JoinRequest(node_id=self.node_id, num_samples=num_samples)
         while True:
             try:
-                result = fn()
-            except grpc.RpcError as exc:
-                if exc.code() not in retry_on:
+                with self._started(self._join.future, request, self.call_timeout) as call:
+                    reply: pb.JoinReply = call.result()
+            except Failure as failure:
+                if not failure.transient:
                     raise
-                self.wait(what, exc)
+                self.backoff.wait("join", failure)
                 continue
-            self.reset()
-            return result
+            self.backoff.reset()
+            return reply
+
+    @contextmanager
+    def pull(self, min_round: int, timeout: float) -> Iterator[Iterator[bytes]]:
+        """Open the parameter stream of the first round >= ``min_round``; yield its messages.
+
+        Each message is a serialized ``ParameterMessage``: the header, then the chunks.
+
+        Raises:
+            Stopped, Failure, RefusedError: also while the ``with`` block reads the stream.
+        """
+        request = pb.PullRequest(node_id=self.node_id, min_round=min_round)
+        with self._started(self._pull, request, timeout) as stream:
+            yield stream
+
+    def push(self, messages: Iterator[bytes], timeout: float) -> pb.PushReply:
+        """Stream one upload (serialized ``GradientMessage``s); return the reply once counted.
+
+        Raises:
+            Stopped, Failure, RefusedError: see the module docstring.
+        """
+        # The future form: a blocking call could not be cancelled by stop().
+        with self._started(self._push.future, messages, timeout) as call:
+            reply: pb.PushReply = call.result()
+        self.backoff.reset()  # a round went through: a new budget
+        return reply
+
+    def leave(self) -> None:
+        """Tell the aggregator to stop waiting for this node (best effort, never raises)."""
+        try:
+            self._leave(
+                pb.LeaveRequest(node_id=self.node_id),
+                timeout=self.call_timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            log.info("leave failed: %s", exc.code().name)
+
+    # -- one call ----------------------------------------------------------------------------
+    @contextmanager
+    def _started(self, method: Callable[..., Any], request: Any, timeout: float) -> Iterator[Any]:
+        """Start ``method(request)`` where ``stop()`` can cancel it; translate its errors.
+
+        Raises:
+            Stopped: ``stop()`` was called before or during the call.
+            Failure, RefusedError: the call failed (``_error``).
+        """
+        if self.stopped.is_set():
+            raise Stopped
+        call = method(request, timeout=timeout, metadata=self._metadata)
+        # Publish, then re-check: stop() sets the event, then reads _call. Whatever the
+        # interleaving (bytecodes run one at a time under the GIL), either stop() reads
+        # this call, or the re-check below sees the event; both cancel.
+        self._call = call
+        try:
+            if self.stopped.is_set():
+                call.cancel()
+            yield call
+        except (grpc.RpcError, grpc.FutureCancelledError) as exc:
+            if self.stopped.is_set():
+                raise Stopped from None
+            if not isinstance(exc, grpc.RpcError):
+                raise
+            raise self._error(exc) from None
+        finally:
+            self._call = None
+
+    def _error(self, error: grpc.RpcError) -> Failure | RefusedError:
+        """Return what ``error`` means for the node loop: a ``Failure``, or a refusal."""
+        code = error.code()
+        details = error.details() or ""
+        action = _ACTIONS.get(code)
+        if action is None:
+            return RefusedError(
+                f"the aggregator refused node {self.node_id!r}: {code.name}: {details}"
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.backoff.fresh:
+            action = Action.ASK_AGAIN  # a long wait for the next round ran out: ask again
+        current = _current_round(error) if action is Action.CONTINUE_AT else None
+        return Failure(action, code.name, details, current, code in _TRANSIENT)
+
+
+def _current_round(error: grpc.RpcError) -> int | None:
+    trailing: Any = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in trailing:
+        if key == _CURRENT_ROUND:
+            return int(value)
+    return None
