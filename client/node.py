@@ -84,9 +84,10 @@ class Node:
 
         Cancels the call in flight and ends a backoff wait; ``run()`` then calls Leave
         and returns its ``NodeResult``. Idempotent, and safe from any thread at any
-        moment, before, during or after ``run()``. From a signal handler, keep ``run()``
-        off the main thread (as ``fedgrad node`` does): the handler interrupts the main
-        thread between any two bytecodes, possibly inside a lock that this method takes.
+        moment, before, during or after ``run()``, also from a signal handler that
+        interrupts another ``stop()``. From a signal handler, keep ``run()`` off the main
+        thread (as ``fedgrad node`` does): the handler interrupts the main thread between
+        any two bytecodes, possibly inside a lock that ``run()`` holds (a backoff wait's).
 
         Args:
             reason: logged as "REASON: leaving the federation"; the first one wins.

@@ -9,12 +9,14 @@ The node loop (``fedgrad.client.node``) never sees grpc. It calls ``Transport.jo
 - ``GaveUpError``: transient failures lasted longer than the give-up budget;
 - ``Stopped``: ``stop()`` was called; the node leaves.
 
-``stop()`` cancels the call in flight from any thread.
+``stop()`` cancels the call in flight from any thread, signal handlers included; see
+``Transport.stop`` for why it takes no lock.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import random
 import threading
@@ -160,6 +162,7 @@ class Transport:
         self.stopped = threading.Event()
         self.backoff = Backoff(cfg.give_up_after, stop=self.stopped)
         self.stop_reason = ""  # the first stop()'s reason
+        self._stops = itertools.count()  # numbers the stop() calls; see stop()
         self._call: Any = None  # the call in flight, for stop() to cancel; see _started()
         self._metadata = bearer_metadata(cfg.token) if cfg.token else ()
         self.channel = open_channel(
@@ -194,15 +197,21 @@ class Transport:
     def stop(self, reason: str) -> None:
         """Cancel the call in flight, end a backoff wait, and make every later call raise Stopped.
 
-        Idempotent, and safe from any thread.
+        Idempotent and safe from any thread, including signal handlers while the calls
+        run on another thread. Only the first call acts; later ones return at once:
+        a second signal's handler can interrupt the first one between any two bytecodes,
+        e.g. inside ``Event.set()`` while it holds its non-reentrant lock, where a second
+        ``set()`` would wait for that lock forever. So nothing here takes a lock before
+        it knows it is the first.
 
         Args:
-            reason: kept in ``stop_reason``; the first one wins.
+            reason: kept in ``stop_reason`` if this is the first call.
         """
-        if not self.stopped.is_set():
-            self.stop_reason = reason
+        if next(self._stops):  # one C call, atomic under the GIL: exactly one caller gets 0
+            return
+        self.stop_reason = reason  # before set(): whoever wakes up reads it
         self.stopped.set()
-        # After set(): a call started later sees the event, so every call is cancelled.
+        # After set(): a call published later is re-checked by _started and cancelled there.
         call = self._call
         if call is not None:
             call.cancel()

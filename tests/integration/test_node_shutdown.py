@@ -14,6 +14,11 @@ node as "left". Each test first puts the node at one moment, on purpose:
   node's upload waits inside PushGradients
 - in-process: in a backoff wait, during the task's compute (the push never starts),
   before ``run()``, after ``run()`` finished
+- in-process, at one exact point, through a trace hook (``sys.settrace``), which runs at
+  a point between two bytecodes, as Python runs a signal handler: just before the pull
+  starts, between its start and its publication for ``stop()`` to cancel, and a second
+  signal's handler inside the first handler's ``stop()`` (while ``Event.set()`` holds
+  its lock)
 
 Real processes and real gRPC on 127.0.0.1 port 0. Every wait is bounded; the only
 bound asserted is ``EXIT`` between the stop and the exit (Leave's deadline is 10 s).
@@ -25,12 +30,16 @@ import copy
 import logging
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from polling import wait_until
@@ -124,14 +133,19 @@ def linear_node(address: str, task: Task | None = None, give_up_after: float = 6
 
 @dataclass
 class Running:
-    """A ``Node`` whose ``run()`` runs on its own thread; ``outcome`` gets its result or error."""
+    """A ``Node`` whose ``run()`` runs on its own thread; ``outcome`` gets its result or error.
+
+    ``trace``, if set, is that thread's trace function (``sys.settrace``).
+    """
 
     node: Node
+    trace: Any = None
     thread: threading.Thread = field(init=False)
     outcome: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         def run() -> None:
+            sys.settrace(self.trace)
             try:
                 self.outcome.append(self.node.run())
             except BaseException as exc:  # reported by result()
@@ -150,12 +164,12 @@ class Running:
 
 
 @pytest.fixture
-def running() -> Iterator[Callable[[Node], Running]]:
-    """Factory ``running(node) -> Running``; at teardown each node is stopped, joined, closed."""
+def running() -> Iterator[Callable[..., Running]]:
+    """Factory ``running(node, trace=None) -> Running``; at teardown each is stopped, joined, closed."""
     started: list[Running] = []
 
-    def factory(node: Node) -> Running:
-        started.append(Running(node))
+    def factory(node: Node, trace: Any = None) -> Running:
+        started.append(Running(node, trace))
         return started[-1]
 
     yield factory
@@ -223,7 +237,7 @@ def test_sigterm_mid_push(serve, hand_node, wire, spawn, cli) -> None:
 
     held = other.stub.PushGradients.future(header_then_hold(), timeout=PROC_TIMEOUT)
     try:
-        wait_until(lambda: served.call(lambda: len(served.core.inflight)) == 1,
+        wait_until(lambda: served.call(lambda: len(served.core.intake.inflight)) == 1,
                    "node-0's upload to hold the only staging slot", WAIT)  # fmt: skip
         node.send_signal(signal.SIGCONT)
         wait_until(
@@ -300,3 +314,122 @@ def test_stop_after_run_finished(serve, running) -> None:
     node.stop()
     node.close()
     node.stop()
+
+
+# -- stop() at one exact point ---------------------------------------------------------------
+def pull_starts(frame: FrameType) -> bool:
+    """True for the frame of a PullParameters call being started (grpc's multicallable)."""
+    return frame.f_code.co_name == "__call__" and isinstance(
+        frame.f_locals.get("self"), grpc.UnaryStreamMultiCallable
+    )
+
+
+def stop_hook(node: Node, at: str, fired: list[str]) -> Callable[..., Any]:
+    """A trace function that calls ``node.stop()`` once, as the first pull starts.
+
+    ``at="call"``: the transport checked for a stop and is entering grpc; the call does
+    not exist yet. ``at="return"``: grpc has started the call and returns it; the
+    transport has not published it for ``stop()`` to cancel yet.
+    """
+
+    def on_return(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "return" and not fired:
+            fired.append(at)
+            node.stop(f"stop at {at}")
+        return on_return
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if fired or event != "call" or not pull_starts(frame):
+            return None
+        if at == "return":
+            return on_return
+        fired.append(at)
+        node.stop(f"stop at {at}")
+        return None
+
+    return trace
+
+
+@pytest.mark.parametrize("at", ["call", "return"], ids=["before-the-call", "before-publication"])
+def test_stop_in_the_window_around_the_start_of_a_call(at: str, serve, connect, running) -> None:
+    """The pull would wait for a round that never opens: only the cancellation ends it."""
+    served = serve("linear", nodes=2, round_timeout=ROUND_FOREVER)
+    fired: list[str] = []
+    node = linear_node(served.address)
+    run = running(node, trace=stop_hook(node, at, fired))
+    assert run.result() == NodeResult(NODE, uploads=0, final_round=0)
+    assert fired == [at]
+    wait_until(lambda: not pulling(served), "the cancelled pull to end on the aggregator", EXIT)
+    assert states(connect(served)) == {NODE: "left"}
+
+
+class Deadlocked(AssertionError):
+    """Raised by the alarm: the main thread is stuck."""
+
+
+@contextmanager
+def alarm_after(seconds: float) -> Iterator[None]:
+    """Raise ``Deadlocked`` in the main thread after ``seconds``, even inside a blocked acquire.
+
+    Replaces the alarm for the duration (pytest-timeout may use it) and then restores it.
+    """
+
+    def ring(signum: int, frame: Any) -> None:
+        raise Deadlocked(f"the main thread was stuck for {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    pending = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_REAL, *pending)
+
+
+def test_a_second_signal_inside_the_first_stop(serve, connect, running, caplog) -> None:
+    """SIGUSR2's handler runs while SIGUSR1's is inside ``stop()``; both return, the first wins.
+
+    Python runs a handler between two bytecodes of the main thread, also inside another
+    handler; ``signal.raise_signal`` runs it at once. The main thread's trace hook raises
+    SIGUSR2 when ``Event.set()`` calls ``notify_all()``, i.e. while it holds the Event's
+    non-reentrant lock: a ``stop()`` that set the Event again there would wait forever.
+    """
+    caplog.set_level(logging.INFO, logger="fedgrad.node")
+    served = serve("linear", nodes=2, round_timeout=ROUND_FOREVER)
+    run = running(linear_node(served.address))
+    wait_until(lambda: pulling(served), "node-1 to wait in PullParameters", EXIT)
+    nested: list[bool] = []
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if (
+            not nested
+            and event == "call"
+            and frame.f_code is threading.Condition.notify_all.__code__
+            and frame.f_back is not None
+            and frame.f_back.f_code is threading.Event.set.__code__
+        ):
+            nested.append(True)
+            signal.raise_signal(signal.SIGUSR2)
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        run.node.stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    tracing = sys.gettrace()
+    try:
+        with alarm_after(EXIT):
+            sys.settrace(trace)
+            try:
+                signal.raise_signal(signal.SIGUSR1)
+            finally:
+                sys.settrace(tracing)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    assert nested, "the hook never ran inside Event.set()"
+    assert run.result() == NodeResult(NODE, uploads=0, final_round=0)
+    assert states(connect(served)) == {NODE: "left"}
+    leaving = [r.getMessage() for r in caplog.records if "leaving the federation" in r.getMessage()]
+    assert leaving == ["SIGUSR1: leaving the federation"]
