@@ -35,6 +35,7 @@ lint: install-dev
 	$(BIN)/ruff check common server client launch tests benchmarks examples
 	$(BIN)/ruff format --check common server client launch tests benchmarks examples
 	$(BIN)/mypy common server client launch
+	$(BIN)/lint-imports
 
 proto: install-dev
 	$(BIN)/python -m grpc_tools.protoc -I$(PROTO_DIR) --python_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) $(PROTO_SRC)
