@@ -311,6 +311,9 @@ class Transport:
             raise self._error(exc) from None
         finally:
             self._call = None
+            # A caller that left early (e.g. a TaskError mid-stream) ends the call here;
+            # otherwise the stream would stay open on the aggregator until its deadline.
+            call.cancel()  # no-op for a call that completed
 
     def _error(self, error: grpc.RpcError) -> Failure | RefusedError:
         """Return what ``error`` means for the node loop: a ``Failure``, or a refusal."""

@@ -32,11 +32,15 @@ class Scripted:
     Attributes:
         fail: status codes the next calls end with, first one first.
         trailing: trailing metadata sent with each failure.
+        hold_pull: after the header, keep the parameter stream open until it ends.
+        pull_ended: set once a held parameter stream ended (e.g. the node cancelled it).
         calls: rpc names as they arrived.
     """
 
     fail: list[grpc.StatusCode] = field(default_factory=list)
     trailing: tuple[tuple[str, str], ...] = ()
+    hold_pull: bool = False
+    pull_ended: threading.Event = field(default_factory=threading.Event)
     calls: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,6 +68,9 @@ def scripted() -> Iterator[tuple[Scripted, int]]:
     ) -> Iterator[pb.ParameterMessage]:
         script.answer("PullParameters", context)
         yield pb.ParameterMessage(header=pb.ParameterHeader(round=request.min_round))
+        if script.hold_pull:
+            context.add_callback(script.pull_ended.set)
+            script.pull_ended.wait(60)
 
     def push(requests: Iterator[pb.GradientMessage], context: grpc.ServicerContext) -> pb.PushReply:
         for _ in requests:
@@ -228,3 +235,14 @@ def test_successful_calls_return_the_replies(scripted, transport) -> None:
     assert push_once(transport).round == 0
     transport.leave()  # unimplemented here: best effort, logged, no error
     assert script.calls == ["PullParameters", "PushGradients"]
+
+
+def test_a_stream_its_reader_abandons_is_cancelled(scripted, transport) -> None:
+    """A reader that gives up mid-stream (e.g. a bad chunk) does not leave the stream open."""
+    script, _ = scripted
+    script.hold_pull = True
+    with pytest.raises(RuntimeError, match="the reader gives up"):
+        with transport.pull(0, timeout=60.0) as stream:
+            next(stream)
+            raise RuntimeError("the reader gives up")
+    assert script.pull_ended.wait(10), "the abandoned stream stayed open on the server"
