@@ -53,3 +53,17 @@ bench-quick: install-dev
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache .mypy_cache .ruff_cache
+
+# A redesign keeps behaviour: the fedgrad suites, this checkout against BASE, interleaved
+# in one run (benchmarks/README.md, "A/B against a baseline"). BASE=<any git rev>.
+BENCH_AB_SUITES := fedgrad_round,fedgrad_push_pull,fedgrad_many_tensors,fedgrad_few_tensors
+ifneq ($(filter bench-ab,$(MAKECMDGOALS)),)
+ifeq ($(BASE),)
+$(error usage: make bench-ab BASE=<git rev>, e.g. make bench-ab BASE=HEAD~1)
+endif
+endif
+.PHONY: bench-ab
+bench-ab: install-dev
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,bench]" --config-settings editable_mode=strict
+	cli=$$(PY="$(PY)" TORCH_SPEC="$(TORCH_SPEC)" bash benchmarks/baseline.sh "$(BASE)") && \
+	$(BIN)/python -m benchmarks.run --out runs/bench-ab --baseline "$$cli" --suites $(BENCH_AB_SUITES)

@@ -12,7 +12,12 @@
 The aggregator listens on 127.0.0.1 port 0 and writes the bound port to
 ``--port-file`` (race-free, unlike picking a free port and passing it).
 
-Run: ``python -m benchmarks.fedgrad_bench [--params 1000000] [--nodes 4] [--rounds 4]``
+Every scenario takes ``cli``, the ``fedgrad`` command to run (default: this
+checkout's), so an A/B run measures another build the same way
+(``benchmarks/ab.py``).
+
+Run: ``python -m benchmarks.fedgrad_bench [--params 1000000] [--nodes 4] [--rounds 4]
+[--driver] [--cli runs/baseline-REV/.venv/bin/fedgrad]``
 """
 
 from __future__ import annotations
@@ -67,13 +72,13 @@ def _task(params: int, tensors: int) -> list[str]:
 
 def _start_aggregator(
     procs: Procs, work: Path, params: int, tensors: int, nodes: int, rounds: int,
-    extra: Sequence[str] = (),
+    extra: Sequence[str] = (), cli: Sequence[str] | None = None,
 ) -> tuple:  # fmt: skip
     """Start ``fedgrad aggregator``; return (process, port, history path, log name)."""
     name = f"fedgrad-aggregator-{work.name}"
     port_file, history = work / "port", work / "history.csv"
     cmd = [
-        *fedgrad_cli(), "aggregator", *_task(params, tensors),
+        *(cli or fedgrad_cli()), "aggregator", *_task(params, tensors),
         "--listen", "127.0.0.1:0", "--port-file", str(port_file),
         "--nodes", str(nodes), "--rounds", str(rounds), "--lr", "0.1", "--insecure",
         "--history", str(history), "--finish-grace", "10", "--no-progress", *extra,
@@ -118,6 +123,7 @@ def _round_stats(rows: list[dict], params: int, peak_rss: int) -> dict:
 def round_time(
     params: int, tensors: int = 20, nodes: int = 4, rounds: int = 4,
     procs: Procs | None = None, timeout: float = 900, extra: Sequence[str] = (),
+    cli: Sequence[str] | None = None,
 ) -> dict:  # fmt: skip
     """Run the aggregator and ``nodes`` CLI node processes; time the rounds.
 
@@ -129,6 +135,8 @@ def round_time(
         procs: where to start the children (a fresh ``Procs`` if None).
         timeout: seconds allowed for the whole run.
         extra: more ``fedgrad aggregator`` flags (e.g. ``--max-inflight 2``).
+        cli: argv prefix of the ``fedgrad`` command that runs the aggregator and
+            the nodes (another build's, for A/B runs); None: ``fedgrad_cli()``.
 
     Returns:
         ``summarize`` of steady-state seconds per round, ``p50``/``p99``,
@@ -139,16 +147,17 @@ def round_time(
     """
     own = procs is None
     procs = procs or Procs()
+    cli = list(cli or fedgrad_cli())
     try:
         work = Path(tempfile.mkdtemp(prefix="round-", dir=procs.log_dir))
         agg, port, history, name = _start_aggregator(
-            procs, work, params, tensors, nodes, rounds, extra
+            procs, work, params, tensors, nodes, rounds, extra, cli
         )
         with RssSampler(agg.pid) as rss:
             for i in range(nodes):
                 procs.spawn(
                     f"fedgrad-node{i}-{work.name}",
-                    [*fedgrad_cli(), "node", *_task(params, tensors), "--aggregator",
+                    [*cli, "node", *_task(params, tensors), "--aggregator",
                      f"127.0.0.1:{port}", "--node-id", f"n{i}", "--shard", f"{i}/{nodes}"],
                 )  # fmt: skip
             rows = _finish_aggregator(procs, agg, name, history, timeout)
@@ -161,8 +170,12 @@ def round_time(
 def driver_rounds(
     params: int, tensors: int = 20, nodes: int = 2, rounds: int = 3, driver_procs: int = 1,
     procs: Procs | None = None, timeout: float = 900, extra: Sequence[str] = (),
+    cli: Sequence[str] | None = None,
 ) -> dict:  # fmt: skip
     """Run the aggregator with ``nodes`` driver nodes spread over ``driver_procs`` processes.
+
+    The drivers are always this checkout's ``benchmarks.fedgrad_driver``; ``cli``
+    (as in ``round_time``) chooses only the aggregator's build.
 
     Returns:
         What ``round_time`` returns, plus ``pull_gbps`` and ``push_gbps``
@@ -177,7 +190,7 @@ def driver_rounds(
     try:
         work = Path(tempfile.mkdtemp(prefix="driver-", dir=procs.log_dir))
         agg, port, history, name = _start_aggregator(
-            procs, work, params, tensors, nodes, rounds, extra
+            procs, work, params, tensors, nodes, rounds, extra, cli
         )
         with RssSampler(agg.pid) as rss:
             drivers = _start_drivers(procs, work, port, nodes, driver_procs, timeout)
@@ -223,10 +236,10 @@ def _transfer_rates(stats: list[dict]) -> dict:
     }
 
 
-def push_broadcast(params: int, tensors: int = 20, rounds: int = 4,
-                   procs: Procs | None = None) -> dict:  # fmt: skip
+def push_broadcast(params: int, tensors: int = 20, rounds: int = 4, procs: Procs | None = None,
+                   cli: Sequence[str] | None = None) -> dict:  # fmt: skip
     """Time one node's push and pull of P fp32 (GB/s); compare with raw grpcio."""
-    return driver_rounds(params, tensors, nodes=1, rounds=rounds, procs=procs)
+    return driver_rounds(params, tensors, nodes=1, rounds=rounds, procs=procs, cli=cli)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,12 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--driver", action="store_true", help="driver nodes instead of CLI nodes")
+    parser.add_argument("--cli", help="a fedgrad executable to run (default: this venv's)")
     args = parser.parse_args(argv)
+    cli = [args.cli] if args.cli else None
     try:
         if args.driver:
-            result = driver_rounds(args.params, args.tensors, args.nodes, args.rounds)
+            result = driver_rounds(args.params, args.tensors, args.nodes, args.rounds, cli=cli)
         else:
-            result = round_time(args.params, args.tensors, args.nodes, args.rounds)
+            result = round_time(args.params, args.tensors, args.nodes, args.rounds, cli=cli)
     except BenchError as err:
         raise SystemExit(f"fedgrad benchmark failed: {err}") from err
     print(json.dumps({k: v for k, v in result.items() if k != "values"}, default=str))

@@ -20,7 +20,19 @@ import psutil
 
 from benchmarks.common import ratio, summarize
 
-__all__ = ["METRICS", "RATIOS", "build", "chart", "one_line", "table"]
+__all__ = [
+    "METRICS",
+    "RATIOS",
+    "TWIN_PREFIX",
+    "build",
+    "chart",
+    "metric_values",
+    "one_line",
+    "table",
+]
+
+#: ``base:<suite>`` is ``<suite>`` run with a baseline build (``benchmarks/ab.py``).
+TWIN_PREFIX = "base:"
 
 _MB = 1e6
 Getter = Callable[[dict], float | None]
@@ -93,12 +105,12 @@ RATIOS = [
 ]  # fmt: skip
 
 
-def _metrics(suite: str, result: dict) -> dict[str, float]:
-    """Return the scalar metrics of one repetition (empty if it failed)."""
+def metric_values(suite: str, result: dict) -> dict[str, float]:
+    """Return the scalar metrics (``METRICS``) of one repetition (empty if it failed)."""
     if "error" in result:
         return {}
     out = {}
-    for key, _unit, get in METRICS.get(suite, []):
+    for key, _unit, get in METRICS.get(suite.removeprefix(TWIN_PREFIX), []):
         try:
             value = get(result)
         except (KeyError, TypeError, ZeroDivisionError):
@@ -112,7 +124,7 @@ def one_line(suite: str, result: dict) -> str:
     """Return a short progress line for one repetition."""
     if "error" in result:
         return "ERROR " + result["error"].splitlines()[0]
-    metrics = _metrics(suite, result)
+    metrics = metric_values(suite, result)
     shown = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items())
     return f"{shown} ({result.get('wall_seconds', 0):.0f} s)"
 
@@ -174,7 +186,7 @@ def build(runs: dict, plan: dict, mode: str, command: str, seconds: float) -> di
     for suite, reps in runs.items():
         per_metric: dict[str, list[float]] = {}
         for result in reps:
-            for key, value in _metrics(suite, result).items():
+            for key, value in metric_values(suite, result).items():
                 per_metric.setdefault(key, []).append(value)
         summary[suite] = {k: summarize(v) for k, v in per_metric.items()}
         errors = [r["error"] for r in reps if "error" in r]
@@ -201,14 +213,15 @@ def _fmt(stats: dict) -> str:
 
 def table(results: dict) -> str:
     """Return the plain-text table of medians [min-max] and the ratios."""
-    lines = [f"{'suite':<22} {'metric':<14} {'median [min-max] (n)':<40} unit", "-" * 86]
+    w = max([22, *(len(s) for s in results["summary"])])  # base:<suite> names are longer
+    lines = [f"{'suite':<{w}} {'metric':<14} {'median [min-max] (n)':<40} unit", "-" * (w + 64)]
     for suite, metrics in results["summary"].items():
-        units = results["units"].get(suite, {})
+        units = results["units"].get(suite.removeprefix(TWIN_PREFIX), {})
         for key, stats in metrics.items():
             if key == "errors":
-                lines.append(f"{suite:<22} {'ERROR':<14} {stats[0].splitlines()[0][:60]}")
+                lines.append(f"{suite:<{w}} {'ERROR':<14} {stats[0].splitlines()[0][:60]}")
                 continue
-            lines.append(f"{suite:<22} {key:<14} {_fmt(stats):<40} {units.get(key, '')}")
+            lines.append(f"{suite:<{w}} {key:<14} {_fmt(stats):<40} {units.get(key, '')}")
     lines += ["", f"{'ratio':<30} {'value':>9}  target  met", "-" * 60]
     for r in results["ratios"]:
         value = "n/a" if r["value"] is None else f"{r['value']:.3g}"

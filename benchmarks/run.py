@@ -9,25 +9,31 @@ plus the other targets of issue 5 (RSS at N = 16 vs N = 2, 2000 x 1K tensors
 vs 20 large ones, 200 concurrent nodes). Quick mode (``make bench-quick``):
 the same suites on small sizes, 2 repetitions, about 2 minutes.
 
-Run: ``python -m benchmarks.run [--quick] --out DIR [--reps 3] [--suites a,b]``
+A/B mode (``make bench-ab BASE=REV``): ``--baseline FEDGRAD`` also runs each
+selected fedgrad suite with another build's ``fedgrad`` executable, as
+``base:<suite>`` right after it, and reports new / base (``benchmarks/ab.py``).
+
+Run: ``python -m benchmarks.run [--quick] --out DIR [--reps 3] [--suites a,b]
+[--baseline runs/baseline-REV/.venv/bin/fedgrad]``
 Writes ``DIR/results.json``, ``DIR/chart.png`` and the children's logs under
-``DIR/logs``; prints the table of medians (min-max) and the ratios.
+``DIR/logs``; prints the table of medians (min-max), the ratios and any A/B table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from benchmarks import fedgrad_bench, flower_deploy, flower_grpc, gloo, raw_grpc, report
+from benchmarks import ab, fedgrad_bench, flower_deploy, flower_grpc, gloo, raw_grpc, report
 from benchmarks.common import BenchError, MiB, Procs
 
-__all__ = ["FULL", "QUICK", "SUITES", "Plan", "execute", "run"]
+__all__ = ["FEDGRAD_SUITES", "FULL", "QUICK", "SUITES", "Plan", "execute", "run"]
 
 
 @dataclass(frozen=True)
@@ -61,39 +67,42 @@ QUICK = Plan(
     scale_nodes=50, scale_params=10_000, scale_rounds=4, scale_procs=2,
 )  # fmt: skip
 
-Suite = Callable[[Plan, Procs], dict]
+#: Called as ``suite(plan, procs)``; the fedgrad suites also take ``cli=`` (the
+#: ``fedgrad`` argv prefix, None for this checkout's), which an A/B run sets.
+Suite = Callable[..., dict]
+Cli = Sequence[str] | None
 
 
-def _many(plan: Plan, procs: Procs) -> dict:
+def _many(plan: Plan, procs: Procs, cli: Cli = None) -> dict:
     count, each = plan.many_tensors
-    return fedgrad_bench.round_time(count * each, count, plan.nodes, plan.rounds, procs)
+    return fedgrad_bench.round_time(count * each, count, plan.nodes, plan.rounds, procs, cli=cli)
 
 
-def _few(plan: Plan, procs: Procs) -> dict:
+def _few(plan: Plan, procs: Procs, cli: Cli = None) -> dict:
     count, each = plan.many_tensors
-    return fedgrad_bench.round_time(count * each, 20, plan.nodes, plan.rounds, procs)
+    return fedgrad_bench.round_time(count * each, 20, plan.nodes, plan.rounds, procs, cli=cli)
 
 
 def _rss(index: int) -> Suite:
-    def suite(plan: Plan, procs: Procs) -> dict:
+    def suite(plan: Plan, procs: Procs, cli: Cli = None) -> dict:
         n = plan.rss_nodes[index]
-        return fedgrad_bench.driver_rounds(plan.params, plan.tensors, n, 3, procs=procs)
+        return fedgrad_bench.driver_rounds(plan.params, plan.tensors, n, 3, procs=procs, cli=cli)
 
     return suite
 
 
 #: name -> suite, in the order each repetition runs them (fedgrad next to its peer).
 SUITES: dict[str, Suite] = {
-    "fedgrad_round": lambda p, pr: fedgrad_bench.round_time(
-        p.params, p.tensors, p.nodes, p.rounds, pr),
+    "fedgrad_round": lambda p, pr, cli=None: fedgrad_bench.round_time(
+        p.params, p.tensors, p.nodes, p.rounds, pr, cli=cli),
     # The memory mode: float32 accumulator (README, "Memory").
-    "fedgrad_round_lean": lambda p, pr: fedgrad_bench.round_time(
-        p.params, p.tensors, p.nodes, p.rounds, pr, extra=("--accumulate", "float32")),
+    "fedgrad_round_lean": lambda p, pr, cli=None: fedgrad_bench.round_time(
+        p.params, p.tensors, p.nodes, p.rounds, pr, extra=("--accumulate", "float32"), cli=cli),
     "flower_grpc": lambda p, pr: flower_grpc.measure_flower_grpc(
         p.params, p.tensors, p.nodes, p.flower_rounds, pr),
     "gloo": lambda p, pr: gloo.measure_allreduce(p.params, p.nodes, p.gloo_iters, procs=pr),
-    "fedgrad_push_pull": lambda p, pr: fedgrad_bench.push_broadcast(
-        p.params, p.tensors, 4, pr),
+    "fedgrad_push_pull": lambda p, pr, cli=None: fedgrad_bench.push_broadcast(
+        p.params, p.tensors, 4, pr, cli=cli),
     "raw_upload": lambda p, pr: raw_grpc.measure_upload(p.raw_bytes, 3, pr),
     "raw_download": lambda p, pr: raw_grpc.measure_download(p.raw_bytes, 3, pr),
     "raw_fanin": lambda p, pr: raw_grpc.measure_fanin(p.raw_bytes, p.nodes, 3, pr),
@@ -103,16 +112,21 @@ SUITES: dict[str, Suite] = {
     "fedgrad_rss_large_n": _rss(1),
     "fedgrad_many_tensors": _many,
     "fedgrad_few_tensors": _few,
-    "fedgrad_scale": lambda p, pr: fedgrad_bench.driver_rounds(
-        p.scale_params, 4, p.scale_nodes, p.scale_rounds, p.scale_procs, pr),
+    "fedgrad_scale": lambda p, pr, cli=None: fedgrad_bench.driver_rounds(
+        p.scale_params, 4, p.scale_nodes, p.scale_rounds, p.scale_procs, pr, cli=cli),
 }  # fmt: skip
+#: The suites that run the fedgrad CLI (they take ``cli=``); ``--baseline`` twins them.
+FEDGRAD_SUITES = tuple(name for name in SUITES if name.startswith("fedgrad_"))
 
 # Errors that will not go away on the next repetition: stop retrying the suite.
 _PERMANENT = (fedgrad_bench.NOT_AVAILABLE, "flwr not importable")
 
 
-def run(plan: Plan, out: Path, names: list[str], log: Callable[[str], None] = print) -> dict:
-    """Run ``names`` (in SUITES order) ``plan.reps`` times, interleaved; return the results."""
+def run(
+    plan: Plan, out: Path, names: list[str], log: Callable[[str], None] = print,
+    suites: Mapping[str, Suite] = SUITES,
+) -> dict:  # fmt: skip
+    """Run ``names`` (in the order given) ``plan.reps`` times, interleaved; return the results."""
     runs: dict[str, list[dict]] = {name: [] for name in names}
     given_up: set[str] = set()
     for rep in range(plan.reps):
@@ -122,7 +136,7 @@ def run(plan: Plan, out: Path, names: list[str], log: Callable[[str], None] = pr
             started = time.monotonic()
             with Procs(out / "logs" / f"rep{rep}-{name}") as procs:
                 try:
-                    result = SUITES[name](plan, procs)
+                    result = suites[name](plan, procs)
                 except BenchError as err:
                     result = {"error": str(err)}
                     if any(p in str(err) for p in _PERMANENT):
@@ -135,12 +149,32 @@ def run(plan: Plan, out: Path, names: list[str], log: Callable[[str], None] = pr
     return runs
 
 
-def execute(plan: Plan, out: Path, names: list[str], mode: str, command: str) -> dict:
-    """Run, then write ``out/results.json`` and ``out/chart.png``; return the results."""
+def execute(
+    plan: Plan, out: Path, names: list[str], mode: str, command: str,
+    baseline: Path | None = None, log: Callable[[str], None] = print,
+) -> dict:  # fmt: skip
+    """Run, then write ``out/results.json`` and ``out/chart.png``; return the results.
+
+    Args:
+        baseline: another build's ``fedgrad`` executable: each fedgrad suite in
+            ``names`` also runs with it, as ``base:<suite>`` right after its own
+            run; the results then hold ``baseline`` (both builds) and ``ab``.
+
+    Raises:
+        BenchError: ``baseline`` would not run its own fedgrad (``ab.baseline_info``).
+    """
+    suites: Mapping[str, Suite] = SUITES
+    if baseline is not None:
+        info = ab.baseline_info(baseline)
+        twinned = [n for n in names if n in FEDGRAD_SUITES]
+        suites = {**SUITES, **ab.twin_suites(SUITES, twinned, [str(baseline)])}
+        names = ab.with_twins(names, twinned)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    runs = run(plan, out, names)
+    runs = run(plan, out, names, log, suites)
     results = report.build(runs, asdict(plan), mode, command, time.time() - started)
+    if baseline is not None:
+        results.update(baseline=info, ab=ab.compare(runs))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report.chart(results, out / "chart.png")
     return results
@@ -154,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 2)")
     parser.add_argument("--params", type=int, help="override P (fp32 values of the main model)")
     parser.add_argument("--suites", help=f"comma-separated subset of: {', '.join(SUITES)}")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="FEDGRAD",
+        help="another build's fedgrad executable (benchmarks/baseline.sh REV prints it): "
+        "each selected fedgrad suite also runs with it, as base:<suite>, and new / base is reported",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     plan = replace(plan, reps=args.reps or plan.reps, params=args.params or plan.params)
@@ -161,10 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [n for n in names if n not in SUITES]:
         parser.error(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
     names = [n for n in SUITES if n in names]  # always in the interleaving order
+    baseline = args.baseline.absolute() if args.baseline else None  # children run in the repo root
+    if baseline and not (baseline.is_file() and os.access(baseline, os.X_OK)):
+        parser.error(f"--baseline {args.baseline}: not an executable (benchmarks/baseline.sh REV)")
+    if baseline and not set(names) & set(FEDGRAD_SUITES):
+        parser.error(f"--baseline needs a fedgrad suite: {', '.join(FEDGRAD_SUITES)}")
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     command = f"python -m benchmarks.run {argv_text}".strip()
-    results = execute(plan, args.out, names, "quick" if args.quick else "full", command)
+    mode = "quick" if args.quick else "full"
+    try:
+        results = execute(plan, args.out, names, mode, command, baseline)
+    except BenchError as err:
+        raise SystemExit(f"benchmarks.run: {err}") from err
     print(report.table(results))
+    if "ab" in results:
+        print("\n" + ab.table(results))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'chart.png'}")
     return 0
 

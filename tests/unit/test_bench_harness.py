@@ -9,12 +9,13 @@ installed (it comes with the ``bench`` extra).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
-from benchmarks import fedgrad_bench, report, run
+from benchmarks import ab, fedgrad_bench, report, run
 from benchmarks.common import BenchError, percentile, ratio, summarize
 from benchmarks.flower_grpc import flower_available
 
@@ -94,3 +95,59 @@ def test_missing_fedgrad_cli_is_reported_not_raised(
     results = report.build(runs, asdict(plan), "tiny", "pytest", 0.0)
     assert results["summary"]["fedgrad_round"]["errors"] == [fedgrad_bench.NOT_AVAILABLE]
     assert "n/a" in report.table(results)
+
+
+def _rep(median: float, push: float) -> dict:
+    return {"median": median, "push_gbps": {"median": push}, "pull_gbps": {"median": 2 * push}}
+
+
+def test_ab_twins_run_right_after_their_suite_and_compare_per_repetition() -> None:
+    names = ab.with_twins(["fedgrad_round", "gloo", "fedgrad_push_pull"], run.FEDGRAD_SUITES)
+    assert names == ["fedgrad_round", "base:fedgrad_round", "gloo",
+                     "fedgrad_push_pull", "base:fedgrad_push_pull"]  # fmt: skip
+    twins = ab.twin_suites(run.SUITES, ["fedgrad_round"], ["/base/fedgrad"])
+    assert twins["base:fedgrad_round"].keywords == {"cli": ["/base/fedgrad"]}
+
+    runs = {
+        "fedgrad_push_pull": [_rep(1.0, 2.0), _rep(1.2, 3.0), {"error": "boom"}],
+        "base:fedgrad_push_pull": [_rep(2.0, 1.0), _rep(1.0, 1.0), _rep(9.0, 9.0)],
+    }
+    rows = {row["metric"]: row for row in ab.compare(runs)}
+
+    assert list(rows) == ["round_s", "push_gbps", "pull_gbps"]
+    # Ratios of the paired repetitions (the failed one left out), then their median.
+    assert rows["round_s"]["ratio"]["values"] == [0.5, 1.2]
+    assert rows["push_gbps"]["ratio"]["median"] == pytest.approx(2.5)
+    assert rows["pull_gbps"]["unit"] == "GB/s"
+    assert (rows["round_s"]["new"], rows["round_s"]["base"]) == (1.1, 1.5)
+
+    results = report.build(runs, asdict(TINY), "tiny", "pytest", 0.0)
+    assert "base:fedgrad_push_pull" in report.table(results)
+    results.update(ab=ab.compare(runs), baseline={"cli": "/base/fedgrad"})
+    assert "0.850 [0.500-1.200] (n=2)" in ab.table(results)
+
+
+def test_ab_pair_that_failed_on_both_sides_still_shows() -> None:
+    runs = {"fedgrad_round": [{"error": "x"}], "base:fedgrad_round": [{"error": "y"}]}
+    (row,) = ab.compare(runs)
+    assert (row["metric"], row["ratio"]["n"], row["new"]) == ("round_s", 0, None)
+
+
+def test_ab_refuses_a_baseline_that_imports_this_checkout() -> None:
+    with pytest.raises(BenchError, match="imports this checkout's fedgrad"):
+        ab.baseline_info(Path(sys.executable).parent / "fedgrad")
+
+
+@pytest.mark.slow
+def test_ab_twin_runs_the_given_cli(tmp_path: Path) -> None:
+    names = ab.with_twins(["fedgrad_round", "fedgrad_push_pull"], run.FEDGRAD_SUITES)
+    suites = {**run.SUITES, **ab.twin_suites(run.SUITES, names[::2], fedgrad_bench.fedgrad_cli())}
+    runs = run.run(TINY, tmp_path, names, lambda _line: None, suites)
+
+    for name in names:
+        assert "error" not in runs[name][0], f"{name}: {runs[name][0].get('error')}"
+    rows = ab.compare(runs)
+    assert {(r["suite"], r["metric"]) for r in rows} >= {
+        ("fedgrad_round", "round_s"), ("fedgrad_push_pull", "push_gbps"),
+    }  # fmt: skip
+    assert all(r["ratio"]["n"] == 1 for r in rows)
