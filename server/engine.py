@@ -1,0 +1,429 @@
+"""The round engine: membership, phases, acceptance of uploads, quorum and deadlines.
+
+A sans-I/O state machine in the manner of python-hyper's h11: no grpc, torch,
+asyncio, threads or clocks. The async shell (``fedgrad.server.aggregator``)
+feeds it events (a join, an upload header, a counted upload, an add finished, a
+deadline, the time as a number) and acts on what each call returns: start the
+federation, close the round, warn that the round is below quorum. Every rule
+about *when* the federation starts and a round may close lives in a
+``RoundPolicy`` (``fedgrad.server.policy``); synchronous rounds with a quorum
+are one policy, sampled and asynchronous rounds are others. Everything outside
+reads the engine through its read-only properties and ``view()``; only the
+engine's methods change its state.
+
+Round numbers are 0-based: round r is open while the parameters of round r are
+published; closing it applies the uploads counted in it and opens round r + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from fedgrad.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    ResourceExhausted,
+    StaleRound,
+    Unavailable,
+)
+from fedgrad.server.policy import RoundPolicy, SyncPolicy, Tally
+
+__all__ = [
+    "MAX_PULLS_PER_NODE",
+    "Deadline",
+    "EngineView",
+    "NodeRecord",
+    "NodeState",
+    "Phase",
+    "RoundEngine",
+    "Rules",
+]
+
+#: Parameter streams one node may hold open at once (one, plus one reconnecting).
+MAX_PULLS_PER_NODE = 2
+
+
+class Phase(StrEnum):
+    """Where the federation is. ``value`` is what status and metrics show."""
+
+    WAITING = "waiting"  # for enough nodes before the first round
+    COLLECTING = "collecting"  # a round is open for uploads
+    STEPPING = "stepping"  # the round is closing: optimizer step, checkpoint, publish
+    FINISHED = "finished"
+
+
+class NodeState(StrEnum):
+    """What the engine knows of a node's participation."""
+
+    ACTIVE = "active"  # waited for in every round
+    LATE = "late"  # missed a round deadline; not waited for until it pulls or uploads
+    LEFT = "left"  # called Leave; must Join again
+
+
+class Deadline(Enum):
+    """What a round deadline decided."""
+
+    IGNORED = "ignored"  # the round it was set for is no longer open
+    CLOSE = "close"  # the quorum is there: close the round now
+    PENDING = "pending"  # the quorum is there but an add is running: it closes the round
+    BELOW_QUORUM = "below_quorum"  # fewer than min_nodes counted: keep waiting, say so
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The numbers the engine enforces (from ``AggregatorConfig``)."""
+
+    nodes: int = 1  # nodes to wait for before the first round
+    rounds: int = 10  # rounds to train
+    min_nodes: int = 1  # quorum once a deadline has passed
+
+
+@dataclass
+class NodeRecord:
+    """What the engine knows of one node. Read it; only the engine writes it."""
+
+    node_id: str
+    num_samples: int
+    state: NodeState = NodeState.ACTIVE
+    last_round: int = -1  # last round an upload of this node was counted in
+    last_seen: float = 0.0  # the shell's monotonic clock at its last call
+    uploading: bool = False
+    pulls: int = 0
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """A consistent read-only picture of the engine, for status, metrics and progress."""
+
+    round: int
+    total_rounds: int
+    phase: Phase
+    finished: bool
+    below_quorum: bool
+    deadline_passed: bool
+    reported: frozenset[str]
+    pending_adds: int
+    nodes: tuple[NodeRecord, ...] = field(default=())
+
+    @property
+    def shown_phase(self) -> str:
+        """The phase as status shows it: "waiting" also below the quorum past a deadline."""
+        return Phase.WAITING.value if self.below_quorum else self.phase.value
+
+    def shown_state(self, node: NodeRecord) -> str:
+        """Return a node's state as status shows it: active, reported, late or left."""
+        if node.node_id in self.reported:
+            return "reported"
+        if node.state is NodeState.LATE or (
+            node.state is NodeState.ACTIVE and self.deadline_passed
+        ):
+            return "late"
+        return node.state.value
+
+
+class RoundEngine:
+    """The federation's round state machine; see the module docstring."""
+
+    def __init__(self, rules: Rules, policy: RoundPolicy | None = None) -> None:
+        self.rules = rules
+        self.policy: RoundPolicy = policy or SyncPolicy()
+        self._phase = Phase.WAITING
+        self._round = 0
+        self._nodes: dict[str, NodeRecord] = {}
+        self._reported: dict[str, str] = {}  # node id -> upload id counted in the open round
+        self._pending = 0  # counted uploads whose add has not finished
+        self._starting = False  # the start was decided; the shell is publishing round 0
+        self._closing = False  # the close was decided; the shell is stepping
+        self.deadline_passed = False
+        self.start_deadline_passed = False
+        self._shutting_down = False
+
+    # -- read-only state ---------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        return self._round
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def finished(self) -> bool:
+        return self._phase is Phase.FINISHED
+
+    @property
+    def nodes(self) -> tuple[NodeRecord, ...]:
+        return tuple(list(self._nodes.values()))
+
+    @property
+    def reported(self) -> dict[str, str]:
+        """Node id -> upload id of the uploads counted in the open round (a copy)."""
+        return dict(self._reported)
+
+    @property
+    def pending_adds(self) -> int:
+        return self._pending
+
+    @property
+    def active_count(self) -> int:
+        return sum(1 for r in self._nodes.values() if r.state is NodeState.ACTIVE)
+
+    @property
+    def below_quorum(self) -> bool:
+        """True past a deadline with fewer than ``min_nodes`` uploads counted."""
+        if self._phase is Phase.WAITING:
+            return self.start_deadline_passed
+        return (
+            self._phase is Phase.COLLECTING
+            and self.deadline_passed
+            and len(self._reported) < self.rules.min_nodes
+        )
+
+    @property
+    def opening_round(self) -> int:
+        """The round the shell is about to publish: the next one while closing."""
+        return self._round + 1 if self._closing else self._round
+
+    def tally(self) -> Tally:
+        """Return what the policy decides on, as of now."""
+        return Tally(
+            nodes=self.rules.nodes,
+            min_nodes=self.rules.min_nodes,
+            active=frozenset(n for n, r in self._nodes.items() if r.state is NodeState.ACTIVE),
+            reported=frozenset(self._reported),
+            deadline_passed=self.deadline_passed,
+            start_deadline_passed=self.start_deadline_passed,
+        )
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        """Return the record of ``node_id``, or None if it never joined."""
+        return self._nodes.get(node_id)
+
+    def view(self) -> EngineView:
+        """Return a consistent snapshot for status, metrics and progress."""
+        return EngineView(
+            round=self._round,
+            total_rounds=self.rules.rounds,
+            phase=self._phase,
+            finished=self.finished,
+            below_quorum=self.below_quorum,
+            deadline_passed=self.deadline_passed,
+            reported=frozenset(self._reported),
+            pending_adds=self._pending,
+            # list() first: metrics read this from the HTTP thread while the loop joins nodes,
+            # and copying a dict's values is one C call (atomic under the GIL).
+            nodes=tuple(NodeRecord(**vars(r)) for r in list(self._nodes.values())),
+        )
+
+    # -- restore -----------------------------------------------------------------------
+    def restore(self, round_: int, nodes: Iterable[NodeRecord]) -> None:
+        """Take the round and the nodes of a checkpoint; the shell then publishes ``round_``."""
+        self._round = round_
+        for record in nodes:
+            state = NodeState.LEFT if record.state is NodeState.LEFT else NodeState.ACTIVE
+            self._nodes[record.node_id] = NodeRecord(
+                record.node_id, record.num_samples, state, record.last_round
+            )
+        self._starting = True
+
+    # -- membership --------------------------------------------------------------------
+    def join(self, node_id: str, num_samples: int, now: float) -> bool:
+        """Register or re-register a node; return True if the federation starts now.
+
+        Raises:
+            Unavailable: the aggregator is shutting down.
+        """
+        self._check_open()
+        record = self._nodes.get(node_id)
+        if record is None:
+            record = self._nodes[node_id] = NodeRecord(node_id, num_samples)
+        record.num_samples, record.state, record.last_seen = num_samples, NodeState.ACTIVE, now
+        return self._maybe_start()
+
+    def start_deadline(self) -> bool:
+        """The start deadline passed; return True if the federation starts now."""
+        self.start_deadline_passed = True
+        return self._maybe_start()
+
+    def _maybe_start(self) -> bool:
+        if self._phase is not Phase.WAITING or self._starting:
+            return False
+        if not self.policy.ready_to_start(self.tally()):
+            return False
+        self._starting = True
+        return True
+
+    def leave(self, node_id: str, now: float) -> bool:
+        """Stop waiting for a node; return True if the round may close now.
+
+        Its upload of the open round, if counted, stays counted.
+
+        Raises:
+            FailedPrecondition: the node never joined.
+        """
+        self._joined(node_id, now).state = NodeState.LEFT
+        return self._may_close()
+
+    def open_pull(self, node_id: str, now: float) -> None:
+        """Take one of the node's parameter-stream slots (a late node counts as active again).
+
+        Raises:
+            Unavailable, FailedPrecondition, ResourceExhausted.
+        """
+        self._check_open()
+        record = self._joined(node_id, now)
+        if record.pulls >= MAX_PULLS_PER_NODE:
+            raise ResourceExhausted(
+                f"node {node_id!r} already has {record.pulls} parameter streams open"
+            )
+        if record.state is NodeState.LATE:
+            record.state = NodeState.ACTIVE
+        record.pulls += 1
+
+    def close_pull(self, node_id: str) -> None:
+        """Give back a parameter-stream slot of ``node_id``."""
+        record = self._nodes.get(node_id)
+        if record is not None and record.pulls > 0:
+            record.pulls -= 1
+
+    # -- uploads -----------------------------------------------------------------------
+    def open_upload(self, node_id: str, round_: int, upload_id: str, now: float) -> bool:
+        """Check an upload header; return True if it repeats the upload already counted.
+
+        Otherwise the node is marked as uploading until ``accept`` or ``abandon``.
+        Precedence: a closed round is ABORTED before any duplicate check.
+
+        Raises:
+            Unavailable, FailedPrecondition, StaleRound, AlreadyExists, ResourceExhausted.
+        """
+        self._check_open()
+        record = self._joined(node_id, now)
+        if record.state is NodeState.LEFT:
+            raise FailedPrecondition(f"node {node_id!r} has left: call Join again")
+        if self.finished or round_ < self._round:
+            raise StaleRound(f"round {round_} is closed", self._round)
+        if self._phase is Phase.WAITING or round_ > self._round:
+            raise FailedPrecondition(f"round {round_} is not open (current round {self._round})")
+        if not self.policy.may_upload(self.tally(), node_id):
+            raise FailedPrecondition(f"node {node_id!r} is not selected for round {round_}")
+        previous = self._reported.get(node_id)
+        if previous == upload_id:
+            return True
+        if previous is not None:
+            raise AlreadyExists(
+                f"node {node_id!r} already uploaded {previous!r} for round {round_}; "
+                f"a different upload {upload_id!r} is refused"
+            )
+        if record.uploading:
+            raise ResourceExhausted(f"node {node_id!r} already has an upload in flight")
+        if record.state is NodeState.LATE:
+            record.state = NodeState.ACTIVE
+        record.uploading = True
+        return False
+
+    def abandon(self, node_id: str) -> None:
+        """End an upload that will not be (or was already) counted: the node may upload again."""
+        record = self._nodes.get(node_id)
+        if record is not None:
+            record.uploading = False
+
+    def accept(self, node_id: str, round_: int, upload_id: str) -> bool:
+        """Count a complete, valid upload exactly once; return False if it already counted.
+
+        After True the shell adds the upload and then calls ``added``.
+
+        Raises:
+            StaleRound: the round closed (or began closing) during the upload.
+            AlreadyExists: another upload of this node counted in the meantime.
+        """
+        if round_ != self._round or self._phase is not Phase.COLLECTING or self._closing:
+            current = self._round + 1 if self._closing else self._round
+            raise StaleRound(f"round {round_} closed during the upload", current)
+        previous = self._reported.get(node_id)
+        if previous is not None:
+            if previous == upload_id:
+                return False
+            raise AlreadyExists(f"node {node_id!r} already uploaded for round {round_}")
+        self._reported[node_id] = upload_id
+        self._pending += 1
+        self._nodes[node_id].last_round = round_
+        return True
+
+    def added(self) -> bool:
+        """A counted upload's add finished; return True if the round may close now."""
+        if self._pending <= 0:
+            raise RuntimeError("added() without a counted upload")
+        self._pending -= 1
+        return self._may_close()
+
+    # -- rounds ------------------------------------------------------------------------
+    def round_deadline(self, round_: int) -> Deadline:
+        """The deadline of ``round_`` passed; return what to do."""
+        if round_ != self._round or self._phase is not Phase.COLLECTING or self._closing:
+            return Deadline.IGNORED
+        self.deadline_passed = True
+        if self._may_close():
+            return Deadline.CLOSE
+        if len(self._reported) >= self.rules.min_nodes:
+            return Deadline.PENDING
+        return Deadline.BELOW_QUORUM
+
+    def _may_close(self) -> bool:
+        if self._phase is not Phase.COLLECTING or self._closing or self._pending:
+            return False
+        return self.policy.may_close(self.tally())
+
+    def begin_close(self) -> tuple[str, ...]:
+        """Start closing the open round; return the nodes marked late by its deadline.
+
+        Call only after a True/CLOSE decision; uploads arriving now are ABORTED.
+        """
+        if not self._may_close():
+            raise RuntimeError("begin_close() without a close decision")
+        self._closing = True
+        self._phase = Phase.STEPPING
+        late: list[str] = []
+        if self.deadline_passed:
+            for r in self._nodes.values():
+                if r.state is NodeState.ACTIVE and r.node_id not in self._reported:
+                    r.state = NodeState.LATE
+                    late.append(r.node_id)
+        return tuple(late)
+
+    def counted(self) -> int:
+        """Return how many uploads the open round counted."""
+        return len(self._reported)
+
+    def opened(self) -> bool:
+        """The shell published the parameters of the next round (or of round 0, or a resume).
+
+        Return True if training is finished (no round opens).
+        """
+        if self._closing:
+            self._round += 1
+            self._closing = False
+            self._reported.clear()
+        elif not self._starting:
+            raise RuntimeError("opened() without a start or a close")
+        self._starting = False
+        self.deadline_passed = False
+        finished = self._round >= self.rules.rounds
+        self._phase = Phase.FINISHED if finished else Phase.COLLECTING
+        return finished
+
+    def shut_down(self) -> None:
+        """Refuse joins, pulls and uploads from now on (UNAVAILABLE): the aggregator stops."""
+        self._shutting_down = True
+
+    # -- helpers -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._shutting_down:
+            raise Unavailable("the aggregator is shutting down; retry shortly")
+
+    def _joined(self, node_id: str, now: float) -> NodeRecord:
+        record = self._nodes.get(node_id)
+        if record is None:
+            raise FailedPrecondition(f"node {node_id!r} has not joined: call Join first")
+        record.last_seen = now
+        return record
