@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64grad/proto/fedgrad.proto\x12\nfedgrad.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedgrad.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"3\n\x08Manifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedgrad.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"3\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\"\xbd\x01\n\tJoinReply\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.fedgrad.v1.Manifest\x12(\n\treduction\x18\x02 \x01(\x0e\x32\x15.fedgrad.v1.Reduction\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x04\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\"1\n\x0bPullRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmin_round\x18\x02 \x01(\x04\"[\n\x0fParameterHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\"m\n\x10ParameterMessage\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedgrad.v1.ParameterHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x42\x06\n\x04kind\"\xe5\x01\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedgrad.v1.UploadHeader.MetricsEntry\x12%\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x11.fedgrad.v1.DType\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\tUploadEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\"\x8f\x01\n\x0fGradientMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrad.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedgrad.v1.UploadEndH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"q\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x05 \x01(\x01\"\xc0\x02\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.fedgrad.v1.NodeStatus\x12\x10\n\x08reported\x18\x05 \x01(\r\x12>\n\x0clast_metrics\x18\x06 \x03(\x0b\x32(.fedgrad.v1.StatusReply.LastMetricsEntry\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x12\n\nsession_id\x18\t \x01(\t\x12\r\n\x05phase\x18\n \x01(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04*L\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x11\n\rWEIGHTED_MEAN\x10\x01\x12\x08\n\x04MEAN\x10\x02\x12\x07\n\x03SUM\x10\x03\x32\xd2\x02\n\nAggregator\x12\x36\n\x04Join\x12\x17.fedgrad.v1.JoinRequest\x1a\x15.fedgrad.v1.JoinReply\x12I\n\x0ePullParameters\x12\x17.fedgrad.v1.PullRequest\x1a\x1c.fedgrad.v1.ParameterMessage0\x01\x12\x45\n\rPushGradients\x12\x1b.fedgrad.v1.GradientMessage\x1a\x15.fedgrad.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedgrad.v1.LeaveRequest\x1a\x16.fedgrad.v1.LeaveReply\x12?\n\tGetStatus\x12\x19.fedgrad.v1.StatusRequest\x1a\x17.fedgrad.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64grad/proto/fedgrad.proto\x12\nfedgrad.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedgrad.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"3\n\x08Manifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedgrad.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"3\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\"\xbd\x01\n\tJoinReply\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.fedgrad.v1.Manifest\x12(\n\treduction\x18\x02 \x01(\x0e\x32\x15.fedgrad.v1.Reduction\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x04\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\"1\n\x0bPullRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmin_round\x18\x02 \x01(\x04\"[\n\x0fParameterHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\"m\n\x10ParameterMessage\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedgrad.v1.ParameterHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x42\x06\n\x04kind\"\x8b\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedgrad.v1.UploadHeader.MetricsEntry\x12%\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x11.fedgrad.v1.DType\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\tUploadEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\"\x8f\x01\n\x0fGradientMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrad.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedgrad.v1.UploadEndH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"q\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x05 \x01(\x01\"\xc0\x02\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.fedgrad.v1.NodeStatus\x12\x10\n\x08reported\x18\x05 \x01(\r\x12>\n\x0clast_metrics\x18\x06 \x03(\x0b\x32(.fedgrad.v1.StatusReply.LastMetricsEntry\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x12\n\nsession_id\x18\t \x01(\t\x12\r\n\x05phase\x18\n \x01(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04*L\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x11\n\rWEIGHTED_MEAN\x10\x01\x12\x08\n\x04MEAN\x10\x02\x12\x07\n\x03SUM\x10\x03\x32\xd2\x02\n\nAggregator\x12\x36\n\x04Join\x12\x17.fedgrad.v1.JoinRequest\x1a\x15.fedgrad.v1.JoinReply\x12I\n\x0ePullParameters\x12\x17.fedgrad.v1.PullRequest\x1a\x1c.fedgrad.v1.ParameterMessage0\x01\x12\x45\n\rPushGradients\x12\x1b.fedgrad.v1.GradientMessage\x1a\x15.fedgrad.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedgrad.v1.LeaveRequest\x1a\x16.fedgrad.v1.LeaveReply\x12?\n\tGetStatus\x12\x19.fedgrad.v1.StatusRequest\x1a\x17.fedgrad.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREPLY_LASTMETRICSENTRY']._loaded_options = None
   _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1689
-  _globals['_DTYPE']._serialized_end=1772
-  _globals['_REDUCTION']._serialized_start=1774
-  _globals['_REDUCTION']._serialized_end=1850
+  _globals['_DTYPE']._serialized_start=1727
+  _globals['_DTYPE']._serialized_end=1810
+  _globals['_REDUCTION']._serialized_start=1812
+  _globals['_REDUCTION']._serialized_end=1888
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=118
   _globals['_MANIFEST']._serialized_start=120
@@ -56,27 +56,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARAMETERMESSAGE']._serialized_start=617
   _globals['_PARAMETERMESSAGE']._serialized_end=726
   _globals['_UPLOADHEADER']._serialized_start=729
-  _globals['_UPLOADHEADER']._serialized_end=958
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=912
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=958
-  _globals['_UPLOADEND']._serialized_start=960
-  _globals['_UPLOADEND']._serialized_end=992
-  _globals['_GRADIENTMESSAGE']._serialized_start=995
-  _globals['_GRADIENTMESSAGE']._serialized_end=1138
-  _globals['_PUSHREPLY']._serialized_start=1140
-  _globals['_PUSHREPLY']._serialized_end=1185
-  _globals['_LEAVEREQUEST']._serialized_start=1187
-  _globals['_LEAVEREQUEST']._serialized_end=1218
-  _globals['_LEAVEREPLY']._serialized_start=1220
-  _globals['_LEAVEREPLY']._serialized_end=1232
-  _globals['_STATUSREQUEST']._serialized_start=1234
-  _globals['_STATUSREQUEST']._serialized_end=1249
-  _globals['_NODESTATUS']._serialized_start=1251
-  _globals['_NODESTATUS']._serialized_end=1364
-  _globals['_STATUSREPLY']._serialized_start=1367
-  _globals['_STATUSREPLY']._serialized_end=1687
-  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_start=1637
-  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_end=1687
-  _globals['_AGGREGATOR']._serialized_start=1853
-  _globals['_AGGREGATOR']._serialized_end=2191
+  _globals['_UPLOADHEADER']._serialized_end=996
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=950
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=996
+  _globals['_UPLOADEND']._serialized_start=998
+  _globals['_UPLOADEND']._serialized_end=1030
+  _globals['_GRADIENTMESSAGE']._serialized_start=1033
+  _globals['_GRADIENTMESSAGE']._serialized_end=1176
+  _globals['_PUSHREPLY']._serialized_start=1178
+  _globals['_PUSHREPLY']._serialized_end=1223
+  _globals['_LEAVEREQUEST']._serialized_start=1225
+  _globals['_LEAVEREQUEST']._serialized_end=1256
+  _globals['_LEAVEREPLY']._serialized_start=1258
+  _globals['_LEAVEREPLY']._serialized_end=1270
+  _globals['_STATUSREQUEST']._serialized_start=1272
+  _globals['_STATUSREQUEST']._serialized_end=1287
+  _globals['_NODESTATUS']._serialized_start=1289
+  _globals['_NODESTATUS']._serialized_end=1402
+  _globals['_STATUSREPLY']._serialized_start=1405
+  _globals['_STATUSREPLY']._serialized_end=1725
+  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_start=1675
+  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_end=1725
+  _globals['_AGGREGATOR']._serialized_start=1891
+  _globals['_AGGREGATOR']._serialized_end=2229
 # @@protoc_insertion_point(module_scope)

@@ -112,7 +112,7 @@ class ParameterMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[ParameterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype")
+    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype", "codec", "payload_bytes")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,13 +126,17 @@ class UploadHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     node_id: str
     upload_id: str
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     wire_dtype: DType
-    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    codec: str
+    payload_bytes: int
+    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class UploadEnd(_message.Message):
     __slots__ = ("total_bytes",)
