@@ -31,7 +31,7 @@ from fedgrad.auth import bearer_metadata
 from fedgrad.config import NodeConfig
 from fedgrad.errors import GaveUpError, RefusedError
 from fedgrad.proto import fedgrad_pb2 as pb
-from fedgrad.wire import method_path, open_channel
+from fedgrad.wire import CURRENT_ROUND_KEY, method_path, open_channel
 
 __all__ = ["CHANNEL_OPTIONS", "Action", "Backoff", "Failure", "Stopped", "Transport"]
 
@@ -45,9 +45,6 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-# Trailing metadata of ABORTED: the aggregator's current round (docs/protocol.md). The
-# server spells it too (server/service.py); it belongs in fedgrad.wire next to the paths.
-_CURRENT_ROUND = "fedgrad-current-round"
 
 
 class Stopped(Exception):
@@ -333,6 +330,6 @@ class Transport:
 def _current_round(error: grpc.RpcError) -> int | None:
     trailing: Any = error.trailing_metadata() or ()  # type: ignore[attr-defined]
     for key, value in trailing:
-        if key == _CURRENT_ROUND:
+        if key == CURRENT_ROUND_KEY:
             return int(value)
     return None

@@ -34,7 +34,7 @@ __all__ = [
 REDUCTIONS = ("weighted-mean", "mean", "sum")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 #: Accumulator dtypes: float64 sums of float32/16 uploads do not depend on arrival order.
-ACCUMULATORS = ("float64", "float32")
+ACCUMULATORS = ("auto", "float64", "float32", "reproducible")
 LOG_FORMATS = ("text", "json")
 #: Transport casts a node may declare for its uploads (None: the model's own dtypes).
 WIRE_DTYPES = ("float16", "bfloat16")
@@ -208,7 +208,7 @@ class AggregatorConfig:
     staging_mb: int = _setting(256, _count(1))
     #: 0: as many as ``staging_mb`` holds uploads of the model's size, 1..64.
     max_inflight: int = _setting(0, _count(0))
-    accumulate: str = _setting("float64", _one_of(ACCUMULATORS))
+    accumulate: str = _setting("auto", _one_of(ACCUMULATORS))
     max_rpcs: int = _setting(2048, _count(1))
     slot_wait: float = _setting(60.0, _seconds())
     allow_nodes: tuple[str, ...] = _setting((), _node_ids)

@@ -17,6 +17,7 @@ from fedgrad.errors import InvalidArgument
 from fedgrad.proto import fedgrad_pb2 as pb
 
 __all__ = [
+    "CURRENT_ROUND_KEY",
     "ID_RULE",
     "MAX_MESSAGE_BYTES",
     "METHODS",
@@ -36,6 +37,9 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Aggregator"]
 SERVICE_NAME: str = _SERVICE.full_name
 #: The rpc names of the service, in ``.proto`` order.
 METHODS: tuple[str, ...] = tuple(m.name for m in _SERVICE.methods)
+
+#: Trailing-metadata key of an ABORTED reply: the aggregator's current round (decimal).
+CURRENT_ROUND_KEY = "fedgrad-current-round"
 
 #: Node ids and upload ids: what the ``.proto`` documents for ``node_id`` and ``upload_id``.
 ID_RULE = "1-128 characters of [A-Za-z0-9._-]"

@@ -138,9 +138,10 @@ def _limit_flags(add: Add) -> None:
     )
     add(
         "accumulate",
-        "accumulator dtype: float64 sums are order-independent for float32/16 models;"
-        " float32 halves the accumulator's memory, its sums depend on arrival order in the"
-        " last bits (default {default})",
+        "sum kernel: reproducible is bitwise the same for every arrival order (any dtype);"
+        " float64 sums exact float32/16 products in float64; float32 halves the memory and"
+        " depends on arrival order in the last bits; auto is reproducible for float64 models,"
+        " float64 otherwise (default {default}; docs/architecture.md)",
         metavar=choices(ACCUMULATORS),
     )
     add(

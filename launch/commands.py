@@ -99,7 +99,9 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     freeze_startup_objects()
     if port_file:
         Path(port_file).write_text(f"{port}\n")
-    server.core.on_round.append(lambda r: _log_round(r, cfg.rounds, server.core.phase_seconds))
+    server.core.on_round.append(
+        lambda r: _log_round(r, cfg.rounds, server.core.counters.phase_seconds)
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,7 +15,7 @@ __all__ = ["render_progress", "run_progress"]
 def render_progress(core: Aggregator, rate: float, width: int = 24) -> str:
     """Return the progress line: round, a bar of uploads in this round, throughput, loss."""
     expected = max(1, sum(1 for r in core.nodes.values() if r.state == "active"))
-    done = len(core.reported)
+    done = len(core.engine.reported)
     filled = min(width, round(width * done / expected))
     loss = core.history[-1].train_loss if core.history else float("nan")
     return (
@@ -27,10 +27,13 @@ def render_progress(core: Aggregator, rate: float, width: int = 24) -> str:
 
 async def run_progress(core: Aggregator, stream: TextIO = sys.stderr, every: float = 0.5) -> None:
     """Redraw the progress line until cancelled."""
-    last_bytes, last_time = core.bytes_received + core.bytes_sent, time.monotonic()
+    last_bytes, last_time = (
+        core.counters.bytes_received + core.counters.bytes_sent,
+        time.monotonic(),
+    )
     while True:
         await asyncio.sleep(every)
-        now, moved = time.monotonic(), core.bytes_received + core.bytes_sent
+        now, moved = time.monotonic(), core.counters.bytes_received + core.counters.bytes_sent
         rate = (moved - last_bytes) / max(now - last_time, 1e-9)
         last_bytes, last_time = moved, now
         stream.write("\r\033[K" + render_progress(core, rate))

@@ -1,9 +1,12 @@
-"""The aggregator's state machine: nodes, rounds, uploads, the optimizer step.
+"""The aggregator's async shell around the round engine.
 
-No grpc here: ``fedgrad.server.service`` translates protobuf to these calls
-and ``RpcError``s to status codes. Everything runs on one asyncio loop; the
-heavy tensor work (commit, step, serialization) runs in a worker thread while
-the loop keeps reading other streams.
+The rules (membership, phases, acceptance, quorum, deadlines) are the pure
+``RoundEngine``'s; this shell does the I/O they decide on: it owns the locks,
+the staging slots, the worker threads that add uploads and step the
+optimizer, the published snapshot, the timers and the checkpoints. It never
+imports grpc: ``fedgrad.server.service`` translates protobuf to these calls
+and ``RpcError``s to status codes. Everything runs on one asyncio loop; heavy
+tensor work runs in worker threads while the loop keeps reading streams.
 """
 
 from __future__ import annotations
@@ -12,633 +15,336 @@ import asyncio
 import logging
 import math
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
-from fedgrad.codec import Layout, specs_of
 from fedgrad.config import AggregatorConfig
-from fedgrad.errors import (
-    AlreadyExists,
-    ConfigError,
-    FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
-    StaleRound,
-    Unavailable,
-)
+from fedgrad.errors import InvalidArgument
 from fedgrad.history import RoundRecord
-from fedgrad.server.accumulator import MAX_EXACT_WEIGHT, Accumulator, StagedUpload
 from fedgrad.server.broadcast import Snapshot, make_snapshot
-from fedgrad.server.checkpoint import load_checkpoint, save_checkpoint
-from fedgrad.task import Task, trainable_parameters
+from fedgrad.server.counters import Counters
+from fedgrad.server.engine import Deadline, NodeRecord, NodeState, RoundEngine, Rules
+from fedgrad.server.model import ServerModel
+from fedgrad.server.reducers import MAX_EXACT_WEIGHT, accumulate_for, make_reducer
+from fedgrad.server.resume import read_checkpoint, write_checkpoint
+from fedgrad.server.staging import StagedUpload, UploadTicket
+from fedgrad.server.uploads import Intake
+from fedgrad.task import Task
+from fedgrad.wire import check_id
 
-__all__ = ["MAX_PULLS_PER_NODE", "Aggregator", "NodeRecord", "UploadTicket", "make_optimizer"]
-
-#: Parameter streams one node may hold open at once (one, plus one reconnecting).
-MAX_PULLS_PER_NODE = 2
-
-#: Bytes of gradients materialized at once during the optimizer step.
-STEP_BATCH_BYTES = 32 << 20
+__all__ = ["Aggregator"]
 
 log = logging.getLogger("fedgrad.aggregator")
-_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Build the aggregator's torch.optim optimizer ("sgd", "momentum" or "adam")."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r} (sgd, momentum, adam)")
-
-
-def _batches(sizes: list[int], limit: int) -> list[list[int]]:
-    """Split indices 0..len(sizes)-1 into consecutive runs of at most ``limit`` bytes each
-    (a single larger entry gets a run of its own)."""
-    batches: list[list[int]] = []
-    used = limit
-    for i, size in enumerate(sizes):
-        if not batches or used + size > limit:
-            batches.append([])
-            used = 0
-        batches[-1].append(i)
-        used += size
-    return batches
-
-
-def check_id(kind: str, value: str) -> str:
-    """Return ``value`` if it is 1-128 chars of [A-Za-z0-9._-], else raise InvalidArgument."""
-    if not _ID.match(value):
-        raise InvalidArgument(f"{kind} {value!r} must be 1-128 characters of [A-Za-z0-9._-]")
-    return value
-
-
-def _check_metrics(metrics: dict[str, float]) -> None:
-    if len(metrics) > 64:
-        raise InvalidArgument(f"{len(metrics)} metrics in the header; at most 64")
-    for name, value in metrics.items():
-        if len(name) > 128 or not math.isfinite(value):
-            raise InvalidArgument(
-                f"metric {name[:128]!r} = {value}: names up to 128 chars, finite values"
-            )
-
-
-@dataclass
-class NodeRecord:
-    """What the aggregator knows of one node."""
-
-    node_id: str
-    num_samples: int
-    state: str = "active"  # active, dropped (missed a deadline), left
-    last_round: int = -1
-    last_seen: float = field(default_factory=time.monotonic)
-    uploading: bool = False
-    pulls: int = 0
-
-
-@dataclass(eq=False)
-class UploadTicket:
-    """One upload in flight: its header and its staged chunks."""
-
-    node_id: str
-    round: int
-    upload_id: str
-    weight: int
-    metrics: dict[str, float]
-    staged: StagedUpload | None
-    duplicate: bool = False
-    accepted: bool = False  # counted in the round; the reduce may still be running
 
 
 class Aggregator:
-    """Owns the parameters, the optimizer and the rounds."""
+    """Owns the model, the reducer and the published parameters; the engine owns the rules."""
 
     def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
-        self.task, self.cfg = task, cfg
-        torch.manual_seed(cfg.seed)
-        self.model = task.model()
-        named = trainable_parameters(self.model)
-        self.params = [p for _, p in named]
-        self.layout = Layout(specs_of(named))
-        lr = cfg.lr if cfg.lr is not None else task.lr
-        self.optimizer = make_optimizer(cfg.optimizer or task.optimizer, self.params, lr)
-        # Two reduce threads pay off once uploads are large; small models stay single-threaded.
+        self.cfg = cfg
+        self.model = ServerModel(task, cfg)
+        self.layout = self.model.layout
+        self.engine = RoundEngine(Rules(cfg.nodes, cfg.rounds, cfg.min_nodes))
+        # Two add threads pay off once uploads are large; small models stay single-threaded.
         workers = min(2, os.cpu_count() or 1) if self.layout.total >= 16 << 20 else 1
-        dtype = np.float32 if cfg.accumulate == "float32" else np.float64
-        self.acc = Accumulator(self.layout, workers, dtype)
-        self._step_batches = _batches(self.layout.nbytes, STEP_BATCH_BYTES)
+        self.accumulate = accumulate_for(cfg.accumulate, self.layout)
+        self.reducer = make_reducer(cfg.reduce, self.layout, self.accumulate, workers)
+        self.counters = Counters()
         self.session_id = uuid.uuid4().hex
-        self.round = 0
-        self.started = self.finished = False
-        self.phase = "waiting"
-        self.nodes: dict[str, NodeRecord] = {}
-        self.reported: dict[str, str] = {}
-        self.round_loss = [0.0, 0.0]
         self.history: list[RoundRecord] = []
         self.snapshot: Snapshot | None = None
         self.final_pulled: set[str] = set()
-        self.bytes_received = self.bytes_sent = 0
-        self.round_started = time.monotonic()
-        self.deadline_passed = False
-        self._round_bytes = 0
-        self.max_inflight = cfg.max_inflight or max(
-            1, min(64, cfg.staging_mb * (1 << 20) // max(1, self.layout.total))
-        )
         self.on_round: list[Callable[[RoundRecord], None]] = []
-        self.uploads_accepted = 0
-        self.inflight: set[UploadTicket] = set()
+        self.intake = Intake(cfg, self.layout, self.engine, self.reducer)
         self._background: set[asyncio.Task[Any]] = set()
-        self._deadline_task: asyncio.Task[None] | None = None
-        self.rejections: dict[str, int] = {}
-        self.phase_seconds: dict[str, float] = {}
-        self._reduce_seconds = 0.0
-        self.closing = False
-        self.closing_round = False  # the step of the open round has begun
-        self.pending_reduces = 0  # accepted uploads not yet added to the accumulator
+        self._timer: asyncio.Task[None] | None = None
         self.resumed = bool(cfg.checkpoint_dir) and self._restore()
 
     async def start(self) -> None:
-        """Create the loop-bound primitives; call once on the serving loop."""
+        """Create the loop-bound primitives and timers; call once on the serving loop."""
         self._changed = asyncio.Condition()
-        self._commit = asyncio.Lock()
-        self._slots = asyncio.Semaphore(self.max_inflight)
+        self._adding = asyncio.Lock()  # one add at a time
+        self._closing = asyncio.Lock()  # held from a close decision to the next publish
+        self.intake.start()
         if self.resumed:
-            async with self._changed:
-                await self._publish(first=True)
+            await self._publish()
+        else:
+            wait = self.cfg.start_timeout or self.cfg.round_timeout
+            self._timer = self._spawn(self._start_deadline(wait))
 
-    # -- checkpoints -------------------------------------------------------------
-    def _meta(self) -> dict[str, object]:
-        return {
-            "session_id": self.session_id,
-            "task": self.cfg.task,
-            "reduce": self.cfg.reduce,
-            "nodes": [
-                {
-                    "node_id": r.node_id,
-                    "num_samples": r.num_samples,
-                    "state": r.state,
-                    "last_round": r.last_round,
-                }
-                for r in self.nodes.values()
-            ],
-        }
+    # -- read-only state ----------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        return self.engine.round
 
-    def checkpoint(self) -> None:
-        """Write the state of the current (published) round, if --checkpoint-dir is set."""
+    @property
+    def finished(self) -> bool:
+        return self.engine.finished
+
+    @property
+    def phase(self) -> str:
+        """The phase as status shows it (``EngineView.shown_phase``)."""
+        return self.engine.view().shown_phase
+
+    @property
+    def nodes(self) -> dict[str, NodeRecord]:
+        """A copy of the node records by id."""
+        return {r.node_id: r for r in self.engine.view().nodes}
+
+    @property
+    def reported(self) -> dict[str, str]:
+        """Node id -> upload id of the uploads counted in the open round (a copy)."""
+        return self.engine.reported
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint(self, round_: int | None = None) -> None:
+        """Write the state of ``round_`` (default: the open round), if --checkpoint-dir is set."""
         if self.cfg.checkpoint_dir:
-            names = [s.name for s in self.layout.specs]
-            save_checkpoint(
-                self.cfg.checkpoint_dir,
-                self.round,
-                dict(zip(names, self.params, strict=True)),
-                self.optimizer,
-                self._meta(),
-                self.history,
-            )
+            round_ = self.engine.round if round_ is None else round_
+            nodes = self.engine.nodes
+            write_checkpoint(self.cfg, round_, self.model, nodes, self.session_id, self.history)
 
     def _restore(self) -> bool:
-        assert self.cfg.checkpoint_dir
-        loaded = load_checkpoint(self.cfg.checkpoint_dir)
-        if loaded is None:
+        resumed = read_checkpoint(self.cfg, self.model)
+        if resumed is None:
             return False
-        doc, params, optim_state = loaded
-        if doc.get("task") != self.cfg.task or doc.get("reduce") != self.cfg.reduce:
-            raise ConfigError(
-                f"checkpoint in {self.cfg.checkpoint_dir} is for task {doc.get('task')!r} with"
-                f" reduce {doc.get('reduce')!r}; use a new --checkpoint-dir for another run"
-            )
-        with torch.no_grad():
-            for spec, p in zip(self.layout.specs, self.params, strict=True):
-                saved = params.get(spec.name)
-                if saved is None or saved.shape != p.shape or saved.dtype != p.dtype:
-                    raise ConfigError(
-                        f"checkpoint tensor {spec.name!r} does not match the task's model"
-                    )
-                p.copy_(saved)
-        self.optimizer.load_state_dict(optim_state)
-        self.round, self.session_id = int(doc["round"]), str(doc["session_id"])
-        self.history = [RoundRecord(**r) for r in doc["history"]]
-        for n in doc["nodes"]:
-            self.nodes[n["node_id"]] = NodeRecord(
-                n["node_id"],
-                int(n["num_samples"]),
-                "active" if n["state"] != "left" else "left",
-                int(n["last_round"]),
-            )
-        log.info(
-            "resumed from checkpoint at round %d",
-            self.round,
-            extra={"round": self.round, "event": "resume"},
-        )
+        self.session_id, self.history = resumed.session_id, resumed.history
+        self.engine.restore(resumed.round, resumed.nodes)
+        log.info("resumed from checkpoint at round %d", self.round, extra={"event": "resume"})
         return True
 
-    # -- membership ------------------------------------------------------------
+    # -- membership ------------------------------------------------------------------------
     async def join(self, node_id: str, num_samples: int) -> NodeRecord:
-        """Register or re-register a node; start round 0 once enough nodes joined."""
+        """Register or re-register a node; start round 0 once the start quorum is there."""
         check_id("node_id", node_id)
-        self._check_open()
         if num_samples >= MAX_EXACT_WEIGHT:
             raise InvalidArgument(
                 f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})"
             )
-        async with self._changed:
-            record = self.nodes.get(node_id)
-            if record is None:
-                record = self.nodes[node_id] = NodeRecord(node_id, num_samples)
-                log.info(
-                    "node joined", extra={"node": node_id, "round": self.round, "event": "join"}
-                )
-            record.num_samples, record.state, record.last_seen = (
-                num_samples,
-                "active",
-                time.monotonic(),
+        known = self.engine.node(node_id) is not None
+        if self.engine.join(node_id, num_samples, time.monotonic()):
+            await self._begin()
+        if not known:
+            log.info("node joined", extra={"node": node_id, "round": self.round, "event": "join"})
+        record = self.engine.node(node_id)
+        assert record is not None
+        return record
+
+    async def _start_deadline(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        if self.engine.start_deadline():
+            await self._begin()
+        elif self.engine.phase.value == "waiting":
+            log.warning(
+                "start deadline passed with %d of %d nodes; starting once %d have joined",
+                self.engine.active_count,
+                self.cfg.nodes,
+                self.cfg.min_nodes,
+                extra={"event": "below_quorum"},
             )
-            if not self.started and self._active_count() >= self.cfg.nodes:
-                await asyncio.to_thread(self.checkpoint)
-                await self._publish(first=True)
-            return record
+
+    async def _begin(self) -> None:
+        async with self._closing:
+            await asyncio.to_thread(self.checkpoint)
+            await self._publish()
 
     async def leave(self, node_id: str) -> None:
         """Stop waiting for a node; its upload of the open round, if counted, stays counted."""
+        close = self.engine.leave(node_id, time.monotonic())
+        log.info("node left", extra={"node": node_id, "round": self.round, "event": "leave"})
         async with self._changed:
-            record = self._joined(node_id)
-            record.state = "left"
-            log.info("node left", extra={"node": node_id, "round": self.round, "event": "leave"})
             self._changed.notify_all()
-        await self._maybe_close()
+        if close:
+            await self._close()
 
-    def _check_open(self) -> None:
-        if self.closing:
-            raise Unavailable("the aggregator is shutting down; retry shortly")
-
-    def _joined(self, node_id: str) -> NodeRecord:
-        record = self.nodes.get(node_id)
-        if record is None:
-            raise FailedPrecondition(f"node {node_id!r} has not joined: call Join first")
-        record.last_seen = time.monotonic()
-        return record
-
-    def _active_count(self) -> int:
-        return sum(1 for r in self.nodes.values() if r.state == "active")
-
-    # -- parameters --------------------------------------------------------------
+    # -- parameters ------------------------------------------------------------------------
     async def wait_snapshot(self, node_id: str, min_round: int) -> Snapshot:
         """Wait until a round >= ``min_round`` (or the end) is published; return it.
 
         The caller must call ``pull_done`` when its stream ends.
         """
-        self._check_open()
-        record = self._joined(node_id)
-        if record.pulls >= MAX_PULLS_PER_NODE:
-            raise ResourceExhausted(
-                f"node {node_id!r} already has {record.pulls} parameter streams open"
-            )
-        if record.state == "dropped":
-            record.state = "active"
-        record.pulls += 1
+        self.engine.open_pull(node_id, time.monotonic())
         try:
-            return await self._wait_published(min_round)
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: (
+                        self.snapshot is not None
+                        and (self.snapshot.round >= min_round or self.snapshot.finished)
+                    )
+                )
+                assert self.snapshot is not None
+                return self.snapshot
         except BaseException:
-            record.pulls -= 1
+            self.engine.close_pull(node_id)
             raise
 
     def pull_done(self, node_id: str) -> None:
         """Release a parameter stream slot of ``node_id``."""
-        record = self.nodes.get(node_id)
-        if record is not None and record.pulls > 0:
-            record.pulls -= 1
-
-    async def _wait_published(self, min_round: int) -> Snapshot:
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: (
-                    self.snapshot is not None
-                    and (self.snapshot.round >= min_round or self.snapshot.finished)
-                )
-            )
-            assert self.snapshot is not None
-            return self.snapshot
+        self.engine.close_pull(node_id)
 
     def sent(self, node_id: str, snapshot: Snapshot) -> None:
         """Record a completed parameter stream."""
-        self.bytes_sent += snapshot.wire_bytes
-        self._round_bytes += snapshot.wire_bytes
+        self.counters.bytes_sent += snapshot.wire_bytes
+        self.counters.round_bytes += snapshot.wire_bytes
         if snapshot.finished:
             self.final_pulled.add(node_id)
 
-    # -- uploads -------------------------------------------------------------------
-    async def open_upload(
-        self,
-        node_id: str,
-        round_: int,
-        upload_id: str,
-        num_samples: int,
-        metrics: dict[str, float],
-        layout: Layout,
-    ) -> UploadTicket:
-        """Check an upload header and reserve a staging slot.
+    # -- uploads ---------------------------------------------------------------------------
+    def count(self, ticket: UploadTicket) -> int:
+        """Count a complete upload exactly once; return the round it counts in.
 
-        Raises:
-            FailedPrecondition, StaleRound, AlreadyExists, InvalidArgument, ResourceExhausted.
+        The reply does not wait for the add: once an upload is complete, valid and
+        recorded as this node's upload of the open round, it counts. The add runs in
+        the background (one at a time, in a worker thread) and the round closes only
+        after every counted upload is added. An aggregator crash loses the open round's
+        sum either way, so replying before the add promises nothing more than after it.
         """
-        check_id("upload_id", upload_id)
-        _check_metrics(metrics)
-        self._check_open()
-        record = self._joined(node_id)
-        if record.state == "left":
-            raise FailedPrecondition(f"node {node_id!r} has left: call Join again")
-        if self.finished or round_ < self.round:
-            raise StaleRound(f"round {round_} is closed", self.round)
-        if not self.started or round_ > self.round:
-            raise FailedPrecondition(f"round {round_} is not open (current round {self.round})")
-        weight = self._weight(num_samples)
-        previous = self.reported.get(node_id)
-        if previous == upload_id:
-            return UploadTicket(node_id, round_, upload_id, weight, metrics, None, duplicate=True)
-        if previous is not None:
-            raise AlreadyExists(
-                f"node {node_id!r} already uploaded {previous!r} for round {round_}; "
-                f"a different upload {upload_id!r} is refused"
-            )
-        if record.uploading:
-            raise ResourceExhausted(f"node {node_id!r} already has an upload in flight")
-        if record.state == "dropped":
-            record.state = "active"
-        record.uploading = True
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.cfg.slot_wait)
-        except TimeoutError:
-            record.uploading = False
-            raise ResourceExhausted(
-                f"{self.max_inflight} uploads in flight for {self.cfg.slot_wait:.0f} s; retry later"
-            ) from None
-        except BaseException:
-            record.uploading = False  # cancelled while queued: the node must not stay locked out
-            raise
-        ticket = UploadTicket(
-            node_id, round_, upload_id, weight, metrics, StagedUpload(layout, self.cfg.chunk_bytes)
-        )
-        self.inflight.add(ticket)
-        return ticket
-
-    def _weight(self, num_samples: int) -> int:
-        if self.cfg.reduce != "weighted-mean":
-            return 1
-        if not 1 <= num_samples < MAX_EXACT_WEIGHT:
-            raise InvalidArgument(
-                f"num_samples must be in [1, {MAX_EXACT_WEIGHT - 1}] for the weighted mean,"
-                f" got {num_samples}"
-            )
-        return num_samples
-
-    @property
-    def staging_bytes(self) -> int:
-        """Bytes of uploads staged right now."""
-        return sum(t.staged.nbytes for t in list(self.inflight) if t.staged is not None)
-
-    def release(self, ticket: UploadTicket, reduced: bool = False) -> None:
-        """Free the staging slot of a ticket (after its reduce, or failure); idempotent.
-
-        An accepted ticket keeps its slot until its reduce is done (``reduced=True``).
-        """
-        if ticket.accepted and not reduced:
-            return
-        self.inflight.discard(ticket)
-        if ticket.staged is not None:
-            ticket.staged = None
-            self._slots.release()
-            record = self.nodes.get(ticket.node_id)
-            if record is not None:
-                record.uploading = False
-
-    async def commit(self, ticket: UploadTicket) -> int:
-        """Accept a complete upload exactly once; return the round it counts in.
-
-        The reply does not wait for the reduce: once an upload is complete, valid and
-        recorded as this node's upload of the open round, it counts. The reduce runs
-        in the background (one at a time, in a worker thread) and the round closes
-        only after every accepted upload is reduced. An aggregator crash loses the
-        open round's accumulator either way, so acking before the add promises nothing
-        more than acking after it, and the node's upload overlaps the reduce.
-        """
-        if ticket.duplicate:
-            return ticket.round
         staged = ticket.staged
-        assert staged is not None
+        if staged is None:
+            return ticket.round
         staged.complete()
-        if self.round != ticket.round or self.finished or self.closing_round:
-            current = self.round + 1 if self.closing_round else self.round
-            raise StaleRound(f"round {ticket.round} closed during the upload", current)
-        previous = self.reported.get(ticket.node_id)
-        if previous is not None:
-            if previous == ticket.upload_id:
-                return ticket.round
-            raise AlreadyExists(
-                f"node {ticket.node_id!r} already uploaded for round {ticket.round}"
-            )
-        # From here on, no await until the reduce is scheduled: the acceptance is atomic.
-        ticket.accepted = True
-        self.reported[ticket.node_id] = ticket.upload_id
-        self.pending_reduces += 1
-        self.uploads_accepted += 1
-        self.bytes_received += staged.nbytes
-        self._round_bytes += staged.nbytes
+        # No await from here until the add is scheduled: counting is atomic on the loop.
+        if not self.engine.accept(ticket.node_id, ticket.round, ticket.upload_id):
+            return ticket.round
+        ticket.counted = True
+        self.counters.uploads_accepted += 1
+        self.counters.bytes_received += staged.nbytes
+        self.counters.round_bytes += staged.nbytes
         if "loss" in ticket.metrics:
-            self.round_loss[0] += ticket.metrics["loss"] * ticket.weight
-            self.round_loss[1] += ticket.weight
-        self.nodes[ticket.node_id].last_round = ticket.round
-        self._spawn(self._reduce(ticket, staged))
-        log.debug(
-            "upload accepted",
-            extra={"node": ticket.node_id, "round": ticket.round, "event": "commit"},
-        )
+            self.counters.round_losses[ticket.node_id] = (ticket.metrics["loss"], ticket.weight)
+        self._spawn(self._add(ticket, staged))
+        log.debug("upload counted", extra={"node": ticket.node_id, "round": ticket.round})
         return ticket.round
 
-    async def _reduce(self, ticket: UploadTicket, staged: StagedUpload) -> None:
+    async def _add(self, ticket: UploadTicket, staged: StagedUpload) -> None:
         try:
-            async with self._commit:
+            async with self._adding:
                 began = time.perf_counter()
-                await asyncio.to_thread(self.acc.commit, staged, ticket.weight)
-                self._reduce_seconds += time.perf_counter() - began
+                await asyncio.to_thread(self.reducer.add, staged, ticket.weight)
+                self.counters.add_seconds += time.perf_counter() - began
         except Exception:
             # Cannot happen for a validated upload (weights and length are checked before
-            # acceptance); if it does, say so loudly rather than close a round without it.
+            # counting); if it does, say so loudly rather than close a round without it.
             log.exception(
-                "reduce failed; the round will not close",
-                extra={"node": ticket.node_id, "round": ticket.round, "event": "reduce_failed"},
+                "add failed; the round will not close",
+                extra={"node": ticket.node_id, "round": ticket.round, "event": "add_failed"},
             )
             raise
         finally:
-            self.release(ticket, reduced=True)
-        self.pending_reduces -= 1
-        await self._maybe_close()
+            self.intake.release(ticket, added=True)
+        if self.engine.added():
+            await self._close()
 
-    # -- rounds ------------------------------------------------------------------------
-    def quorum(self) -> bool:
-        """Return True if the open round may close now."""
-        if not self.started or self.finished or not self.reported or self.pending_reduces:
-            return False
-        waiting = [
-            r for r in self.nodes.values() if r.state == "active" and r.node_id not in self.reported
-        ]
-        if not waiting:
-            return True
-        return self.deadline_passed and len(self.reported) >= self.cfg.min_nodes
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _maybe_close(self) -> None:
-        async with self._commit:
-            if not self.quorum():
-                return
-            if self.deadline_passed:
-                for r in self.nodes.values():
-                    if r.state == "active" and r.node_id not in self.reported:
-                        r.state = "dropped"
-                        log.warning(
-                            "node missed the round deadline",
-                            extra={"node": r.node_id, "round": self.round, "event": "dropped"},
-                        )
-            await self._close_round()
-
-    async def _close_round(self) -> None:
-        self.phase = "stepping"
-        self.closing_round = True
-        collected = time.perf_counter()
-        phases = {"collect": time.monotonic() - self.round_started, "reduce": self._reduce_seconds}
-        divisor = self.acc.weight if self.cfg.reduce != "sum" else 1.0
-        metrics = await asyncio.to_thread(self._step, divisor)
-        phases["step"] = time.perf_counter() - collected
-        record = RoundRecord(
-            round=self.round + 1,
-            train_loss=self.round_loss[0] / self.round_loss[1]
-            if self.round_loss[1]
-            else float("nan"),
-            test_loss=metrics.get("loss", float("nan")),
-            test_accuracy=metrics.get("accuracy", float("nan")),
-            seconds=time.monotonic() - self.round_started,
-            bytes=self._round_bytes,
-            nodes=self.acc.count,
-        )
-        self.history.append(record)
-        self.round += 1
-        self.closing_round = False
-        self.acc.reset()
-        self.reported.clear()
-        self.round_loss = [0.0, 0.0]
-        began = time.perf_counter()
-        await asyncio.to_thread(self.checkpoint)
-        phases["checkpoint"] = time.perf_counter() - began
-        began = time.perf_counter()
-        async with self._changed:
-            await self._publish(first=False)
-        phases["broadcast"] = time.perf_counter() - began
-        self.phase_seconds = phases
-        for callback in self.on_round:
-            callback(record)
-
-    def _step(self, divisor: float) -> dict[str, float]:
-        # Gradients exist a batch of tensors at a time, never a whole second model:
-        # torch.optim skips parameters whose grad is None, and sgd, momentum and adam
-        # update each parameter from its own gradient and state, so stepping batch by
-        # batch gives the same parameters as one step over all of them.
-        for batch in self._step_batches:
-            grads = [torch.empty_like(self.params[i]) for i in batch]
-            self.acc.result_into(grads, divisor, batch)
-            for i, g in zip(batch, grads, strict=True):
-                self.params[i].grad = g
-            del grads
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.model.eval()
-            return self.task.evaluate(self.model) or {}
-
-    async def _publish(self, first: bool) -> None:
-        """Serialize the parameters of the (new) round and wake waiting pulls. Holds _changed."""
-        self.finished = self.round >= self.cfg.rounds
-        self.snapshot = None  # let the old broadcast go before the new one is built
-        self.snapshot = await asyncio.to_thread(
-            make_snapshot,
-            self.params,
-            self.layout,
-            self.cfg.chunk_bytes,
-            self.round,
-            self.finished,
-            self.session_id,
-        )
-        self.started = True
-        self.phase = "finished" if self.finished else "collecting"
-        self.round_started = time.monotonic()
-        self.deadline_passed = False
-        self._round_bytes = 0
-        self._reduce_seconds = 0.0
-        self._changed.notify_all()
-        if not self.finished:
-            if self._deadline_task is not None:
-                self._deadline_task.cancel()
-            self._deadline_task = asyncio.get_running_loop().create_task(self._deadline(self.round))
-
-    async def _deadline(self, round_: int) -> None:
+    # -- rounds ----------------------------------------------------------------------------
+    async def _round_deadline(self, round_: int) -> None:
         await asyncio.sleep(self.cfg.round_timeout)
-        if self.round != round_ or self.finished:
-            return
-        self.deadline_passed = True
-        await self._maybe_close()
-        # Still open with the quorum reached: an upload is being added; it closes the round.
-        if self.round == round_ and len(self.reported) < self.cfg.min_nodes:
-            self.phase = "waiting"
+        decision = self.engine.round_deadline(round_)
+        if decision is Deadline.CLOSE:
+            await self._close()
+        elif decision is Deadline.BELOW_QUORUM:
             log.warning(
                 "round deadline passed with %d of %d required uploads; waiting for nodes",
-                len(self.reported),
+                self.engine.counted(),
                 self.cfg.min_nodes,
                 extra={"round": round_, "event": "below_quorum"},
             )
 
+    async def _close(self) -> None:
+        # begin_close before any await: uploads finishing from now on are ABORTED.
+        for node in self.engine.begin_close():
+            log.warning(
+                "node missed the round deadline",
+                extra={"node": node, "round": self.round, "event": "dropped"},
+            )
+        async with self._closing:
+            c = self.counters
+            collected = time.perf_counter()
+            phases = {"collect": time.monotonic() - c.round_started, "reduce": c.add_seconds}
+            metrics = await asyncio.to_thread(self.model.step, self.reducer)
+            phases["step"] = time.perf_counter() - collected
+            record = RoundRecord(
+                round=self.round + 1,
+                train_loss=c.train_loss(),
+                test_loss=metrics.get("loss", math.nan),
+                test_accuracy=metrics.get("accuracy", math.nan),
+                seconds=time.monotonic() - c.round_started,
+                bytes=c.round_bytes,
+                nodes=self.reducer.count,
+            )
+            self.history.append(record)
+            self.reducer.reset()
+            began = time.perf_counter()
+            await asyncio.to_thread(self.checkpoint, self.round + 1)
+            phases["checkpoint"] = time.perf_counter() - began
+            began = time.perf_counter()
+            await self._publish()
+            phases["broadcast"] = time.perf_counter() - began
+            c.phase_seconds = phases
+        for callback in self.on_round:
+            callback(record)
+
+    async def _publish(self) -> None:
+        """Serialize the parameters of the round about to open, then open it."""
+        round_ = self.engine.opening_round
+        finished = round_ >= self.cfg.rounds
+        self.snapshot = None  # let the old broadcast go before the new one is built
+        snapshot = await asyncio.to_thread(
+            make_snapshot,
+            self.model.params,
+            self.layout,
+            self.cfg.chunk_bytes,
+            round_,
+            finished,
+            self.session_id,
+        )
+        async with self._changed:
+            self.snapshot = snapshot
+            self.engine.opened()
+            self.counters.new_round()
+            self._changed.notify_all()
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
+        if not finished:
+            self._timer = self._spawn(self._round_deadline(round_))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # -- the end ---------------------------------------------------------------------------
     async def wait_finished(self) -> None:
         """Return once training is over and every active node pulled the final parameters."""
         async with self._changed:
             await self._changed.wait_for(lambda: self.finished)
-        loop_deadline = time.monotonic() + self.cfg.finish_grace
-        while time.monotonic() < loop_deadline:
-            pending = [
-                r
-                for r in self.nodes.values()
-                if r.state == "active" and r.node_id not in self.final_pulled
-            ]
-            if not pending:
+        deadline = time.monotonic() + self.cfg.finish_grace
+        while time.monotonic() < deadline:
+            active = {r.node_id for r in self.engine.nodes if r.state is NodeState.ACTIVE}
+            if active <= self.final_pulled:
                 return
             await asyncio.sleep(0.05)
         log.warning(
             "finished; some nodes did not fetch the final parameters", extra={"event": "finish"}
         )
 
+    def shut_down(self) -> None:
+        """Refuse new work with UNAVAILABLE (on SIGTERM/SIGINT)."""
+        self.engine.shut_down()
+
     async def final_checkpoint(self) -> None:
-        """Checkpoint the last committed round, never in the middle of a step."""
-        async with self._commit:
+        """Checkpoint the last published round, never in the middle of a step."""
+        async with self._closing:
             await asyncio.to_thread(self.checkpoint)
 
     def close(self) -> None:
-        """Cancel the round timer and background work (on shutdown)."""
-        if self._deadline_task is not None:
-            self._deadline_task.cancel()
+        """Cancel the timers and background work (on shutdown)."""
         for task in list(self._background):
             task.cancel()
-        self.acc.close()
+        self.reducer.close()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         """Return the model's full state dict (parameters and buffers), detached."""
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        return self.model.state_dict()

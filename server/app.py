@@ -18,13 +18,13 @@ from fedgrad.errors import ConfigError
 from fedgrad.history import write_history
 from fedgrad.server.aggregator import Aggregator
 from fedgrad.server.security import Authorizer, check_listen_policy, server_credentials
-from fedgrad.server.service import SERVICE_NAME, AggregatorService
+from fedgrad.server.service import AggregatorService
 from fedgrad.task import Task
+from fedgrad.wire import MAX_MESSAGE_BYTES, SERVICE_NAME
 
 __all__ = ["AggregatorServer", "ServerThread", "server_options"]
 
 log = logging.getLogger("fedgrad.server")
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def server_options() -> list[tuple[str, Any]]:
@@ -121,7 +121,7 @@ class AggregatorServer:
 
     async def shutdown(self) -> None:
         """Graceful stop on SIGTERM/SIGINT: NOT_SERVING, finish in-flight work, checkpoint."""
-        self.core.closing = True
+        self.core.shut_down()
         await self.stop(grace=self.cfg.shutdown_grace)
         await self.core.final_checkpoint()
         if self.cfg.history:

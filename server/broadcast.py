@@ -21,7 +21,6 @@ class Snapshot:
     round: int
     finished: bool
     messages: tuple[bytes, ...]
-    payload_bytes: int
 
     @property
     def wire_bytes(self) -> int:
@@ -46,4 +45,4 @@ def make_snapshot(
     chunks = [
         encode_chunk(t, o, pieces) for t, o, pieces in iter_chunk_pieces(views, layout, chunk_bytes)
     ]
-    return Snapshot(round_, finished, (header, *chunks), layout.total)
+    return Snapshot(round_, finished, (header, *chunks))

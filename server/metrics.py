@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 from fedgrad.history import RoundRecord
 from fedgrad.server.aggregator import Aggregator
+from fedgrad.server.engine import NodeState
 
 __all__ = ["AggregatorCollector", "serve_metrics"]
 
@@ -28,20 +29,21 @@ class AggregatorCollector(Collector):
 
     def _record(self, record: RoundRecord) -> None:
         self._durations.append(record.seconds)
-        for phase, seconds in self.core.phase_seconds.items():
+        for phase, seconds in self.core.counters.phase_seconds.items():
             self._phases[phase] = self._phases.get(phase, 0.0) + seconds
 
     def collect(self) -> Iterator[Any]:
         # Runs on the HTTP thread while the event loop mutates the core: read only
         # atomic copies (list()/dict() of a dict run in C under the GIL).
         core = self.core
-        nodes = list(core.nodes.values())
-        rejections = dict(core.rejections)
+        view = core.engine.view()
+        counters = core.counters
+        rejections = dict(counters.rejections)
         history = list(core.history)
         yield CounterMetricFamily(
             "fedgrad_rounds_completed", "Rounds closed and applied.", value=len(history)
         )
-        yield GaugeMetricFamily("fedgrad_round", "The open round (0-based).", value=core.round)
+        yield GaugeMetricFamily("fedgrad_round", "The open round (0-based).", value=view.round)
         yield self._histogram()
         phases = CounterMetricFamily(
             "fedgrad_round_phase_seconds",
@@ -52,13 +54,17 @@ class AggregatorCollector(Collector):
             phases.add_metric([phase], seconds)
         yield phases
         yield CounterMetricFamily(
-            "fedgrad_bytes_received", "Gradient payload bytes counted.", value=core.bytes_received
+            "fedgrad_bytes_received",
+            "Gradient payload bytes counted.",
+            value=counters.bytes_received,
         )
         yield CounterMetricFamily(
-            "fedgrad_bytes_sent", "Parameter bytes streamed to nodes.", value=core.bytes_sent
+            "fedgrad_bytes_sent", "Parameter bytes streamed to nodes.", value=counters.bytes_sent
         )
         yield CounterMetricFamily(
-            "fedgrad_uploads_accepted", "Uploads counted in a round.", value=core.uploads_accepted
+            "fedgrad_uploads_accepted",
+            "Uploads counted in a round.",
+            value=counters.uploads_accepted,
         )
         rejected = CounterMetricFamily(
             "fedgrad_rejections", "Calls refused, by gRPC status code.", labels=["reason"]
@@ -67,11 +73,13 @@ class AggregatorCollector(Collector):
             rejected.add_metric([reason], count)
         yield rejected
         states = GaugeMetricFamily("fedgrad_nodes", "Nodes known, by state.", labels=["state"])
-        for state in ("active", "dropped", "left"):
-            states.add_metric([state], sum(1 for r in nodes if r.state == state))
+        for state in NodeState:
+            states.add_metric([state.value], sum(1 for r in view.nodes if r.state is state))
         yield states
         yield GaugeMetricFamily(
-            "fedgrad_staging_bytes", "Bytes of uploads staged in flight.", value=core.staging_bytes
+            "fedgrad_staging_bytes",
+            "Bytes of uploads staged in flight.",
+            value=core.intake.staging_bytes,
         )
         last = history[-1].train_loss if history else float("nan")
         yield GaugeMetricFamily("fedgrad_last_loss", "Train loss of the last round.", value=last)

@@ -10,32 +10,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from fedgrad.codec import Layout, dtype_from_proto, manifest_to_proto
+from fedgrad.codec import manifest_to_proto
 from fedgrad.errors import InvalidArgument, ResourceExhausted, RpcError, StaleRound
 from fedgrad.framing import decode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
-from fedgrad.server.aggregator import Aggregator, UploadTicket
+from fedgrad.server.aggregator import Aggregator
 from fedgrad.server.security import Authorizer
+from fedgrad.server.staging import UploadTicket
+from fedgrad.wire import CURRENT_ROUND_KEY, SERVICE_NAME
 
-__all__ = ["SERVICE_NAME", "AggregatorService"]
+__all__ = ["AggregatorService", "status_reply"]
 
 log = logging.getLogger("fedgrad.service")
-SERVICE_NAME = "fedgrad.v1.Aggregator"
 #: Upload streams one authenticated identity may hold open (one upload, plus retries).
 MAX_STREAMS_PER_IDENTITY = 2
 _REDUCTION = {"weighted-mean": pb.WEIGHTED_MEAN, "mean": pb.MEAN, "sum": pb.SUM}
+#: ``UploadHeader.wire_dtype`` (older nodes) as the codec it names.
+_CAST = {
+    pb.DTYPE_UNSPECIFIED: "",
+    pb.FLOAT32: "float32",
+    pb.FLOAT16: "float16",
+    pb.BFLOAT16: "bfloat16",
+    pb.FLOAT64: "float64",
+}
 
 
 async def _fail(
     context: grpc.aio.ServicerContext, exc: RpcError, node: str, round_: Any, core: Aggregator
 ) -> None:
-    core.rejections[exc.code] = core.rejections.get(exc.code, 0) + 1
+    core.counters.refused(exc.code)
     if context.done():
         # The call already ended (client cancelled, or grpc refused an oversized message):
         # there is no one to tell, and aborting a finished call would raise inside grpc.
@@ -48,8 +58,19 @@ async def _fail(
     )
     trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, StaleRound):
-        trailing = (("fedgrad-current-round", str(exc.current_round)),)
+        trailing = ((CURRENT_ROUND_KEY, str(exc.current_round)),)
     await context.abort(grpc.StatusCode[exc.code], str(exc), trailing_metadata=trailing)
+
+
+def _codec_of(header: pb.UploadHeader) -> str:
+    cast = _CAST.get(header.wire_dtype)
+    if cast is None:
+        raise InvalidArgument(f"unsupported wire_dtype enum value {header.wire_dtype}")
+    if header.codec and cast and header.codec != cast:
+        raise InvalidArgument(
+            f"the header says codec {header.codec!r} and wire_dtype {cast}: send one of them"
+        )
+    return header.codec or cast
 
 
 def _parse(raw: bytes, cls: Any = pb.GradientMessage) -> Any:
@@ -70,7 +91,6 @@ class AggregatorService:
         self.core = core
         self.idle_timeout = idle_timeout
         self.auth = auth or Authorizer(None, mutual_tls=False)
-        self._layouts: dict[int, Layout] = {pb.DTYPE_UNSPECIFIED: core.layout}
         self._streams: dict[str, int] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -156,17 +176,18 @@ class AggregatorService:
             h = first.header
             node, round_ = h.node_id, h.round
             self.auth.check(context, h.node_id)
-            ticket = await self.core.open_upload(
+            ticket = await self.core.intake.open(
                 h.node_id,
                 h.round,
                 h.upload_id,
                 h.num_samples,
                 dict(h.metrics),
-                self._layout(h.wire_dtype),
+                _codec_of(h),
+                h.payload_bytes,
             )
             if not ticket.duplicate:
                 await self._receive(requests, ticket)
-            counted = await self.core.commit(ticket)
+            counted = self.core.count(ticket)
             return pb.PushReply(duplicate=ticket.duplicate, round=counted)
         except RpcError as exc:
             await _fail(context, exc, node, round_, self.core)
@@ -174,7 +195,7 @@ class AggregatorService:
         finally:
             self._exit(who)
             if ticket is not None:
-                self.core.release(ticket)
+                self.core.intake.release(ticket)
 
     async def _receive(self, requests: AsyncIterator[bytes], ticket: UploadTicket) -> None:
         staged = ticket.staged
@@ -235,13 +256,6 @@ class AggregatorService:
             if not self._streams[who]:
                 del self._streams[who]
 
-    def _layout(self, wire_dtype: int) -> Layout:
-        layout = self._layouts.get(wire_dtype)
-        if layout is None:
-            layout = Layout(self.core.layout.specs, dtype_from_proto(wire_dtype))
-            self._layouts[wire_dtype] = layout
-        return layout
-
     async def leave(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
         node = "?"
         try:
@@ -264,23 +278,18 @@ class AggregatorService:
 
 def status_reply(core: Aggregator) -> pb.StatusReply:
     """Describe the aggregator's state for operators."""
-    import time
-
     now = time.monotonic()
-    nodes = []
-    for r in sorted(core.nodes.values(), key=lambda r: r.node_id):
-        state = "reported" if r.node_id in core.reported else r.state
-        if state == "dropped" or (state == "active" and core.deadline_passed):
-            state = "late"
-        nodes.append(
-            pb.NodeStatus(
-                node_id=r.node_id,
-                num_samples=r.num_samples,
-                state=state,
-                last_round=max(r.last_round + 1, 0),
-                seconds_since_seen=now - r.last_seen,
-            )
+    view = core.engine.view()
+    nodes = [
+        pb.NodeStatus(
+            node_id=r.node_id,
+            num_samples=r.num_samples,
+            state=view.shown_state(r),
+            last_round=max(r.last_round + 1, 0),
+            seconds_since_seen=now - r.last_seen,
         )
+        for r in sorted(view.nodes, key=lambda r: r.node_id)
+    ]
     last = core.history[-1] if core.history else None
     metrics = {}
     if last is not None:
@@ -297,14 +306,14 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
             if v == v
         }
     return pb.StatusReply(
-        round=core.round,
-        total_rounds=core.cfg.rounds,
-        finished=core.finished,
+        round=view.round,
+        total_rounds=view.total_rounds,
+        finished=view.finished,
         nodes=nodes,
-        reported=len(core.reported),
+        reported=len(view.reported),
         last_metrics=metrics,
-        bytes_received=core.bytes_received,
-        bytes_sent=core.bytes_sent,
+        bytes_received=core.counters.bytes_received,
+        bytes_sent=core.counters.bytes_sent,
         session_id=core.session_id,
-        phase=core.phase,
+        phase=view.shown_phase,
     )

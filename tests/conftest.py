@@ -97,7 +97,7 @@ class Served:
         """
 
         async def run() -> Any:
-            while self.core.pending_reduces:
+            while self.core.engine.pending_adds:
                 await asyncio.sleep(0.005)
             return fn()
 
@@ -187,6 +187,8 @@ class Wire:
         num_samples: int = 1,
         metrics: Mapping[str, float] | None = None,
         wire_dtype: int = pb.DTYPE_UNSPECIFIED,
+        codec: str = "",
+        payload_bytes: int = 0,
     ) -> pb.UploadHeader:
         """Return an ``UploadHeader``; the upload id defaults to ``NODE.rROUND``."""
         return pb.UploadHeader(
@@ -196,6 +198,8 @@ class Wire:
             num_samples=num_samples,
             metrics=dict(metrics or {}),
             wire_dtype=wire_dtype,  # type: ignore[arg-type]
+            codec=codec,
+            payload_bytes=payload_bytes,
         )
 
     @staticmethod

@@ -51,6 +51,13 @@ SYNTHETIC_ARGS = (("params", "4000000"), ("tensors", "4"))
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def accumulated(core: Any) -> np.ndarray:
+    """Return the open round's per-element sums (float64), through the sum kernel's API."""
+    out = torch.empty(core.layout.numel, dtype=torch.float64)
+    core.reducer.sum.result_into(0, out, 1.0)
+    return out.numpy()
+
+
 @dataclass(frozen=True)
 class CoreState:
     """A consistent snapshot of what an upload may change, read on the server loop."""
@@ -84,11 +91,11 @@ def core_state(served: Any) -> CoreState:
         return CoreState(
             round=core.round,
             reported=dict(core.reported),
-            count=core.acc.count,
-            weight=core.acc.weight,
-            total=core.acc.total.copy(),
-            free_slots=core._slots._value,
-            max_inflight=core.max_inflight,
+            count=core.reducer.count,
+            weight=core.reducer.total_weight,
+            total=accumulated(core),
+            free_slots=core.intake.max_inflight - sum(1 for t in core.intake.inflight if t.staged),
+            max_inflight=core.intake.max_inflight,
             uploading=frozenset(n for n, r in core.nodes.items() if r.uploading),
             finished=core.finished,
         )

@@ -57,18 +57,18 @@ def test_reply_comes_before_the_add_and_the_round_waits_for_it(serve, hand_node)
     _, theta0 = nodes[0].pull(0)
     gate, entered = threading.Event(), threading.Event()
     core = served.core
-    served.call(lambda: setattr(core.acc, "commit", _held(core.acc.commit, gate, entered)))
+    served.call(lambda: setattr(core.reducer, "add", _held(core.reducer.add, gate, entered)))
     grads = [_gradients(nodes[0].specs, seed) for seed in (1, 2)]
 
     try:
         for node, g in zip(nodes, grads, strict=True):
             assert node.push(0, g).round == 0  # replied while the add is held
         assert entered.wait(10), "the reduce never started"
-        state = served.call(lambda: (core.round, core.acc.count, core.pending_reduces))
+        state = served.call(lambda: (core.round, core.reducer.count, core.engine.pending_adds))
         # Both counted, none added, the round open: it waits for its counted uploads.
         assert state == (0, 0, 2)
         assert served.call(lambda: set(core.reported)) == {"node-0", "node-1"}
-        assert served.call(core.quorum) is False
+        assert served.call(lambda: core.phase) == "collecting"
     finally:
         gate.set()
 
@@ -78,23 +78,23 @@ def test_reply_comes_before_the_add_and_the_round_waits_for_it(serve, hand_node)
     for t0, t1, g0, g1 in zip(theta0, theta1, *grads, strict=True):
         mean = (samples[0] * g0.double() + samples[1] * g1.double()) / total
         torch.testing.assert_close(t1, (t0.double() - LR * mean).float(), rtol=1e-6, atol=1e-7)
-    assert served.call(lambda: (core.acc.count, core.pending_reduces)) == (0, 0)
+    assert served.call(lambda: (core.reducer.count, core.engine.pending_adds)) == (0, 0)
 
 
 def test_upload_finishing_during_the_step_is_aborted_with_the_next_round(serve, hand_node) -> None:
     task = load_task(TASK[0], TASK[1], seed=0)
-    served = serve(task, nodes=2, rounds=2, round_timeout=0.5, min_nodes=1)
+    served = serve(task, nodes=2, rounds=2, round_timeout=0.5, min_nodes=1, start_timeout=60.0)
     early, late = (hand_node(served, f"node-{i}") for i in range(2))
     specs = early.specs
     gate, entered = threading.Event(), threading.Event()
     core = served.core
-    served.call(lambda: setattr(core, "_step", _held(core._step, gate, entered)))
+    served.call(lambda: setattr(core.model, "step", _held(core.model.step, gate, entered)))
 
     try:
         early.push(0, _gradients(specs, 1))
         # The deadline closes round 0 with the quorum of one; its step is held.
         assert entered.wait(10), "the round never began its step"
-        assert served.call(lambda: (core.round, core.closing_round)) == (0, True)
+        assert served.call(lambda: (core.round, core.phase)) == (0, "stepping")
         with pytest.raises(grpc.RpcError) as caught:
             late.push(0, _gradients(specs, 2))
         assert caught.value.code() == grpc.StatusCode.ABORTED
@@ -106,6 +106,6 @@ def test_upload_finishing_during_the_step_is_aborted_with_the_next_round(serve, 
 
     header, _ = late.pull(1)
     assert header.round == 1
-    _wait(lambda: served.call(lambda: core.closing_round) is False, "the round to close")
+    _wait(lambda: served.call(lambda: core.phase) != "stepping", "the round to close")
     # The aborted upload left no trace: round 1 starts empty and takes the late node's upload.
     assert late.push(1, _gradients(specs, 3)).round == 1

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from faults_support import accumulated
 from torch import nn
 
 from fedgrad.codec import (
@@ -94,10 +95,11 @@ class Bench:
             return State(
                 round=core.round,
                 reported=dict(core.reported),
-                count=core.acc.count,
-                total=core.acc.total.tobytes(),
-                free_slots=core._slots._value,
-                max_inflight=core.max_inflight,
+                count=core.reducer.count,
+                total=accumulated(core).tobytes(),
+                free_slots=core.intake.max_inflight
+                - sum(1 for t in core.intake.inflight if t.staged),
+                max_inflight=core.intake.max_inflight,
                 uploading=frozenset(n for n, r in core.nodes.items() if r.uploading),
                 nodes={n: (r.num_samples, r.state) for n, r in core.nodes.items()},
                 params={k: v.numpy().tobytes() for k, v in core.state_dict().items()},

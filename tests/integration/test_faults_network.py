@@ -145,7 +145,7 @@ def test_stalled_broadcast_reader_blocks_only_its_own_stream(serve, hand_node) -
     and the stalled stream still delivers round 0's parameters intact afterwards.
     """
     served = serve("synthetic", task_args=SYNTHETIC_ARGS, nodes=3, min_nodes=2,
-                   round_timeout=1.0, rounds=2)  # fmt: skip
+                   round_timeout=1.0, rounds=2, start_timeout=60.0)  # fmt: skip
     a, b, s = (hand_node(served, f"node-{i}") for i in range(3))
     stream = s.stub.PullParameters(pb.PullRequest(node_id="node-2", min_round=0), timeout=120)
     first = next(stream)  # the header; the 16 MB behind it are never read (yet)
@@ -163,7 +163,7 @@ def test_stalled_broadcast_reader_blocks_only_its_own_stream(serve, hand_node) -
     # is not asserted: what matters is that the others finished while it stalled.)
     total = first.header.total_bytes
     wait_until(
-        lambda: served.call(lambda: served.core.bytes_sent) >= 4 * total,
+        lambda: served.call(lambda: served.core.counters.bytes_sent) >= 4 * total,
         "the four completed streams to be accounted",
     )
 

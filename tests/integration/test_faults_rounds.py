@@ -6,6 +6,8 @@ Issue 3, "Faults" (the other bullets: ``faults_support.py``):
 
 - round deadline + quorum: ``test_round_closes_at_the_deadline_with_quorum``,
   ``test_round_below_quorum_waits_and_says_so``
+- the start is a quorum too (issue 11): ``test_start_deadline_starts_with_min_nodes``,
+  ``test_start_below_min_nodes_keeps_waiting_and_says_so``
 - late / repeated uploads: ``test_late_upload_is_aborted_with_the_current_round``,
   ``test_upload_in_flight_when_the_round_closes_is_aborted``,
   ``test_retry_after_a_lost_ack_is_counted_once``,
@@ -42,7 +44,7 @@ def test_round_closes_at_the_deadline_with_quorum(serve, hand_node, caplog) -> N
     The late node then comes back, is counted again, and training finishes.
     """
     caplog.set_level(logging.INFO)
-    served = serve("linear", nodes=3, min_nodes=2, round_timeout=1.0, rounds=2)
+    served = serve("linear", nodes=3, min_nodes=2, round_timeout=1.0, rounds=2, start_timeout=60.0)
     a, b, c = (hand_node(served, f"node-{i}", num_samples=n) for i, n in enumerate((3, 5, 7)))
     theta0 = served.state_dict()
     ga, gb = constant_grads(a.specs, 0.25), constant_grads(b.specs, -0.5)
@@ -70,7 +72,7 @@ def test_round_closes_at_the_deadline_with_quorum(serve, hand_node, caplog) -> N
 def test_round_below_quorum_waits_and_says_so(serve, hand_node, caplog) -> None:
     """Below M uploads at the deadline the round stays open, logs and reports it; M closes it."""
     caplog.set_level(logging.INFO)
-    served = serve("linear", nodes=3, min_nodes=2, round_timeout=0.5, rounds=2)
+    served = serve("linear", nodes=3, min_nodes=2, round_timeout=0.5, rounds=2, start_timeout=60.0)
     a, b, _c = (hand_node(served, f"node-{i}", num_samples=4) for i in range(3))
     theta0 = served.state_dict()
     ga, gb = constant_grads(a.specs, 1.0), constant_grads(b.specs, 3.0)
@@ -100,6 +102,39 @@ def test_round_below_quorum_waits_and_says_so(serve, hand_node, caplog) -> None:
     assert node_states(status(a.stub))["node-2"] == "late"
 
 
+# == the start is a quorum too ===================================================================
+def test_start_deadline_starts_with_min_nodes(serve, hand_node) -> None:
+    """--nodes 4 --min-nodes 3, one node never joins: training starts at the start deadline."""
+    served = serve("linear", nodes=4, min_nodes=3, start_timeout=1.0, round_timeout=60.0, rounds=1)
+    nodes = [hand_node(served, f"node-{i}", num_samples=2) for i in range(3)]
+    assert status(nodes[0].stub).phase == "waiting"
+    header, _ = nodes[0].pull(min_round=0)  # waits in the pull until round 0 opens
+    assert (header.round, status(nodes[0].stub).phase) == (0, "collecting")
+    for node in nodes:
+        node.push(0, constant_grads(node.specs, 1.0))
+    wait_until(lambda: core_state(served).finished, "the only round to close with three")
+    assert served.core.history[0].nodes == 3
+
+
+def test_start_below_min_nodes_keeps_waiting_and_says_so(serve, hand_node, caplog) -> None:
+    """Past the start deadline with fewer than --min-nodes: keep waiting, log it; then start."""
+    caplog.set_level(logging.INFO)
+    served = serve("linear", nodes=4, min_nodes=3, start_timeout=0.5, round_timeout=60.0, rounds=1)
+    a, b = (hand_node(served, f"node-{i}") for i in range(2))
+    records = wait_until(
+        lambda: log_lines(caplog, "fedgrad.aggregator", "start deadline passed"),
+        "the below-quorum start log line",
+    )
+    assert "2 of 4 nodes" in records[0].getMessage()
+    assert status(a.stub).phase == "waiting" and core_state(served).round == 0
+    with pytest.raises(grpc.RpcError) as info:
+        a.push(0, constant_grads(a.specs, 1.0))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    hand_node(served, "node-2")  # the third join reaches --min-nodes: round 0 opens
+    header, _ = a.pull(min_round=0)
+    assert header.round == 0 and status(a.stub).phase == "collecting"
+
+
 # == late and repeated uploads =========================================================================
 def test_late_upload_is_aborted_with_the_current_round(serve, hand_node, caplog) -> None:
     served = serve("linear", nodes=1, rounds=3)
@@ -122,7 +157,7 @@ def test_late_upload_is_aborted_with_the_current_round(serve, hand_node, caplog)
 
 def test_upload_in_flight_when_the_round_closes_is_aborted(serve, hand_node, stalled) -> None:
     """An upload still streaming when the deadline closes its round is refused at commit."""
-    served = serve("linear", nodes=2, min_nodes=1, round_timeout=0.5, rounds=2)
+    served = serve("linear", nodes=2, min_nodes=1, round_timeout=0.5, rounds=2, start_timeout=60.0)
     a = hand_node(served, "node-0", num_samples=2)
     b = hand_node(served, "node-1", num_samples=6)
     theta0 = served.state_dict()

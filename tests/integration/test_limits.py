@@ -107,7 +107,7 @@ def zeros(node: Any) -> list[torch.Tensor]:
 def holding(served: Any, *nodes: str) -> Callable[[], bool]:
     """Condition: exactly these nodes hold a staging slot (their upload is staged)."""
     return lambda: (
-        served.call(lambda: sorted(t.node_id for t in served.core.inflight)) == sorted(nodes)
+        served.call(lambda: sorted(t.node_id for t in served.core.intake.inflight)) == sorted(nodes)
     )
 
 
@@ -156,7 +156,9 @@ def test_uploads_beyond_max_inflight_wait_for_a_slot_then_give_up(
     monkeypatch.setattr(served.core, "cfg", replace(served.core.cfg, slot_wait=3 * TIMEOUT))
     queued = n3.stub.PushGradients.future(iter(n3.messages(0, zeros(n3))), timeout=3 * TIMEOUT)
     wait_until(marked_uploading(served, "n3"), "n3's upload is queued")
-    assert served.call(lambda: len(served.core.inflight)) == 2, "never more than max_inflight"
+    assert served.call(lambda: len(served.core.intake.inflight)) == 2, (
+        "never more than max_inflight"
+    )
     assert a.release().round == 0
     assert queued.result(timeout=TIMEOUT).round == 0
     assert b.release().round == 0

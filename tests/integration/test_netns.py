@@ -177,7 +177,8 @@ def test_partitioned_node_misses_a_round_then_rejoins(serve, hand_node, lab, cap
     # Plaintext on a test network only this test can reach (the aggregator refuses it
     # on a non-loopback address unless told).
     served = serve("linear", listen=f"{b_host.root_ip}:0", insecure=True, nodes=3,
-                   min_nodes=2, round_timeout=3.0, rounds=ROUNDS, finish_grace=30.0)  # fmt: skip
+                   min_nodes=2, round_timeout=3.0, rounds=ROUNDS, finish_grace=30.0,
+                   start_timeout=120.0)  # fmt: skip
     address = f"{b_host.root_ip}:{served.port}"
 
     task = load_task("linear")

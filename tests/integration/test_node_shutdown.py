@@ -237,7 +237,7 @@ def test_sigterm_mid_push(serve, hand_node, wire, spawn, cli) -> None:
 
     held = other.stub.PushGradients.future(header_then_hold(), timeout=PROC_TIMEOUT)
     try:
-        wait_until(lambda: served.call(lambda: len(served.core.inflight)) == 1,
+        wait_until(lambda: served.call(lambda: len(served.core.intake.inflight)) == 1,
                    "node-0's upload to hold the only staging slot", WAIT)  # fmt: skip
         node.send_signal(signal.SIGCONT)
         wait_until(

@@ -48,7 +48,7 @@ from fedgrad.launch.commands import aggregator_config, node_config
 from fedgrad.launch.options import resolve
 from fedgrad.launch.progress import render_progress
 from fedgrad.proto import fedgrad_pb2 as pb
-from fedgrad.server.aggregator import Aggregator, NodeRecord
+from fedgrad.server.aggregator import Aggregator
 from fedgrad.task import load_task
 
 #: Bound on any one process or wait (interpreter start-up, a few rounds); never asserted.
@@ -175,7 +175,7 @@ def test_metrics_move_during_a_run(serve, hand_node) -> None:
     m0 = scrape(port)
     assert m0("fedgrad_rounds_completed_total") == 0
     assert m0("fedgrad_nodes", state="active") == 2
-    assert m0("fedgrad_nodes", state="dropped") == 0
+    assert m0("fedgrad_nodes", state="late") == 0
     assert m0("fedgrad_round_duration_seconds_count") == 0
     assert m0("fedgrad_uploads_accepted_total") == 0
     assert m0("fedgrad_bytes_received_total") == 0
@@ -639,25 +639,51 @@ def _core(rounds: int = 5) -> Aggregator:
     return Aggregator(load_task("linear", {}), AggregatorConfig(rounds=rounds, progress=False))
 
 
+def _report(core: Aggregator, *nodes: str) -> None:
+    """Count an upload of each node in the open round, through the engine's events."""
+    engine = core.engine
+    for node in nodes:
+        engine.open_upload(node, engine.round, f"{node}.r{engine.round}", now=0.0)
+        engine.accept(node, engine.round, f"{node}.r{engine.round}")
+        engine.abandon(node)
+        engine.added()
+
+
+def _close(core: Aggregator) -> None:
+    core.engine.begin_close()
+    core.engine.opened()
+
+
 def test_render_progress_on_a_core() -> None:
     core = _core()
     assert render_progress(core, 0.0) == (
         "round 1/5 [........................] 0/1 uploads      0.0 MB/s  loss nan  waiting"
     )
+    engine = core.engine
     for name in ("a", "b", "c", "d"):
-        core.nodes[name] = NodeRecord(name, 1)
-    core.nodes["d"].state = "dropped"  # not expected any more
-    core.reported = {"a": "a.r2", "b": "b.r2"}
-    core.round, core.phase = 2, "collecting"
+        if engine.join(name, 1, now=0.0):
+            engine.opened()
+    _report(core, "a", "b", "c", "d")
+    _close(core)
+    _report(core, "a", "b", "c")
+    engine.round_deadline(1)  # d misses it: no longer expected
+    _close(core)
+    _report(core, "a", "b")
     core.history = [RoundRecord(2, 0.123456, 0.2, 0.9, 1.0, 10, 3)]
     line = render_progress(core, 12_345_678.0)
     assert line == (
         "round 3/5 [################........] 2/3 uploads     12.3 MB/s  loss 0.1235  collecting"
     )
     assert render_progress(core, 0.0, width=6).startswith("round 3/5 [####..] 2/3 uploads")
-    core.reported = {n: n for n in "abcd"}  # more reports than active nodes: the bar is full
-    assert "[########################] 4/3 uploads" in render_progress(core, 0.0)
-    core.round, core.phase = 5, "finished"  # never "round 6/5"
+    _report(core, "d")
+    engine.leave("d", now=0.0)
+    assert engine.leave("c", now=0.0) is True  # more reports than active nodes: the bar is full
+    assert "[########################] 3/2 uploads" in render_progress(core, 0.0)
+    _close(core)
+    for _ in range(2):
+        _report(core, "a", "b")
+        _close(core)
+    assert engine.finished  # never "round 6/5"
     assert render_progress(core, 0.0).startswith("round 5/5 [")
     assert render_progress(core, 0.0).endswith("finished")
 
@@ -842,7 +868,10 @@ def test_bad_file_and_environment_values_exit_2_naming_the_source(
     with pytest.raises(ConfigError):
         effective(command, argv[1:], environ)
     if command == "node":  # if the config were accepted, fail fast instead of retrying
-        argv += ["--aggregator", f"{LOCAL}:{closed_port}", "--give-up-after", "0.5"]
+        argv += ["--aggregator", f"{LOCAL}:{closed_port}"]
+        # A flag outranks the environment: set the fail-fast flag only where the bad
+        # value is not that very setting.
+        argv += [] if "FEDGRAD_GIVE_UP_AFTER" in environ else ["--give-up-after", "0.5"]
     else:
         argv += ["--listen", f"{LOCAL}:0"]
     assert main(argv) == 2

@@ -18,7 +18,7 @@ import torch
 from fedgrad import LocalCluster
 from fedgrad.codec import TensorSpec
 from fedgrad.proto import fedgrad_pb2 as pb
-from fedgrad.server import aggregator
+from fedgrad.server import model as server_model
 from fedgrad.task import load_task
 from fedgrad.tasks.linear import LinearTask
 
@@ -150,12 +150,12 @@ def test_optimizer_step_matches_plain_torch(
     task = load_task(task_name, task_args, seed=0)
     options = dict(options)
     if "step_batch_bytes" in options:
-        monkeypatch.setattr(aggregator, "STEP_BATCH_BYTES", options.pop("step_batch_bytes"))
+        monkeypatch.setattr(server_model, "STEP_BATCH_BYTES", options.pop("step_batch_bytes"))
     served = serve(task, nodes=2, rounds=rounds, optimizer=optimizer, lr=lr, seed=SEED, **options)
     if options.get("accumulate") == "float32":
-        assert served.core.acc.total.dtype == np.float32
-    if aggregator.STEP_BATCH_BYTES == 1:
-        assert len(served.core._step_batches) == 3
+        assert served.core.reducer.sum.total.dtype == np.float32
+    if server_model.STEP_BATCH_BYTES == 1:
+        assert len(served.core.model.step_batches) == 3
     nodes = [hand_node(served, f"n{i}", num_samples=n) for i, n in enumerate(samples)]
 
     torch.manual_seed(SEED)
@@ -195,16 +195,7 @@ def _run_in_order(serve, hand_node, dtype: str, order: Sequence[int]) -> list[to
     return params
 
 
-FLOAT64_ORDER = pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (README, Determinism): float64 gradients are summed in float64,"
-    " which is not associative; DESIGN.md asks for an exact scheme. Remove when fixed.",
-)
-
-
-@pytest.mark.parametrize(
-    "dtype", ["float32", "float16", "bfloat16", pytest.param("float64", marks=FLOAT64_ORDER)]
-)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_arrival_order_does_not_change_the_parameters(serve, hand_node, dtype: str) -> None:
     # DESIGN.md: same seeds give bitwise-equal parameters however the uploads raced.
     first = _run_in_order(serve, hand_node, dtype, PERMUTATIONS[0])

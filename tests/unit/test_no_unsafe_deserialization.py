@@ -45,8 +45,8 @@ from fedgrad.codec import (
 from fedgrad.config import NodeConfig
 from fedgrad.errors import ConfigError
 from fedgrad.proto import fedgrad_pb2 as pb
-from fedgrad.server.aggregator import make_optimizer
 from fedgrad.server.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from fedgrad.server.model import make_optimizer
 from fedgrad.task import load_task, trainable_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -314,7 +314,7 @@ def test_pickle_as_upload_chunks_is_read_as_numbers_or_refused(
         chunks.append(pb.Chunk(tensor=index, offset=0, data=data[offset : offset + nbytes]))
         offset += nbytes
     header = wire.header(0, "n1", num_samples=1, wire_dtype=wire_dtype)
-    before = served.call(lambda: [p.detach().clone() for p in served.core.params])
+    before = served.call(lambda: [p.detach().clone() for p in served.core.model.params])
     numbers = torch.frombuffer(bytearray(data), dtype=wire_torch).to(torch.float64)
     try:
         reply = node.stub.PushGradients(iter(wire.upload(header, chunks)), timeout=TIMEOUT)
@@ -331,7 +331,7 @@ def test_pickle_as_upload_chunks_is_read_as_numbers_or_refused(
         while served.call(lambda: served.core.round) == 0:
             assert time.monotonic() < deadline, "round 0 did not close"
             time.sleep(0.01)
-        after = served.call(lambda: [p.detach().clone() for p in served.core.params])
+        after = served.call(lambda: [p.detach().clone() for p in served.core.model.params])
         flat_before = torch.cat([p.reshape(-1) for p in before])
         flat_after = torch.cat([p.reshape(-1) for p in after])
         torch.testing.assert_close(flat_after, flat_before - 0.1 * numbers, rtol=1e-12, atol=0)

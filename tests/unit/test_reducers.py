@@ -1,4 +1,4 @@
-"""Staging and reduction of uploads: exact sums, non-finite rejection, atomic commits.
+"""Staging and reduction of uploads: exact sums, non-finite rejection, atomic adds.
 
 The reference is always computed locally in float64 from the same seeded
 gradients (``_reference``). Tolerances are stated where the comparison is not
@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from fedgrad.codec import Layout, TensorSpec, byte_view, iter_chunks
+from fedgrad.codecs import CastCodec
 from fedgrad.errors import InvalidArgument
-from fedgrad.server.accumulator import MAX_EXACT_WEIGHT, Accumulator, StagedUpload
+from fedgrad.server.model import batches
+from fedgrad.server.reducers import MAX_EXACT_WEIGHT, StreamingReducer
+from fedgrad.server.staging import StagedUpload as _Staged
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 #: Relative tolerance against the float64 reference (a handful of float64 ulps).
@@ -41,7 +44,54 @@ def _gradients(specs: Sequence[TensorSpec], seed: int, wire: torch.dtype | None 
     ]
 
 
-def _stage(layout: Layout, tensors: Sequence[torch.Tensor], chunk: int = CHUNK) -> StagedUpload:
+def StagedUpload(layout: Layout, chunk: int) -> _Staged:
+    """Stage uploads laid out like ``layout`` (its wire dtype is the cast codec's)."""
+    wire = (
+        layout.dtypes[0]
+        if layout.specs and layout.dtypes != [s.dtype for s in layout.specs]
+        else None
+    )
+    return _Staged(CastCodec(layout.specs, wire), chunk)
+
+
+class Accumulator:
+    """The streaming reducer with an explicit divisor, as these tests state sums."""
+
+    def __init__(self, layout: Layout, accumulate: str = "float64") -> None:
+        self.reducer = StreamingReducer("weighted-mean", Layout(layout.specs), accumulate)
+        self.specs = layout.specs
+
+    def commit(self, staged: _Staged, weight: int) -> None:
+        self.reducer.add(staged, weight)
+
+    @property
+    def count(self) -> int:
+        return self.reducer.count
+
+    @property
+    def weight(self) -> int:
+        return self.reducer.total_weight
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.reducer.sum.total  # type: ignore[attr-defined]
+
+    def reset(self) -> None:
+        self.reducer.reset()
+
+    def result_into(self, outputs, divisor: float, indices=None) -> None:
+        # The sum kernel takes the divisor; the reducer's own divisor follows its rule.
+        indices = range(len(self.specs)) if indices is None else indices
+        for i, out in zip(indices, outputs, strict=True):
+            self.reducer.sum.result_into(self.reducer.first_elements[i], out, divisor)
+
+    def result(self, divisor: float) -> list[torch.Tensor]:
+        outputs = [torch.empty(s.shape, dtype=torch.float64) for s in self.specs]
+        self.result_into(outputs, divisor)
+        return outputs
+
+
+def _stage(layout: Layout, tensors: Sequence[torch.Tensor], chunk: int = CHUNK) -> _Staged:
     staged = StagedUpload(layout, chunk)
     views = [byte_view(t.contiguous()) for t in tensors]
     for tensor, offset, data in iter_chunks(views, layout, chunk):
@@ -219,27 +269,30 @@ def test_bad_weight_commits_nothing(weight: int) -> None:
     assert all(not t.any() for t in acc.result(1.0)), "an empty round sums to zero"
 
 
-# -- arrival order --------------------------------------------------------------------------------
-def _commit_in_order(layout: Layout, uploads, weights, order) -> np.ndarray:
-    acc = Accumulator(layout)
+# -- arrival order ----------------------------------------------------------------------------------
+def _commit_in_order(layout: Layout, uploads, weights, order, accumulate: str) -> np.ndarray:
+    acc = Accumulator(layout, accumulate)
     for i in order:
         acc.commit(_stage(layout, uploads[i]), weights[i])
-    return acc.total.copy()
+    return np.concatenate([t.reshape(-1).numpy() for t in acc.result(1.0)])
 
 
-def _assert_order_independent(specs: Sequence[TensorSpec], weights: Sequence[int]) -> None:
+def _assert_order_independent(
+    specs: Sequence[TensorSpec], weights: Sequence[int], accumulate: str = "float64"
+) -> None:
     layout = Layout(specs)
     uploads = [_gradients(specs, 10 + i) for i in range(len(weights))]
-    first = _commit_in_order(layout, uploads, weights, range(len(weights)))
+    first = _commit_in_order(layout, uploads, weights, range(len(weights)), accumulate)
     for order in itertools.permutations(range(len(weights))):
-        total = _commit_in_order(layout, uploads, weights, order)
+        total = _commit_in_order(layout, uploads, weights, order, accumulate)
         differ = int((total.view(np.uint64) != first.view(np.uint64)).sum())
         assert differ == 0, f"arrival order {order} changed {differ} of {total.size} sums"
 
 
+@pytest.mark.parametrize("accumulate", ["float64", "reproducible"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_commit_order_does_not_change_the_sum(dtype: torch.dtype) -> None:
-    _assert_order_independent(_specs(dtype), (101, 250, 3, 77))
+def test_commit_order_does_not_change_the_sum(dtype: torch.dtype, accumulate: str) -> None:
+    _assert_order_independent(_specs(dtype), (101, 250, 3, 77), accumulate)
 
 
 def test_commit_order_does_not_change_the_sum_of_mixed_low_precision() -> None:
@@ -248,18 +301,24 @@ def test_commit_order_does_not_change_the_sum_of_mixed_low_precision() -> None:
     _assert_order_independent(specs, (9, 1_000, 3, 77))
 
 
-FLOAT64_ORDER = pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (README, Determinism): float64 gradients are summed in float64,"
-    " which is not associative; DESIGN.md asks for an exact scheme. Remove when fixed.",
-)
+@pytest.mark.parametrize("weights", [(1, 1, 1, 1), (3, 1_000_003, 7, 2**29 - 1)])
+def test_commit_order_does_not_change_the_reproducible_sum_of_float64_gradients(
+    weights: tuple[int, ...],
+) -> None:
+    # DESIGN.md: "Arrival order must not change the result". The built-in `linear` task is
+    # float64; its default sum kernel is the reproducible one (server/binned.py).
+    _assert_order_independent(_specs(torch.float64), weights, "reproducible")
+    _assert_order_independent(_specs(), weights, "reproducible")  # mixed dtypes
 
 
-@FLOAT64_ORDER
-def test_commit_order_does_not_change_the_sum_of_float64_gradients() -> None:
-    # DESIGN.md: "Arrival order must not change the result (accumulate at higher
-    # precision, or another exact scheme)". The built-in `linear` task is float64.
-    _assert_order_independent(_specs(torch.float64), (1, 1, 1))
+def test_reproducible_sum_is_close_to_the_float64_reference() -> None:
+    specs = _specs()
+    layout = Layout(specs)
+    uploads = [_gradients(specs, seed) for seed in range(3)]
+    acc = Accumulator(layout, "reproducible")
+    for tensors, w in zip(uploads, (100, 7, 3_000), strict=True):
+        acc.commit(_stage(layout, tensors), w)
+    _assert_close(acc.result(3_107.0), _reference(uploads, (100, 7, 3_000), 3_107.0))
 
 
 # -- float32 accumulation, partial results, step batches ------------------------------------------
@@ -267,7 +326,7 @@ def test_float32_accumulator_is_within_float32_rounding_of_the_reference() -> No
     specs = _specs(torch.float32)
     layout = Layout(specs)
     uploads = [_gradients(specs, seed) for seed in range(3)]
-    acc = Accumulator(layout, dtype=np.float32)
+    acc = Accumulator(layout, "float32")
     for tensors, w in zip(uploads, (100, 7, 3_000), strict=True):
         acc.commit(_stage(layout, tensors), w)
     assert acc.total.dtype == np.float32 and acc.total.nbytes == layout.numel * 4
@@ -305,6 +364,4 @@ def test_result_into_a_subset_writes_exactly_those_tensors() -> None:
 def test_step_batches_cover_every_tensor_in_order_within_the_limit(
     sizes: list[int], limit: int, want: list[list[int]]
 ) -> None:
-    from fedgrad.server.aggregator import _batches
-
-    assert _batches(sizes, limit) == want
+    assert batches(sizes, limit) == want

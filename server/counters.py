@@ -1,0 +1,43 @@
+"""What the aggregator's shell counts: traffic, uploads, refusals and time per phase."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["Counters"]
+
+
+@dataclass
+class Counters:
+    """Traffic and work counted by the shell; status, metrics and progress read them."""
+
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    uploads_accepted: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)  # gRPC status code name -> count
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # of the last closed round
+    round_bytes: int = 0
+    round_losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # node: loss, w
+    add_seconds: float = 0.0
+    round_started: float = field(default_factory=time.monotonic)
+
+    def new_round(self) -> None:
+        """Start counting a newly opened round."""
+        self.round_bytes, self.round_losses, self.add_seconds = 0, {}, 0.0
+        self.round_started = time.monotonic()
+
+    def train_loss(self) -> float:
+        """Return the round's sample-weighted mean training loss (NaN if none was reported).
+
+        ``math.fsum`` rounds the exact sum once, so the arrival order does not matter: two
+        runs with the same seeds record bitwise the same history however uploads raced.
+        """
+        losses = list(self.round_losses.values())
+        weight = sum(w for _, w in losses)
+        return math.fsum(loss * w for loss, w in losses) / weight if weight else math.nan
+
+    def refused(self, code: str) -> None:
+        """Count a call refused with gRPC status ``code``."""
+        self.rejections[code] = self.rejections.get(code, 0) + 1

@@ -1,0 +1,102 @@
+"""The aggregator's model: parameters, the torch.optim optimizer, the step and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedgrad.codec import Layout, specs_of
+from fedgrad.config import AggregatorConfig
+from fedgrad.errors import ConfigError
+from fedgrad.server.reducers import Reducer
+from fedgrad.task import Task, trainable_parameters
+
+__all__ = ["STEP_BATCH_BYTES", "ServerModel", "make_optimizer"]
+
+#: Bytes of gradients materialized at once during the optimizer step.
+STEP_BATCH_BYTES = 32 << 20
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Build the aggregator's torch.optim optimizer ("sgd", "momentum" or "adam")."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r} (sgd, momentum, adam)")
+
+
+def batches(sizes: list[int], limit: int) -> list[list[int]]:
+    """Split indices 0..len(sizes)-1 into consecutive runs of at most ``limit`` bytes each
+    (a single larger entry gets a run of its own)."""
+    runs: list[list[int]] = []
+    used = limit
+    for i, size in enumerate(sizes):
+        if not runs or used + size > limit:
+            runs.append([])
+            used = 0
+        runs[-1].append(i)
+        used += size
+    return runs
+
+
+class ServerModel:
+    """The task's model on the aggregator, its trainable parameters and their optimizer."""
+
+    def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
+        self.task = task
+        torch.manual_seed(cfg.seed)
+        self.module = task.model()
+        named = trainable_parameters(self.module)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.layout = Layout(specs_of(named))
+        lr = cfg.lr if cfg.lr is not None else task.lr
+        self.optimizer = make_optimizer(cfg.optimizer or task.optimizer, self.params, lr)
+        self.step_batches = batches(self.layout.nbytes, STEP_BATCH_BYTES)
+
+    def step(self, reducer: Reducer) -> dict[str, float]:
+        """Apply the reduced gradient with the optimizer; return the task's evaluation."""
+        # Gradients exist a batch of tensors at a time, never a whole second model:
+        # torch.optim skips parameters whose grad is None, and sgd, momentum and adam
+        # update each parameter from its own gradient and state, so stepping batch by
+        # batch gives the same parameters as one step over all of them.
+        for batch in self.step_batches:
+            grads = [torch.empty_like(self.params[i]) for i in batch]
+            reducer.result_into(grads, batch)
+            for i, g in zip(batch, grads, strict=True):
+                self.params[i].grad = g
+            del grads
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.module.eval()
+            return self.task.evaluate(self.module) or {}
+
+    def named_params(self) -> dict[str, torch.Tensor]:
+        """Return the trainable parameters by name (the tensors themselves)."""
+        return dict(zip(self.names, self.params, strict=True))
+
+    def load(self, params: Mapping[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
+        """Take parameters and optimizer state from a checkpoint.
+
+        Raises:
+            ConfigError: a tensor is missing or does not match the task's model.
+        """
+        with torch.no_grad():
+            for spec, p in zip(self.layout.specs, self.params, strict=True):
+                saved = params.get(spec.name)
+                if saved is None or saved.shape != p.shape or saved.dtype != p.dtype:
+                    raise ConfigError(
+                        f"checkpoint tensor {spec.name!r} does not match the task's model"
+                    )
+                p.copy_(saved)
+        self.optimizer.load_state_dict(optim_state)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Return the model's full state dict (parameters and buffers), detached."""
+        return {k: v.detach() for k, v in self.module.state_dict().items()}

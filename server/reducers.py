@@ -1,0 +1,268 @@
+"""Reducers: how a round's decoded uploads become one gradient.
+
+The reducer seam (``docs/architecture.md``): a reducer gives each upload its
+integer weight, adds decoded uploads, writes the reduced gradient into the
+optimizer's ``.grad`` tensors, and resets for the next round. ``streaming``
+reducers (sum, mean, weighted mean) keep memory flat in the number of nodes;
+a reducer that needs every upload of the round at once (a coordinate-wise
+median, Krum) says ``streaming = False`` and holds them within the staging
+budget. A new rule is one class and one line in ``REDUCERS``.
+
+The streaming rules differ only in the weight and the divisor; the sum itself
+is a *kernel* (``SUMS``): ``float64`` (exact products, rounding order-dependent
+only in float64's last bits), ``float32`` (half the memory) or ``reproducible``
+(``fedgrad.server.binned``: bitwise the same for every arrival order).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedgrad.codec import Layout
+from fedgrad.errors import InvalidArgument
+from fedgrad.server.staging import StagedUpload
+
+__all__ = [
+    "MAX_EXACT_WEIGHT",
+    "REDUCERS",
+    "SUMS",
+    "PlainSum",
+    "Reducer",
+    "StreamingReducer",
+    "accumulate_for",
+    "make_reducer",
+]
+
+# Products n * g stay exact in float64 while n < 2**29 (24-bit float32 mantissa + 29 <= 53).
+MAX_EXACT_WEIGHT = 1 << 29
+
+
+class SumKernel(Protocol):
+    """A running per-element sum of weighted values over the model's flat elements."""
+
+    nbytes: int
+
+    def add(self, first: int, values: np.ndarray, weight: int, overwrite: bool) -> None:
+        """Add ``weight * values`` at elements [first, first+len); ``overwrite`` on the first."""
+        ...
+
+    def result_into(self, first: int, out: torch.Tensor, divisor: float) -> None:
+        """Write the sums of elements [first, first+out.numel()) / divisor into ``out``."""
+        ...
+
+    def reset(self) -> None:
+        """Forget everything added (the next add overwrites)."""
+        ...
+
+
+class PlainSum:
+    """A float64 (or float32) running sum; the round's first upload overwrites."""
+
+    def __init__(self, numel: int, dtype: type = np.float64) -> None:
+        self.total: np.ndarray = np.zeros(numel, dtype=dtype)
+        self.nbytes = self.total.nbytes
+        self._empty = True
+        self._local = threading.local()
+
+    def add(self, first: int, values: np.ndarray, weight: int, overwrite: bool) -> None:
+        target = self.total[first : first + values.size]
+        if overwrite:  # exact: n * g of a float32/16 g and n < 2**29 fits float64
+            np.multiply(values, weight, out=target, dtype=target.dtype)
+        elif weight == 1:
+            np.add(target, values, out=target)
+        else:
+            scaled = self._scratch(values.size)
+            np.multiply(values, weight, out=scaled, dtype=target.dtype)
+            np.add(target, scaled, out=target)
+        self._empty = False
+
+    def _scratch(self, size: int) -> np.ndarray:
+        # One buffer per reduce thread, reused across chunks: no 1 MiB allocation per chunk.
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.size < size:
+            buffer = self._local.buffer = np.empty(size, dtype=self.total.dtype)
+        return buffer[:size]
+
+    def result_into(self, first: int, out: torch.Tensor, divisor: float) -> None:
+        if self._empty:  # nothing added since the reset: the totals are stale
+            out.zero_()
+            return
+        flat = torch.from_numpy(self.total[first : first + out.numel()])
+        torch.div(flat.view(out.shape), divisor, out=out)
+
+    def reset(self) -> None:
+        # No fill: every complete upload covers every element, so the first add overwrites
+        # (saves a pass over the 2x-model-size buffer per round).
+        self._empty = True
+
+
+class ReproducibleSum:
+    """``fedgrad.server.binned.BinnedSum`` behind the kernel interface."""
+
+    def __init__(self, numel: int) -> None:
+        from fedgrad.server.binned import BinnedSum
+
+        self._sum = BinnedSum(numel)
+        self.nbytes = self._sum.nbytes
+
+    def add(self, first: int, values: np.ndarray, weight: int, overwrite: bool) -> None:
+        self._sum.add(first, values, weight)
+
+    def result_into(self, first: int, out: torch.Tensor, divisor: float) -> None:
+        exact = np.empty(out.numel(), dtype=np.float64)
+        self._sum.result_into(first, exact, divisor)
+        out.view(-1).copy_(torch.from_numpy(exact))
+
+    def reset(self) -> None:
+        self._sum.reset()
+
+
+#: Sum kernels by ``--accumulate`` name.
+SUMS: dict[str, Callable[[int], SumKernel]] = {
+    "float64": lambda numel: PlainSum(numel, np.float64),
+    "float32": lambda numel: PlainSum(numel, np.float32),
+    "reproducible": ReproducibleSum,
+}
+
+
+class Reducer(Protocol):
+    """The reduction rule of a round."""
+
+    name: str
+    streaming: bool
+    count: int
+
+    def weight(self, num_samples: int) -> int:
+        """Return the integer weight of an upload of ``num_samples`` samples.
+
+        Raises:
+            InvalidArgument: the sample count cannot be weighted.
+        """
+        ...
+
+    def add(self, upload: StagedUpload, weight: int) -> None:
+        """Add a complete, counted upload. One add at a time."""
+        ...
+
+    def result_into(self, outputs: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
+        """Write the reduced gradient of manifest entries ``indices`` into ``outputs``."""
+        ...
+
+    def reset(self) -> None:
+        """Start a new round."""
+        ...
+
+
+class StreamingReducer:
+    """Sum, mean or weighted mean: weighted adds into a sum kernel, one division at the end.
+
+    Chunks cover disjoint elements, so an add is split between worker threads
+    (numpy releases the GIL); the sum per element is the same whatever the split.
+    """
+
+    streaming = True
+
+    def __init__(
+        self, name: str, layout: Layout, accumulate: str = "float64", workers: int = 1
+    ) -> None:
+        self.name, self.layout = name, layout
+        self.sum: SumKernel = SUMS[accumulate](layout.numel)
+        self.workers = max(1, workers)
+        self._pool: ThreadPoolExecutor | None = None
+        self.count = 0
+        self.total_weight = 0
+        #: Index of each manifest tensor's first element in the flat element order.
+        self.first_elements = [0] * len(layout.specs)
+        for i in range(1, len(layout.specs)):
+            self.first_elements[i] = self.first_elements[i - 1] + layout.specs[i - 1].numel
+
+    def weight(self, num_samples: int) -> int:
+        if self.name != "weighted-mean":
+            return 1
+        if not 1 <= num_samples < MAX_EXACT_WEIGHT:
+            raise InvalidArgument(
+                f"num_samples must be in [1, {MAX_EXACT_WEIGHT - 1}] for the weighted mean,"
+                f" got {num_samples}"
+            )
+        return num_samples
+
+    def add(self, upload: StagedUpload, weight: int) -> None:
+        upload.complete()
+        if not 1 <= weight < MAX_EXACT_WEIGHT:
+            raise InvalidArgument(f"weight {weight} is outside [1, {MAX_EXACT_WEIGHT})")
+        chunks, overwrite = upload.chunks, self.count == 0
+        parts = [chunks]
+        if self.workers > 1 and len(chunks) >= 2 * self.workers:
+            parts = [chunks[i :: self.workers] for i in range(self.workers)]
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fedgrad-reduce")
+            futures = [self._pool.submit(self._add, upload, p, weight, overwrite) for p in parts]
+            for future in futures:
+                future.result()
+        else:
+            self._add(upload, chunks, weight, overwrite)
+        self.total_weight += weight
+        self.count += 1
+
+    def _add(
+        self,
+        upload: StagedUpload,
+        chunks: list[tuple[int, bytes, int, int]],
+        weight: int,
+        overwrite: bool,
+    ) -> None:
+        decode = upload.codec.decode
+        for position, raw, start, length in chunks:
+            for first, values in decode(position, raw, start, length):
+                self.sum.add(first, values, weight, overwrite)
+
+    @property
+    def divisor(self) -> float:
+        return 1.0 if self.name == "sum" else float(self.total_weight)
+
+    def result_into(self, outputs: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
+        divisor = self.divisor
+        for i, out in zip(indices, outputs, strict=True):
+            self.sum.result_into(self.first_elements[i], out, divisor)
+
+    def reset(self) -> None:
+        self.sum.reset()
+        self.count = 0
+        self.total_weight = 0
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+#: Reduction rule name -> reducer class, built as ``cls(name, layout, accumulate, workers)``.
+REDUCERS: dict[str, type[StreamingReducer]] = {
+    "weighted-mean": StreamingReducer,
+    "mean": StreamingReducer,
+    "sum": StreamingReducer,
+}
+
+
+def accumulate_for(accumulate: str, layout: Layout) -> str:
+    """Return the sum kernel ``accumulate`` names; "auto" picks the model's default.
+
+    float64 models get the reproducible sum (a float64 sum of float64 products rounds in
+    an arrival-dependent order); float32/16 models the float64 sum of exact products.
+    """
+    if accumulate != "auto":
+        return accumulate
+    wide = any(s.dtype.itemsize == 8 for s in layout.specs)
+    return "reproducible" if wide else "float64"
+
+
+def make_reducer(name: str, layout: Layout, accumulate: str, workers: int) -> StreamingReducer:
+    """Return the reducer ``name`` over ``layout`` with the ``accumulate`` sum kernel."""
+    return REDUCERS[name](name, layout, accumulate, workers)

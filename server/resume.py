@@ -1,0 +1,90 @@
+"""Checkpoint and resume: what of the engine, the model and the history goes to disk.
+
+``fedgrad.server.checkpoint`` writes and reads the files atomically; this
+module decides their contents: the round, the model's parameters and
+optimizer state, the node registry and the history, under the task and
+reduction they belong to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from fedgrad.config import AggregatorConfig
+from fedgrad.errors import ConfigError
+from fedgrad.history import RoundRecord
+from fedgrad.server.checkpoint import load_checkpoint, save_checkpoint
+from fedgrad.server.engine import NodeRecord, NodeState
+from fedgrad.server.model import ServerModel
+
+__all__ = ["Resumed", "read_checkpoint", "write_checkpoint"]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The state a checkpoint restores besides the model."""
+
+    round: int
+    session_id: str
+    nodes: tuple[NodeRecord, ...]
+    history: list[RoundRecord]
+
+
+def write_checkpoint(
+    cfg: AggregatorConfig,
+    round_: int,
+    model: ServerModel,
+    nodes: Iterable[NodeRecord],
+    session_id: str,
+    history: Sequence[RoundRecord],
+) -> None:
+    """Write the state of ``round_`` to ``cfg.checkpoint_dir`` (atomically)."""
+    assert cfg.checkpoint_dir
+    meta = {
+        "session_id": session_id,
+        "task": cfg.task,
+        "reduce": cfg.reduce,
+        "nodes": [
+            {
+                "node_id": r.node_id,
+                "num_samples": r.num_samples,
+                "state": r.state.value,
+                "last_round": r.last_round,
+            }
+            for r in nodes
+        ],
+    }
+    save_checkpoint(
+        cfg.checkpoint_dir, round_, model.named_params(), model.optimizer, meta, list(history)
+    )
+
+
+def read_checkpoint(cfg: AggregatorConfig, model: ServerModel) -> Resumed | None:
+    """Load the checkpoint in ``cfg.checkpoint_dir`` into ``model``; None if there is none.
+
+    Raises:
+        ConfigError: the checkpoint belongs to another task or reduction, or does not fit.
+    """
+    assert cfg.checkpoint_dir
+    loaded = load_checkpoint(cfg.checkpoint_dir)
+    if loaded is None:
+        return None
+    doc, params, optim_state = loaded
+    if doc.get("task") != cfg.task or doc.get("reduce") != cfg.reduce:
+        raise ConfigError(
+            f"checkpoint in {cfg.checkpoint_dir} is for task {doc.get('task')!r} with"
+            f" reduce {doc.get('reduce')!r}; use a new --checkpoint-dir for another run"
+        )
+    model.load(params, optim_state)
+    nodes = tuple(
+        NodeRecord(
+            n["node_id"],
+            int(n["num_samples"]),
+            NodeState.LEFT if n["state"] == "left" else NodeState.ACTIVE,
+            int(n["last_round"]),
+        )
+        for n in doc["nodes"]
+    )
+    history = [RoundRecord(**r) for r in doc["history"]]
+    return Resumed(int(doc["round"]), str(doc["session_id"]), nodes, history)

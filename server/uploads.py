@@ -1,0 +1,108 @@
+"""The upload intake: headers checked, staging slots reserved and given back.
+
+Every upload passes here between its header and its end. The intake owns the
+staging slots (at most ``max_inflight`` uploads staged at once, so memory is
+bounded whatever the number of nodes), the codec each header declares, and
+the one place a slot is given back. Counting an upload is the round engine's
+decision; the shell asks for it once the upload is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fedgrad.codec import Layout
+from fedgrad.codecs import Codec, codec_for
+from fedgrad.config import AggregatorConfig
+from fedgrad.errors import InvalidArgument, ResourceExhausted
+from fedgrad.server.engine import RoundEngine
+from fedgrad.server.reducers import Reducer
+from fedgrad.server.staging import StagedUpload, UploadTicket, check_metrics
+from fedgrad.wire import check_id
+
+__all__ = ["Intake"]
+
+
+class Intake:
+    """Staging slots and codecs of the uploads in flight."""
+
+    def __init__(
+        self, cfg: AggregatorConfig, layout: Layout, engine: RoundEngine, reducer: Reducer
+    ) -> None:
+        self.cfg, self.layout, self.engine, self.reducer = cfg, layout, engine, reducer
+        self.max_inflight = cfg.max_inflight or max(
+            1, min(64, cfg.staging_mb * (1 << 20) // max(1, layout.total))
+        )
+        self.inflight: set[UploadTicket] = set()
+        self._codecs: dict[str, Codec] = {}
+
+    def start(self) -> None:
+        """Create the loop-bound semaphore; call once on the serving loop."""
+        self._slots = asyncio.Semaphore(self.max_inflight)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of uploads staged right now."""
+        return sum(t.staged.nbytes for t in list(self.inflight) if t.staged is not None)
+
+    async def open(
+        self,
+        node_id: str,
+        round_: int,
+        upload_id: str,
+        num_samples: int,
+        metrics: dict[str, float],
+        codec: str = "",
+        payload_bytes: int = 0,
+    ) -> UploadTicket:
+        """Check an upload header and reserve a staging slot.
+
+        Raises:
+            InvalidArgument, Unavailable, FailedPrecondition, StaleRound, AlreadyExists,
+            ResourceExhausted.
+        """
+        check_id("upload_id", upload_id)
+        check_metrics(metrics)
+        decoder = self._codec(codec)
+        if payload_bytes and payload_bytes != decoder.layout.total:
+            raise InvalidArgument(
+                f"payload_bytes {payload_bytes} does not match codec {decoder.name!r}:"
+                f" this model's payload is {decoder.layout.total} bytes"
+            )
+        if self.engine.open_upload(node_id, round_, upload_id, time.monotonic()):
+            return UploadTicket(node_id, round_, upload_id, 0, metrics, None)
+        try:
+            weight = self.reducer.weight(num_samples)
+            await asyncio.wait_for(self._slots.acquire(), self.cfg.slot_wait)
+        except TimeoutError:
+            self.engine.abandon(node_id)
+            raise ResourceExhausted(
+                f"{self.max_inflight} uploads in flight for {self.cfg.slot_wait:.0f} s; retry later"
+            ) from None
+        except BaseException:
+            self.engine.abandon(node_id)  # refused or cancelled: the node must not stay locked out
+            raise
+        staged = StagedUpload(decoder, self.cfg.chunk_bytes)
+        ticket = UploadTicket(node_id, round_, upload_id, weight, metrics, staged)
+        self.inflight.add(ticket)
+        return ticket
+
+    def _codec(self, declared: str) -> Codec:
+        decoder = self._codecs.get(declared)
+        if decoder is None:
+            decoder = self._codecs[declared] = codec_for(declared, self.layout.specs)
+        return decoder
+
+    def release(self, ticket: UploadTicket, added: bool = False) -> None:
+        """Free the staging slot of a ticket (after its add, or its failure); idempotent.
+
+        A counted ticket keeps its slot until its add is done (``added=True``).
+        """
+        if ticket.counted and not added:
+            return
+        self.inflight.discard(ticket)
+        if ticket.staged is not None:
+            ticket.staged = None
+            self._slots.release()
+            self.engine.abandon(ticket.node_id)
