@@ -32,6 +32,7 @@ __all__ = [
     "iter_chunk_pieces",
     "iter_chunks",
     "manifest_from_proto",
+    "manifest_mismatch",
     "manifest_to_proto",
     "specs_of",
     "write_chunk",
@@ -142,6 +143,20 @@ def manifest_from_proto(msg: pb.Manifest, max_bytes: int = 1 << 40) -> list[Tens
             raise InvalidArgument(f"manifest is larger than the limit of {max_bytes} bytes")
         specs.append(spec)
     return specs
+
+
+def manifest_mismatch(ours: Sequence[TensorSpec], theirs: Sequence[TensorSpec]) -> str | None:
+    """Return what first differs between two manifests, in words, or None if they match."""
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+        if a != b:
+            return (
+                f"tensor {i} is {b.name!r} {str(b.dtype).removeprefix('torch.')} {list(b.shape)}"
+                f" here but {a.name!r} {str(a.dtype).removeprefix('torch.')} {list(a.shape)}"
+                " on the aggregator"
+            )
+    if len(ours) != len(theirs):
+        return f"{len(theirs)} tensors here but {len(ours)} on the aggregator"
+    return None
 
 
 @dataclass(frozen=True)

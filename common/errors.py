@@ -16,6 +16,7 @@ Hierarchy::
         ├── Unauthenticated           UNAUTHENTICATED: no or bad credentials
         ├── PermissionDenied          PERMISSION_DENIED: identity is another node's
         ├── ResourceExhausted         RESOURCE_EXHAUSTED: too many in flight, too large
+        ├── OutOfRange                OUT_OF_RANGE: a round past the last one
         └── Unavailable               UNAVAILABLE: shutting down, try again later
 
 The pure core raises these; ``fedgrad.server.service`` turns an ``RpcError``
@@ -31,6 +32,7 @@ __all__ = [
     "FedgradError",
     "GaveUpError",
     "InvalidArgument",
+    "OutOfRange",
     "PermissionDenied",
     "RefusedError",
     "ResourceExhausted",
@@ -100,6 +102,10 @@ class PermissionDenied(RpcError):
 
 class ResourceExhausted(RpcError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class OutOfRange(RpcError):
+    code = "OUT_OF_RANGE"
 
 
 class Unavailable(RpcError):

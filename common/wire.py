@@ -8,6 +8,7 @@ and the identifier rule are the ones ``docs/protocol.md`` documents.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fedgrad.errors import InvalidArgument
 from fedgrad.proto import fedgrad_pb2 as pb
 
 __all__ = [
+    "CONTRACT_VERSION",
     "CURRENT_ROUND_KEY",
     "ID_RULE",
     "MAX_MESSAGE_BYTES",
@@ -26,6 +28,7 @@ __all__ = [
     "check_id",
     "method_path",
     "open_channel",
+    "task_identity",
 ]
 
 #: gRPC's default receive limit, set explicitly on both sides: oversized input is refused
@@ -37,6 +40,9 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Aggregator"]
 SERVICE_NAME: str = _SERVICE.full_name
 #: The rpc names of the service, in ``.proto`` order.
 METHODS: tuple[str, ...] = tuple(m.name for m in _SERVICE.methods)
+
+#: The contract version of ``protos/fedgrad/proto/fedgrad.proto`` (JoinReply.contract_version).
+CONTRACT_VERSION = 2
 
 #: Trailing-metadata key of an ABORTED reply: the aggregator's current round (decimal).
 CURRENT_ROUND_KEY = "fedgrad-current-round"
@@ -62,6 +68,16 @@ def check_id(kind: str, value: str) -> str:
     if not _ID.fullmatch(value):
         raise InvalidArgument(f"{kind} {value!r} must be {ID_RULE}")
     return value
+
+
+def task_identity(spec: str, args: Iterable[tuple[str, str]] = ()) -> str:
+    """Return the canonical text of a task and its options (``JoinRequest.task``).
+
+    The spec, then "?" and ``key=value`` pairs sorted by key joined by "&" if there
+    are options: ``digits?classes_per_node=2&model=cnn``.
+    """
+    pairs = "&".join(f"{k}={v}" for k, v in sorted(args))
+    return f"{spec}?{pairs}" if pairs else spec
 
 
 def _read(path: str | None) -> bytes | None:

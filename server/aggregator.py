@@ -21,12 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fedgrad.config import AggregatorConfig
-from fedgrad.errors import InvalidArgument
+from fedgrad.errors import InvalidArgument, OutOfRange
 from fedgrad.history import RoundRecord
 from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.engine import Deadline, NodeRecord, NodeState, RoundEngine, Rules
-from fedgrad.server.model import ServerModel
+from fedgrad.server.model import Peer, ServerModel
 from fedgrad.server.reducers import MAX_EXACT_WEIGHT, accumulate_for, make_reducer
 from fedgrad.server.resume import read_checkpoint, write_checkpoint
 from fedgrad.server.staging import StagedUpload, UploadTicket
@@ -116,13 +116,21 @@ class Aggregator:
         return True
 
     # -- membership ------------------------------------------------------------------------
-    async def join(self, node_id: str, num_samples: int) -> NodeRecord:
-        """Register or re-register a node; start round 0 once the start quorum is there."""
+    async def join(self, node_id: str, num_samples: int, node: Peer | None = None) -> NodeRecord:
+        """Register or re-register a node; start round 0 once the start quorum is there.
+
+        Raises:
+            InvalidArgument: a bad id or sample count, or ``node``'s model, seed or task
+                is not this federation's (the node is then not registered).
+            Unavailable: shutting down.
+        """
         check_id("node_id", node_id)
         if num_samples >= MAX_EXACT_WEIGHT:
             raise InvalidArgument(
                 f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})"
             )
+        if node is not None:
+            node.check(self.layout.specs, self.cfg)
         known = self.engine.node(node_id) is not None
         if self.engine.join(node_id, num_samples, time.monotonic()):
             await self._begin()
@@ -164,7 +172,16 @@ class Aggregator:
         """Wait until a round >= ``min_round`` (or the end) is published; return it.
 
         The caller must call ``pull_done`` when its stream ends.
+
+        Raises:
+            OutOfRange: ``min_round`` is past the last round.
+            Unavailable, FailedPrecondition, ResourceExhausted: see ``RoundEngine.open_pull``.
         """
+        if min_round > self.cfg.rounds:
+            raise OutOfRange(
+                f"round {min_round} is past the last round ({self.cfg.rounds} rounds, 0-based:"
+                f" the final parameters are round {self.cfg.rounds})"
+            )
         self.engine.open_pull(node_id, time.monotonic())
         try:
             async with self._changed:
@@ -265,7 +282,7 @@ class Aggregator:
             metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
             record = RoundRecord(
-                round=self.round + 1,
+                round=self.round,
                 train_loss=c.train_loss(),
                 test_loss=metrics.get("loss", math.nan),
                 test_accuracy=metrics.get("accuracy", math.nan),

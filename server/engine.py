@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+
 from fedgrad.errors import (
     AlreadyExists,
     FailedPrecondition,

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedgrad.codec import Layout, specs_of
+from fedgrad.codec import Layout, TensorSpec, manifest_mismatch, specs_of
 from fedgrad.config import AggregatorConfig
-from fedgrad.errors import ConfigError
+from fedgrad.errors import ConfigError, InvalidArgument
 from fedgrad.server.reducers import Reducer
 from fedgrad.task import Task, trainable_parameters
+from fedgrad.wire import task_identity
 
-__all__ = ["STEP_BATCH_BYTES", "ServerModel", "make_optimizer"]
+__all__ = ["STEP_BATCH_BYTES", "Peer", "ServerModel", "make_optimizer"]
 
 #: Bytes of gradients materialized at once during the optimizer step.
 STEP_BATCH_BYTES = 32 << 20
@@ -42,6 +44,34 @@ def batches(sizes: list[int], limit: int) -> list[list[int]]:
         runs[-1].append(i)
         used += size
     return runs
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What a joining node says of its model and training (each part optional)."""
+
+    specs: list[TensorSpec] | None = None
+    seed: int | None = None
+    task: str | None = None
+
+    def check(self, ours: list[TensorSpec], cfg: AggregatorConfig) -> None:
+        """Raise InvalidArgument naming what differs from the aggregator's model or run."""
+        if self.specs is not None and (diff := manifest_mismatch(ours, self.specs)):
+            raise InvalidArgument(
+                f"this node's model differs from the aggregator's: {diff}; run both with the"
+                " same --task and --task-arg"
+            )
+        if self.seed is not None and self.seed != cfg.seed:
+            raise InvalidArgument(
+                f"this node runs with --seed {self.seed}, the aggregator with --seed {cfg.seed}:"
+                " use the same seed on both"
+            )
+        theirs = task_identity(cfg.task, cfg.task_args)
+        if self.task and self.task != theirs:
+            raise InvalidArgument(
+                f"this node runs task {self.task!r}, the aggregator {theirs!r}: use the same"
+                " --task and --task-arg on both"
+            )
 
 
 class ServerModel:

@@ -17,14 +17,16 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from fedgrad.codec import manifest_to_proto
+from fedgrad.codec import manifest_from_proto, manifest_to_proto
 from fedgrad.errors import InvalidArgument, ResourceExhausted, RpcError, StaleRound
 from fedgrad.framing import decode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.aggregator import Aggregator
+from fedgrad.server.engine import Phase
+from fedgrad.server.model import Peer
 from fedgrad.server.security import Authorizer
 from fedgrad.server.staging import UploadTicket
-from fedgrad.wire import CURRENT_ROUND_KEY, SERVICE_NAME
+from fedgrad.wire import CONTRACT_VERSION, CURRENT_ROUND_KEY, SERVICE_NAME
 
 __all__ = ["AggregatorService", "status_reply"]
 
@@ -60,6 +62,14 @@ async def _fail(
     if isinstance(exc, StaleRound):
         trailing = ((CURRENT_ROUND_KEY, str(exc.current_round)),)
     await context.abort(grpc.StatusCode[exc.code], str(exc), trailing_metadata=trailing)
+
+
+def _peer(request: pb.JoinRequest) -> Peer:
+    return Peer(
+        manifest_from_proto(request.manifest) if request.HasField("manifest") else None,
+        request.seed if request.HasField("seed") else None,
+        request.task or None,
+    )
 
 
 def _codec_of(header: pb.UploadHeader) -> str:
@@ -129,7 +139,7 @@ class AggregatorService:
             request = _parse(raw, pb.JoinRequest)
             node = request.node_id
             self.auth.check(context, node)
-            await core.join(node, request.num_samples)
+            await core.join(node, request.num_samples, _peer(request))
         except RpcError as exc:
             await _fail(context, exc, node, core.round, self.core)
         return pb.JoinReply(
@@ -140,6 +150,9 @@ class AggregatorService:
             total_rounds=core.cfg.rounds,
             session_id=core.session_id,
             finished=core.finished,
+            round_open=core.engine.phase is Phase.COLLECTING,
+            seed=core.cfg.seed,
+            contract_version=CONTRACT_VERSION,
         )
 
     async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

@@ -83,7 +83,7 @@ def test_aggregator_and_two_nodes_as_processes(spawn, cli, tmp_path: Path) -> No
         assert fh.metadata().get("round") == str(ROUNDS)
 
     records = read_history(history)
-    assert [r.round for r in records] == [1, 2, 3]
+    assert [r.round for r in records] == [0, 1, 2]
     assert all(r.nodes == 2 for r in records)
 
     # Two full shards, weighted mean: the same as 3 steps of full-batch descent

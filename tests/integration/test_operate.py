@@ -400,7 +400,7 @@ def test_status_health_metrics_and_plot_of_a_cli_federation(
     assert err.startswith("unhealthy: UNAVAILABLE: ") and "Traceback" not in err, err
 
     # -- plot of the history this run wrote -------------------------------------------------------
-    assert [r.round for r in read_history(history)] == [1, 2]
+    assert [r.round for r in read_history(history)] == [0, 1]
     png = tmp_path / "out" / "curves.png"
     code, out, err = finish(spawn(*cli.argv, "plot", history, "--out", png))
     assert code == 0, err
@@ -465,7 +465,7 @@ def test_json_logs_of_aggregator_and_node(spawn, cli, hand_node, connect, tmp_pa
     assert agg_out == node_out == "", "logs go to stderr only"
 
     rounds = [d for d in agg if d.get("event") == "round"]
-    assert [d["round"] for d in rounds] == [1, 2], rounds
+    assert [d["round"] for d in rounds] == [0, 1], rounds
     joins = {d["node"] for d in agg if d.get("event") == "join"}
     assert joins == {"node-0", "hand"}, agg
     (reject,) = [d for d in agg if d.get("event") == "reject"]
@@ -509,7 +509,9 @@ def test_text_logs_and_no_progress_line_without_a_terminal(
     assert agg_out == ""
     round_lines = [ln for ln in agg_err.splitlines() if "[round=" in ln and "event=round" in ln]
     assert len(round_lines) == 2, agg_err
-    assert re.search(r"fedgrad\.cli: round 1/2: train loss \d+\.\d{4}, ", round_lines[0])
+    assert re.search(
+        r"fedgrad\.cli: round 0 closed \(1 of 2\): train loss \d+\.\d{4}, ", round_lines[0]
+    )
     assert "node joined [node=hand round=0 event=join]" in agg_err, agg_err
 
 
@@ -606,7 +608,7 @@ def test_progress_line_on_a_terminal(
         assert PROGRESS.fullmatch(draw), draw
     assert any(f"round 1/2 {half}" in d for d in draws)
     assert any(f"round 2/2 {half}" in d for d in draws)
-    assert "fedgrad.cli: round 1/2: train loss" in text, "log lines still appear"
+    assert "fedgrad.cli: round 0 closed (1 of 2): train loss" in text, "log lines still appear"
 
 
 @pytest.mark.slow
@@ -955,9 +957,9 @@ def test_config_file_environment_and_tables_drive_real_processes(
     agg_code, _, agg_err = finish(aggregator)
     assert node_code == 0, node_err
     assert agg_code == 0, agg_err
-    assert [r.round for r in read_history(history)] == [1, 2], "FEDGRAD_ROUNDS=2 beats rounds = 3"
+    assert [r.round for r in read_history(history)] == [0, 1], "FEDGRAD_ROUNDS=2 beats rounds = 3"
     assert "node joined [node=from-file round=0 event=join]" in agg_err, agg_err
-    assert "round 2/2:" in agg_err
+    assert "round 1 closed (2 of 2):" in agg_err
 
 
 # -- bad values of flags: clear errors at start-up ------------------------------------------------

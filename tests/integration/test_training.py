@@ -64,7 +64,7 @@ def test_weighted_mean_equals_full_batch_gradient_descent(nodes: int) -> None:
     got = [r.train_loss for r in result.history]
     assert got == pytest.approx(losses, rel=EXACT_RTOL)
     # (5) one record per round
-    assert [r.round for r in result.history] == list(range(1, ROUNDS + 1))
+    assert [r.round for r in result.history] == list(range(ROUNDS))
     assert all(r.nodes == nodes and r.bytes > 0 for r in result.history)
     assert all(math.isfinite(r.test_loss) for r in result.history)
     assert len(result.nodes) == nodes and all(n.uploads == ROUNDS for n in result.nodes)
@@ -217,7 +217,7 @@ def test_two_digits_runs_with_one_seed_are_bitwise_equal() -> None:
         assert torch.equal(a.params[name], b.params[name]), name
     # (5) history: one record per round, finite loss, accuracy a fraction.
     for result in runs:
-        assert [r.round for r in result.history] == [1, 2, 3]
+        assert [r.round for r in result.history] == [0, 1, 2]
         for record in result.history:
             assert math.isfinite(record.train_loss) and record.train_loss > 0
             assert 0.0 <= record.test_accuracy <= 1.0

@@ -67,7 +67,8 @@ class AggregatorServicer(object):
     """
 
     def Join(self, request, context):
-        """Register (or re-register, idempotently) a node. Unary.
+        """Register (or re-register, idempotently) a node. Unary. The model, seed and
+        task checks (JoinRequest) happen here: a mismatched node is never counted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
