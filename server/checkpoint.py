@@ -1,17 +1,26 @@
 """Atomic checkpoints of the aggregator: safetensors for tensors, JSON for the rest.
 
-Commit protocol: write ``state-<round>.safetensors`` (temp file, fsync, rename),
-then ``checkpoint.json`` (temp file, fsync, rename, fsync the folder). The
-JSON names the tensor file and its SHA-256, so a crash at any moment leaves
-the previous checkpoint loadable: the JSON rename is the commit point, and old
-tensor files are deleted only after it. Loading never unpickles anything.
+Commit protocol, under an exclusive ``flock`` on ``DIR/.checkpoint.lock`` so that
+two writers of one folder never interleave: write ``state-<round>.safetensors``
+(temp file, fsync, rename, fsync the folder), then ``checkpoint.json`` (temp
+file, fsync, rename, fsync the folder). The JSON names the tensor file and its
+SHA-256, so a crash at any moment leaves the previous checkpoint loadable: the
+JSON rename is the commit point. After it, only files of *older* rounds are
+deleted: a write that has been overtaken (an aggregator stopped in-process whose
+write thread is still finishing while a restarted one already committed the next
+round) must never delete the newer checkpoint's tensor file. Loading takes the
+lock shared and never unpickles anything.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +35,8 @@ __all__ = ["CHECKPOINT_FILE", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FILE = "checkpoint.json"
 FORMAT = 1
+LOCK_FILE = ".checkpoint.lock"
+_STATE = re.compile(r"\.?state-(\d+)\.safetensors(\.tmp)?")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -36,12 +47,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _locked(directory: Path, exclusive: bool) -> Iterator[None]:
+    # flock, not a lock file's existence: the kernel drops it when its holder dies.
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     with tmp.open("rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    # The rename must be on disk before the next step depends on it (for the tensor
+    # file: before the JSON that names it can be renamed).
+    _fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -64,6 +89,14 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def _remove_older(directory: Path, round_: int) -> None:
+    """Delete tensor files and temp debris of rounds before ``round_``, nothing else."""
+    for path in directory.iterdir():
+        match = _STATE.fullmatch(path.name)
+        if match and int(match.group(1)) < round_:
+            path.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     directory: str | Path,
     round_: int,
@@ -78,22 +111,21 @@ def save_checkpoint(
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     tensors = {f"param/{k}": v.detach().contiguous() for k, v in params.items()} | opt_tensors
     tensor_file = directory / f"state-{round_}.safetensors"
-    _write_atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp)))
-    doc = {
-        "format": FORMAT,
-        "round": round_,
-        "tensors": tensor_file.name,
-        "sha256": _sha256(tensor_file),
-        "optimizer": opt_meta,
-        "history": [asdict(r) for r in history],
-        **meta,
-    }
-    target = directory / CHECKPOINT_FILE
-    _write_atomic(target, lambda tmp: tmp.write_text(json.dumps(doc, indent=1, allow_nan=True)))
-    _fsync_dir(directory)
-    for old in directory.glob("state-*.safetensors"):
-        if old.name != tensor_file.name:
-            old.unlink(missing_ok=True)
+    with _locked(directory, exclusive=True):
+        _write_atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp)))
+        doc = {
+            "format": FORMAT,
+            "round": round_,
+            "tensors": tensor_file.name,
+            "sha256": _sha256(tensor_file),
+            "optimizer": opt_meta,
+            "history": [asdict(r) for r in history],
+            **meta,
+        }
+        target = directory / CHECKPOINT_FILE
+        text = json.dumps(doc, indent=1, allow_nan=True)
+        _write_atomic(target, lambda tmp: tmp.write_text(text))
+        _remove_older(directory, round_)
     return target
 
 
@@ -112,6 +144,13 @@ def load_checkpoint(
     path = directory / CHECKPOINT_FILE
     if not path.exists():
         return None
+    with _locked(directory, exclusive=False):
+        return _load(directory, path)
+
+
+def _load(
+    directory: Path, path: Path
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
