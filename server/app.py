@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -56,10 +58,32 @@ class AggregatorServer:
         self.metrics_port = 0
 
     async def start(self) -> int:
-        """Start serving on ``cfg.listen``; return the bound port."""
+        """Start serving on ``cfg.listen``; return the bound port.
+
+        Raises:
+            ConfigError: plaintext off loopback, a bad TLS file, a taken port or an
+                address gRPC cannot bind; nothing serves then.
+        """
         check_listen_policy(self.cfg)
-        self._start_metrics()  # first: a taken port fails before anything serves
-        await self.core.start()
+        # Every mistake of the operator's is found before anything starts.
+        creds = server_credentials(self.cfg)
+        _check_bindable(self.cfg.listen)
+        self._start_metrics()  # before the core: a taken metrics port fails early too
+        try:
+            await self.core.start()
+            server = self._build_server()
+            self.port = _add_port(server, self.cfg.listen, creds)
+        except BaseException:
+            self._stop_metrics()
+            raise
+        await server.start()
+        self.server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("aggregator listening on port %d", self.port, extra={"event": "listen"})
+        return self.port
+
+    def _build_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
             options=server_options(),
             maximum_concurrent_rpcs=self.cfg.max_rpcs,
@@ -75,19 +99,7 @@ class AggregatorServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        creds = server_credentials(self.cfg)
-        if creds is None:
-            self.port = server.add_insecure_port(self.cfg.listen)
-        else:
-            self.port = server.add_secure_port(self.cfg.listen, creds)
-        if self.port == 0:
-            raise OSError(f"could not listen on {self.cfg.listen}")
-        await server.start()
-        self.server = server
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("aggregator listening on port %d", self.port, extra={"event": "listen"})
-        return self.port
+        return server
 
     def _start_metrics(self) -> None:
         if self.cfg.metrics_port is None:
@@ -104,6 +116,12 @@ class AggregatorServer:
                 f"cannot serve metrics on {host}:{self.cfg.metrics_port}: {exc.strerror}"
             ) from None
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
 
     async def wait_finished(self) -> None:
         """Wait for the end of training, then save the results."""
@@ -131,12 +149,70 @@ class AggregatorServer:
         """Report NOT_SERVING, then stop the server after ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         self.core.close()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
-            self.metrics_server = None
+        self._stop_metrics()
         if self.server is not None:
             await self.server.stop(grace if grace is not None else self.cfg.shutdown_grace)
+
+
+def _check_bindable(listen: str) -> None:
+    """Check that ``listen`` can be bound now, so that a taken port is one clear line.
+
+    gRPC reports a taken port only as "Failed to bind" after logging its own error line.
+    Like gRPC, succeed if any address the host resolves to binds (SO_REUSEADDR as gRPC
+    sets it, so a port in TIME_WAIT passes). Port 0 always binds.
+
+    Raises:
+        ConfigError: the host does not resolve, or no address of it can be bound.
+    """
+    host, port = parse_hostport(listen)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"cannot listen on {listen}: {host!r} does not resolve ({exc.strerror})"
+        ) from None
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return
+            except OSError as exc:
+                errors.append(exc)
+    raise ConfigError(f"cannot listen on {listen}: {_why(errors[0], port)}")
+
+
+def _why(error: OSError, port: int) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} is already in use (another aggregator?); stop it, or pick another"
+            " --listen port (0 picks a free one, see --port-file)"
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return "no interface of this machine has that address; use one of its addresses or 0.0.0.0"
+    if error.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges); pick a port above 1023"
+    return str(error.strerror)
+
+
+def _add_port(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials | None) -> int:
+    """Bind ``listen``; a failure (e.g. the port taken since ``_check_bindable``) is a ConfigError."""
+    try:
+        if creds is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, creds)
+    except RuntimeError:  # grpcio: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        raise ConfigError(
+            f"cannot listen on {listen}: gRPC could not bind it (is the port taken? pick another"
+            " --listen port, or 0 for a free one)"
+        )
+    return port
 
 
 class ServerThread:
