@@ -21,6 +21,7 @@ from fedgrad.codec import (
     byte_view,
     iter_chunk_pieces,
     manifest_from_proto,
+    manifest_to_proto,
     specs_of,
     write_chunk,
 )
@@ -30,11 +31,37 @@ from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import round_generator
 from fedgrad.task import Task, check_update, trainable_parameters
+from fedgrad.wire import task_identity
 
-__all__ = ["Node", "NodeResult"]
+__all__ = ["Node", "NodeResult", "join_request"]
 
 log = logging.getLogger("fedgrad.node")
 _WIRE = {None: pb.DTYPE_UNSPECIFIED, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+
+
+def join_request(cfg: NodeConfig, layout: Layout, num_samples: int) -> pb.JoinRequest:
+    """Return the Join a node sends: its id and samples, and its model, seed and task.
+
+    The aggregator refuses a node whose model, seed or task differs from its own
+    (INVALID_ARGUMENT, naming what differs) before the node takes part in any round.
+
+    Args:
+        cfg: the node's config (id, seed, task spec and options).
+        layout: the node's trainable tensors, in order.
+        num_samples: the node's sample count.
+
+    Returns:
+        The request; ``seed`` is unset for a negative seed, which uint64 cannot carry.
+    """
+    request = pb.JoinRequest(
+        node_id=cfg.node_id,
+        num_samples=num_samples,
+        manifest=manifest_to_proto(layout.specs),
+        task=task_identity(cfg.task, cfg.task_args),
+    )
+    if cfg.seed >= 0:
+        request.seed = cfg.seed
+    return request
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,7 @@ class Node:
         self.views = [byte_view(p.data) for p in self.params]
         self.data = task.shard(*cfg.shard)
         self.num_samples = task.num_samples(self.data)
+        self.join_request = join_request(cfg, self.layout, self.num_samples)
         self.transport = Transport(cfg)
         self.session_id = ""
         self.chunk_bytes = 0
@@ -104,7 +132,7 @@ class Node:
         Raises:
             TaskError: the aggregator's model is not this task's model.
         """
-        reply = self.transport.join(self.num_samples, after)
+        reply = self.transport.join(self.join_request, after)
         theirs = manifest_from_proto(reply.manifest)
         if theirs != self.layout.specs:
             raise TaskError(

@@ -5,7 +5,8 @@ The node loop (``fedgrad.client.node``) never sees grpc. It calls ``Transport.jo
 
 - ``Failure``: the call failed in a way the node recovers from; ``failure.action`` (an
   ``Action``) says how (docs/protocol.md, "Status codes and what a node does");
-- ``RefusedError``: the aggregator refused the node for good (bad input, credentials);
+- ``RefusedError``: the aggregator refused the node for good (bad input, credentials),
+  or a TLS handshake failed (``fedgrad.client.tls`` says what to check);
 - ``GaveUpError``: transient failures lasted longer than the give-up budget;
 - ``Stopped``: ``stop()`` was called; the node leaves.
 
@@ -28,6 +29,7 @@ from typing import Any
 import grpc
 
 from fedgrad.auth import bearer_metadata
+from fedgrad.client.tls import check_tls_files, handshake_problem
 from fedgrad.config import NodeConfig
 from fedgrad.errors import GaveUpError, RefusedError
 from fedgrad.proto import fedgrad_pb2 as pb
@@ -108,8 +110,10 @@ class Backoff:
         first: float = 0.2,
         cap: float = 5.0,
         stop: threading.Event | None = None,
+        node_id: str | None = None,
     ) -> None:
         self.give_up_after, self.first, self.cap = give_up_after, first, cap
+        self.node_id = node_id  # for the log records of retries
         self.stop = stop if stop is not None else threading.Event()
         self.reset()
 
@@ -142,7 +146,13 @@ class Backoff:
         delay = random.uniform(0, min(self.cap, self.first * 2**self.attempt))
         delay = min(delay, self.give_up_after - elapsed)
         self.attempt += 1
-        log.info("%s failed (%s); retrying in %.2f s", what, failure.code, delay)
+        log.info(
+            "%s failed (%s); retrying in %.2f s",
+            what,
+            failure.code,
+            delay,
+            extra={"node": self.node_id, "event": "retry", "reason": failure.code},
+        )
         if self.stop.wait(delay):
             raise Stopped
 
@@ -152,16 +162,20 @@ class Transport:
 
     Args:
         cfg: the node's config (aggregator address, TLS files, token, deadlines, budget).
+
+    Raises:
+        ConfigError: a TLS file is missing, unreadable or not PEM, or the pair is wrong.
     """
 
     def __init__(self, cfg: NodeConfig) -> None:
-        self.node_id, self.call_timeout = cfg.node_id, cfg.call_timeout
+        self.cfg, self.node_id, self.call_timeout = cfg, cfg.node_id, cfg.call_timeout
         self.stopped = threading.Event()
-        self.backoff = Backoff(cfg.give_up_after, stop=self.stopped)
+        self.backoff = Backoff(cfg.give_up_after, stop=self.stopped, node_id=cfg.node_id)
         self.stop_reason = ""  # the first stop()'s reason
         self._stops = itertools.count()  # numbers the stop() calls; see stop()
         self._call: Any = None  # the call in flight, for stop() to cancel; see _started()
         self._metadata = bearer_metadata(cfg.token) if cfg.token else ()
+        check_tls_files(cfg)  # before gRPC reads them: it would only fail every handshake
         self.channel = open_channel(
             cfg.aggregator, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, options=CHANNEL_OPTIONS
         )
@@ -214,11 +228,11 @@ class Transport:
             call.cancel()
 
     # -- the calls -------------------------------------------------------------------------
-    def join(self, num_samples: int, after: Failure | None = None) -> pb.JoinReply:
+    def join(self, request: pb.JoinRequest, after: Failure | None = None) -> pb.JoinReply:
         """Join (idempotent), retrying transient failures with backoff.
 
         Args:
-            num_samples: this node's sample count.
+            request: what the node says of itself (id, samples, model, seed, task).
             after: the failure that sent the node back to Join; a transient one is
                 backed off first.
 
@@ -231,7 +245,6 @@ class Transport:
         """
         if after is not None and after.action is Action.BACK_OFF:
             self.backoff.wait("round", after)
-        request = pb.JoinRequest(node_id=self.node_id, num_samples=num_samples)
         while True:
             try:
                 with self._started(self._join.future, request, self.call_timeout) as call:
@@ -278,7 +291,12 @@ class Transport:
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            log.info("leave failed: %s", exc.code().name)
+            code = exc.code().name
+            log.info(
+                "leave failed: %s",
+                code,
+                extra={"node": self.node_id, "event": "leave_failed", "reason": code},
+            )
 
     # -- one call ----------------------------------------------------------------------------
     @contextmanager
@@ -321,6 +339,13 @@ class Transport:
             return RefusedError(
                 f"the aggregator refused node {self.node_id!r}: {code.name}: {details}"
             )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # A failed handshake cannot heal by retrying: say so, and what to check.
+            problem = handshake_problem(details, self.cfg)
+            if problem is not None:
+                return RefusedError(
+                    f"TLS handshake with the aggregator at {self.cfg.aggregator} failed: {problem}"
+                )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.backoff.fresh:
             action = Action.ASK_AGAIN  # a long wait for the next round ran out: ask again
         current = _current_round(error) if action is Action.CONTINUE_AT else None

@@ -1,12 +1,15 @@
 """The certificates of fedgrad.certs work for TLS and mutual TLS on the real gRPC stack.
 
-Plain grpcio only (a generic handler, no fedgrad service): the handler answers with
-the node id it reads from the verified client certificate.
+Plain grpcio servers (generic handlers, no fedgrad service): a probe method answers
+with the node id it reads from the verified client certificate, and a Join stands in
+for the aggregator's, so a node's ``Transport`` can be pointed at each server to show
+that every failed handshake is one error saying what to check, not 120 s of retries.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -24,6 +27,11 @@ from fedgrad.certs import (
     make_client_cert,
     make_server_cert,
 )
+from fedgrad.client.transport import Transport
+from fedgrad.config import NodeConfig
+from fedgrad.errors import GaveUpError, RefusedError
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.wire import SERVICE_NAME
 
 METHOD = "/fedgrad.test.Probe/WhoAmI"
 TIMEOUT = 10.0
@@ -55,16 +63,31 @@ def _who_am_i(request: bytes, context: grpc.ServicerContext) -> bytes:
     return security + b"|" + (identity or "").encode()
 
 
-def _start(credentials: grpc.ServerCredentials) -> tuple[grpc.Server, int]:
+def _join_reply(request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    return pb.JoinReply(session_id="probe")
+
+
+def _start(credentials: grpc.ServerCredentials | None, port: int = 0) -> tuple[grpc.Server, int]:
+    """Serve the probe and a Join on 127.0.0.1:``port``, TLS unless ``credentials`` is None."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
     handler = grpc.unary_unary_rpc_method_handler(_who_am_i)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("fedgrad.test.Probe", {"WhoAmI": handler}),)
+    join = grpc.unary_unary_rpc_method_handler(
+        _join_reply, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString
     )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    assert port > 0
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler("fedgrad.test.Probe", {"WhoAmI": handler}),
+            grpc.method_handlers_generic_handler(SERVICE_NAME, {"Join": join}),
+        )
+    )
+    address = f"127.0.0.1:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    assert bound > 0
     server.start()
-    return server, port
+    return server, bound
 
 
 def _server_credentials(pki: Pki, *, mutual: bool) -> grpc.ServerCredentials:
@@ -86,6 +109,13 @@ def mtls_port(pki: Pki) -> Iterator[int]:
 @pytest.fixture(scope="module")
 def tls_port(pki: Pki) -> Iterator[int]:
     server, port = _start(_server_credentials(pki, mutual=False))
+    yield port
+    server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def plain_port() -> Iterator[int]:
+    server, port = _start(None)
     yield port
     server.stop(None)
 
@@ -195,3 +225,178 @@ def test_auth_context_keys(pki):
     # The keys identity_from_auth_context relies on, as grpcio reports them.
     assert seen["transport_security_type"] == [b"ssl"]
     assert seen["x509_common_name"] == [b"n1"]
+
+
+# -- what grpcio says about each failed handshake (fedgrad.client.tls reads these) ----------
+def _details(port: int, credentials: grpc.ChannelCredentials | None) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        _call(port, credentials)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+    return info.value.details() or ""
+
+
+def test_grpc_details_of_failed_handshakes(pki, mtls_port, plain_port, closed_port):
+    """Pin the words each case gives; if a grpcio upgrade changes them, the node's hints go."""
+    foreign = make_ca("someone else's CA", days=30)
+    intruder = make_client_cert(foreign, "n1")
+    # The node refuses the server: the details say why.
+    assert "CERTIFICATE_VERIFY_FAILED" in _details(mtls_port, _client(foreign, pki.node))
+    assert "WRONG_VERSION_NUMBER" in _details(plain_port, _client(pki.ca, pki.node))
+    # The server refuses the node: all the node sees is a closed socket.
+    assert "Socket closed" in _details(mtls_port, _client(pki.ca, None))
+    assert "Socket closed" in _details(mtls_port, _client(pki.ca, intruder))
+    assert "Socket closed" in _details(mtls_port, None)
+    # Nothing listens: the one failure that heals when the aggregator comes (back).
+    assert "Connection refused" in _details(closed_port, _client(pki.ca, pki.node))
+
+
+# -- a node says that the handshake failed and what to check, at once, without retrying -------
+@dataclass(frozen=True)
+class Files:
+    """The PEM files of ``pki`` and of intruders, as paths for ``--tls-*``."""
+
+    ca: str
+    cert: str
+    key: str
+    foreign_ca: str
+    foreign_cert: str
+    foreign_key: str
+    expired_cert: str
+    expired_key: str
+
+
+@pytest.fixture(scope="module")
+def files(pki, tmp_path_factory) -> Files:
+    out = tmp_path_factory.mktemp("pem")
+    foreign = make_ca("someone else's CA", days=30)
+    intruder = make_client_cert(foreign, "n1")
+    expired = make_client_cert(pki.ca, "n1", days=1, valid_from=_now() - dt.timedelta(days=3))
+
+    def write(name: str, data: bytes) -> str:
+        (out / name).write_bytes(data)
+        return str(out / name)
+
+    return Files(
+        write("ca.pem", cert_to_pem(pki.ca.cert)),
+        write("n1.pem", cert_to_pem(pki.node.cert)),
+        write("n1.key", key_to_pem(pki.node.key)),
+        write("foreign-ca.pem", cert_to_pem(foreign.cert)),
+        write("intruder.pem", cert_to_pem(intruder.cert)),
+        write("intruder.key", key_to_pem(intruder.key)),
+        write("expired.pem", cert_to_pem(expired.cert)),
+        write("expired.key", key_to_pem(expired.key)),
+    )
+
+
+def _join(address: str, **tls: str) -> pb.JoinReply:
+    """Join through a node's ``Transport`` with a budget far longer than any test waits."""
+    cfg = NodeConfig(task="linear", aggregator=address, node_id="n1", give_up_after=60.0, **tls)
+    transport = Transport(cfg)
+    try:
+        return transport.join(pb.JoinRequest(node_id="n1", num_samples=1))
+    finally:
+        transport.close()
+
+
+def _refused(address: str, **tls: str) -> str:
+    # A GaveUpError here (after 60 s) would mean the failure was retried as transient.
+    with pytest.raises(RefusedError) as info:
+        _join(address, **tls)
+    message = str(info.value)
+    assert message.startswith(f"TLS handshake with the aggregator at {address} failed: ")
+    return message
+
+
+def test_node_with_another_ca_says_check_tls_ca(files, mtls_port):
+    message = _refused(
+        f"127.0.0.1:{mtls_port}", tls_ca=files.foreign_ca, tls_cert=files.cert, tls_key=files.key
+    )
+    assert "does not accept the aggregator's certificate" in message
+    assert f"--tls-ca {files.foreign_ca}" in message
+
+
+def test_node_without_client_cert_says_pass_tls_cert_and_key(files, mtls_port):
+    message = _refused(f"127.0.0.1:{mtls_port}", tls_ca=files.ca)
+    assert "requires a client certificate" in message
+    assert "--tls-cert" in message and "--tls-key" in message
+
+
+@pytest.mark.parametrize("which", ["foreign", "expired"])
+def test_node_with_a_refused_cert_says_which_and_why(files, mtls_port, which):
+    cert, key = (
+        (files.foreign_cert, files.foreign_key)
+        if which == "foreign"
+        else (files.expired_cert, files.expired_key)
+    )
+    message = _refused(f"127.0.0.1:{mtls_port}", tls_ca=files.ca, tls_cert=cert, tls_key=key)
+    assert f"refused this node's certificate --tls-cert {cert}" in message
+    assert "--tls-client-ca" in message
+
+
+@pytest.mark.parametrize("server", ["mutual", "server-only"])
+def test_plaintext_node_against_tls_says_pass_tls_ca(mtls_port, tls_port, server):
+    port = mtls_port if server == "mutual" else tls_port
+    message = _refused(f"127.0.0.1:{port}")
+    assert "uses TLS but this node dials plaintext" in message
+    assert "--tls-ca" in message and "both sides use TLS or neither" in message
+
+
+def test_tls_node_against_plaintext_says_both_sides_or_neither(files, plain_port):
+    message = _refused(
+        f"127.0.0.1:{plain_port}", tls_ca=files.ca, tls_cert=files.cert, tls_key=files.key
+    )
+    assert "does not use TLS" in message and "both sides use TLS or neither" in message
+
+
+def test_address_missing_from_the_server_cert_says_so(pki, files):
+    only_a_name = make_server_cert(pki.ca, ["aggregator.example"])
+    pair = [(key_to_pem(only_a_name.key), cert_to_pem(only_a_name.cert))]
+    server, port = _start(grpc.ssl_server_credentials(pair))
+    try:
+        message = _refused(f"127.0.0.1:{port}", tls_ca=files.ca)
+    finally:
+        server.stop(None)
+    assert "does not name '127.0.0.1'" in message
+
+
+def test_the_right_files_join(files, mtls_port):
+    assert _join(f"127.0.0.1:{mtls_port}", tls_ca=files.ca, tls_cert=files.cert, tls_key=files.key)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_nothing_listening_is_still_retried_until_the_budget(files, closed_port, tls):
+    options = {"tls_ca": files.ca, "tls_cert": files.cert, "tls_key": files.key} if tls else {}
+    cfg = NodeConfig(aggregator=f"127.0.0.1:{closed_port}", give_up_after=0.5, **options)
+    transport = Transport(cfg)
+    try:
+        with pytest.raises(GaveUpError, match="UNAVAILABLE"):
+            transport.join(pb.JoinRequest(node_id="n1", num_samples=1))
+        assert transport.backoff.attempt >= 1
+    finally:
+        transport.close()
+
+
+def test_an_aggregator_that_comes_back_is_joined(pki, files, cli):
+    """The transient case: nothing listens, then a TLS aggregator starts on that port."""
+    port = cli.closed_port()
+    cfg = NodeConfig(
+        aggregator=f"127.0.0.1:{port}",
+        give_up_after=60.0,
+        tls_ca=files.ca,
+        tls_cert=files.cert,
+        tls_key=files.key,
+    )
+    transport = Transport(cfg)
+    started: list[grpc.Server] = []
+    timer = threading.Timer(
+        1.0, lambda: started.append(_start(_server_credentials(pki, mutual=True), port)[0])
+    )
+    timer.start()
+    try:
+        assert transport.join(pb.JoinRequest(node_id="n1", num_samples=1)).session_id == "probe"
+        assert transport.backoff.fresh
+    finally:
+        timer.join()
+        transport.close()
+        for server in started:
+            server.stop(None)

@@ -23,6 +23,8 @@ from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.wire import SERVICE_NAME
 
 CODE = grpc.StatusCode
+#: The Join request of the tests' node.
+JOIN = pb.JoinRequest(node_id="n1", num_samples=4)
 
 
 @dataclass
@@ -183,7 +185,7 @@ def test_refusals_stop_with_a_clear_error(code, scripted, transport) -> None:
 def test_join_retries_transient_failures_then_resets_the_budget(scripted, transport) -> None:
     script, _ = scripted
     script.fail = [CODE.UNAVAILABLE, CODE.RESOURCE_EXHAUSTED]
-    assert transport.join(num_samples=4).round == 3
+    assert transport.join(JOIN).round == 3
     assert script.calls == ["Join"] * 3
     assert transport.backoff.fresh
 
@@ -191,7 +193,7 @@ def test_join_retries_transient_failures_then_resets_the_budget(scripted, transp
 def test_join_raises_a_non_transient_failure(scripted, transport) -> None:
     script, _ = scripted
     script.fail = [CODE.FAILED_PRECONDITION]
-    assert failure_of(lambda: transport.join(num_samples=4)).action is Action.REJOIN
+    assert failure_of(lambda: transport.join(JOIN)).action is Action.REJOIN
     assert script.calls == ["Join"]
 
 
@@ -199,7 +201,7 @@ def test_join_after_a_transient_failure_backs_off_first(scripted, transport) -> 
     script, _ = scripted
     script.fail = [CODE.UNAVAILABLE]
     failure = failure_of(lambda: pull_once(transport))
-    transport.join(num_samples=4, after=failure)
+    transport.join(JOIN, after=failure)
     assert script.calls == ["PullParameters", "Join"]
     assert transport.backoff.fresh  # the Join succeeded
 
@@ -210,7 +212,7 @@ def test_join_gives_up_once_the_budget_is_spent(scripted) -> None:
     t = Transport(NodeConfig(aggregator=f"127.0.0.1:{port}", node_id="n1", give_up_after=0.3))
     try:
         with pytest.raises(GaveUpError, match="join failed with UNAVAILABLE: scripted"):
-            t.join(num_samples=4)
+            t.join(JOIN)
     finally:
         t.close()
 
@@ -219,7 +221,7 @@ def test_after_stop_no_call_is_made(scripted, transport) -> None:
     script, _ = scripted
     transport.stop("test")
     for call in (
-        lambda: transport.join(4),
+        lambda: transport.join(JOIN),
         lambda: pull_once(transport),
         lambda: push_once(transport),
     ):

@@ -1,0 +1,86 @@
+"""A node says at Join which model, seed and task it runs; a mismatched one stops at once.
+
+Real aggregators (the ``serve`` fixture, 127.0.0.1 port 0) and real ``Node``s: the
+aggregator refuses a node whose model, seed or task is not its own with
+INVALID_ARGUMENT, and the node stops with the aggregator's message instead of
+training something else.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fedgrad.client.node import Node, join_request
+from fedgrad.codec import Layout, manifest_to_proto, specs_of
+from fedgrad.config import NodeConfig
+from fedgrad.errors import RefusedError
+from fedgrad.task import load_task, trainable_parameters
+
+
+def _node(address: str, seed: int = 0, **task_args: str) -> Node:
+    cfg = NodeConfig(
+        task="linear",
+        task_args=tuple(task_args.items()),
+        aggregator=address,
+        node_id="n1",
+        seed=seed,
+        give_up_after=30.0,
+    )
+    return Node(load_task("linear", task_args, seed=seed), cfg)
+
+
+def _refusal(node: Node) -> str:
+    try:
+        with pytest.raises(RefusedError) as info:
+            node.run()
+    finally:
+        node.close()
+    return str(info.value)
+
+
+def test_the_request_carries_manifest_seed_and_canonical_task():
+    task = load_task("linear", {"noise": "0.5", "features": "3"})
+    model = task.model()
+    layout = Layout(specs_of(trainable_parameters(model)))
+    cfg = NodeConfig(task="linear", task_args=(("noise", "0.5"), ("features", "3")), seed=7)
+    request = join_request(cfg, layout, num_samples=12)
+    assert (request.node_id, request.num_samples) == ("node-0", 12)
+    assert request.manifest == manifest_to_proto(layout.specs)
+    assert request.HasField("seed") and request.seed == 7
+    assert request.task == "linear?features=3&noise=0.5"  # sorted by key
+    plain = join_request(NodeConfig(task="digits"), layout, 1)
+    assert plain.task == "digits"
+
+
+def test_a_negative_seed_is_not_sent():
+    layout = Layout([])
+    assert not join_request(NodeConfig(seed=-1), layout, 1).HasField("seed")
+
+
+def test_another_seed_is_refused_at_join(serve):
+    served = serve("linear", seed=1)
+    message = _refusal(_node(served.address, seed=0))
+    assert "INVALID_ARGUMENT" in message and "--seed 0" in message and "--seed 1" in message
+    assert served.call(lambda: sorted(served.core.nodes)) == []
+
+
+def test_other_task_options_are_refused_at_join(serve):
+    served = serve("linear")
+    message = _refusal(_node(served.address, noise="0.5"))
+    assert "INVALID_ARGUMENT" in message and "linear?noise=0.5" in message
+
+
+def test_another_model_is_refused_at_join(serve):
+    served = serve("linear")
+    message = _refusal(_node(served.address, features="3"))
+    assert "INVALID_ARGUMENT" in message and "model differs" in message
+
+
+def test_the_same_model_seed_and_task_join_and_train(serve):
+    served = serve("linear", task_args={"noise": "0.5"}, seed=3, rounds=1)
+    node = _node(served.address, seed=3, noise="0.5")
+    try:
+        result = node.run()
+    finally:
+        node.close()
+    assert result.uploads == 1
