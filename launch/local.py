@@ -11,9 +11,12 @@ For users' integration tests of their own tasks::
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
+import time
 from collections.abc import Callable, Mapping
+from concurrent import futures
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -108,48 +111,132 @@ class LocalCluster:
     def run(self, rounds: int) -> ClusterResult:
         """Train a fresh federation for ``rounds`` rounds and return the result.
 
+        The first error of a node or of the aggregator ends the run at once: the other
+        nodes leave, the aggregator stops, and the error is raised with the node's
+        exception as its cause.
+
         Raises:
+            RuntimeError: a node (or the aggregator) failed; the message names the node and
+                the exception's type and message, ``__cause__`` is the exception itself.
             TimeoutError: training did not finish within ``timeout`` seconds.
-            Exception: the first error raised by a node.
         """
         self.close()
         self._server = ServerThread(self._make_task(), replace(self.cfg, rounds=rounds))
         port = self._server.start()
-        results: list[NodeResult | None] = [None] * self.nodes
-        errors: list[BaseException] = []
-        threads = [
-            threading.Thread(target=self._node, args=(i, port, results, errors), daemon=True)
-            for i in range(self.nodes)
-        ]
-        for t in threads:
-            t.start()
-        self._server.call(self._server.server.core.wait_finished(), timeout=self.timeout)
-        for t in threads:
-            t.join(self.timeout)
-        if errors:
-            raise errors[0]
         core = self._server.server.core
+        finished = asyncio.run_coroutine_threadsafe(core.wait_finished(), self._server.loop)
+        fleet = _Fleet(self._make_task, self._node_configs(port))
+        waited: list[futures.Future[Any]] = [finished, *fleet.outcomes]
+        try:
+            _, pending = futures.wait(
+                waited,
+                timeout=self.timeout,
+                return_when=futures.FIRST_EXCEPTION,
+            )
+            failure = fleet.first_failure() or _failure_of("the aggregator", finished)
+            if failure is None and pending:
+                failure = TimeoutError(
+                    f"training did not finish within timeout={self.timeout:g} s: round"
+                    f" {core.round} of {rounds} (raise timeout= for longer runs)"
+                )
+        finally:
+            fleet.stop()  # every node leaves; nothing keeps running after an error
+            finished.cancel()
+        if failure is not None:
+            self.close()
+            raise failure
         return ClusterResult(
             params={k: v.clone() for k, v in core.state_dict().items()},
             history=list(core.history),
-            nodes=[r for r in results if r is not None],
+            nodes=fleet.results(),
         )
 
-    def _node(self, index: int, port: int, results: list[Any], errors: list[BaseException]) -> None:
-        cfg = replace(
-            self.node_cfg,
-            aggregator=f"127.0.0.1:{port}",
-            node_id=f"node-{index}",
-            shard=(index, self.nodes),
-        )
+    def _node_configs(self, port: int) -> list[NodeConfig]:
+        return [
+            replace(
+                self.node_cfg,
+                aggregator=f"127.0.0.1:{port}",
+                node_id=f"node-{index}",
+                shard=(index, self.nodes),
+            )
+            for index in range(self.nodes)
+        ]
+
+
+class _Fleet:
+    """The cluster's nodes, one thread each: their outcomes as futures, and a stop for all."""
+
+    def __init__(self, make_task: Callable[[], Task], configs: list[NodeConfig]) -> None:
+        self.outcomes: list[futures.Future[NodeResult]] = [futures.Future() for _ in configs]
+        self._nodes: list[Node] = []
+        self._failures: list[BaseException] = []  # in the order the nodes failed
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(
+                target=self._run,
+                args=(make_task, cfg, outcome),
+                name=f"fedgrad-{cfg.node_id}",
+                daemon=True,
+            )
+            for cfg, outcome in zip(configs, self.outcomes, strict=True)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(
+        self, make_task: Callable[[], Task], cfg: NodeConfig, outcome: futures.Future[NodeResult]
+    ) -> None:
         try:
-            node = Node(self._make_task(), cfg)
+            node = Node(make_task(), cfg)
+            with self._lock:
+                self._nodes.append(node)
+                if self._stopping:  # built while the others were being stopped
+                    node.stop("the cluster is stopping")
             try:
-                results[index] = node.run()
+                result = node.run()
             finally:
                 node.close()
-        except BaseException as exc:  # reported to the caller of run()
-            errors.append(exc)
+        except BaseException as exc:  # the caller of run() gets it, with the node's id
+            error = _chained(cfg.node_id, exc)
+            with self._lock:
+                self._failures.append(error)
+            outcome.set_exception(error)
+        else:
+            outcome.set_result(result)
+
+    def first_failure(self) -> BaseException | None:
+        """Return the error of the first node that failed, if one did."""
+        with self._lock:
+            return self._failures[0] if self._failures else None
+
+    def results(self) -> list[NodeResult]:
+        """Return what each node that finished reported."""
+        return [f.result() for f in self.outcomes if f.done() and f.exception() is None]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Make every node leave and return; wait up to ``grace`` seconds for their threads."""
+        with self._lock:
+            self._stopping = True
+            nodes = list(self._nodes)
+        for node in nodes:
+            node.stop("the cluster is stopping")
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _failure_of(what: str, future: futures.Future[None]) -> BaseException | None:
+    """Return ``future``'s error as a RuntimeError naming ``what``, or None."""
+    exc = future.exception() if future.done() and not future.cancelled() else None
+    return None if exc is None else _chained(what, exc)
+
+
+def _chained(what: str, exc: BaseException) -> RuntimeError:
+    """Return "WHAT failed: TYPE: MESSAGE" with ``exc`` as its cause (the traceback shows it)."""
+    error = RuntimeError(f"{what} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _task_factory(
