@@ -7,8 +7,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["RoundRecord", "plot_history", "read_history", "write_history"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "RoundRecord",
+    "accuracy_limits",
+    "history_figure",
+    "plot_history",
+    "read_history",
+    "write_history",
+]
 
 
 @dataclass(frozen=True)
@@ -16,7 +27,7 @@ class RoundRecord:
     """One closed round, as the aggregator saw it.
 
     Attributes:
-        round: rounds completed (1-based).
+        round: the round that closed (0-based, as on the wire).
         train_loss: sample-weighted mean of the nodes' reported "loss" (NaN if none).
         test_loss, test_accuracy: the task's held-out evaluation after the step (NaN if none).
         seconds: wall time from publishing the round to publishing the next one.
@@ -64,27 +75,73 @@ def read_history(path: str | Path) -> list[RoundRecord]:
         ]
 
 
-def plot_history(records: Sequence[RoundRecord], out: str | Path) -> None:
-    """Draw train/test loss and test accuracy per round into a PNG."""
+def history_figure(records: Sequence[RoundRecord]) -> Figure:
+    """Draw train/test loss and, if the task has one, test accuracy per round.
+
+    Rounds are integers, so the round axis has integer ticks only. The accuracy axis
+    fits the curve with a small margin: late rounds of a good run differ in the second
+    decimal, which a fixed 0..1 axis flattens into a line.
+
+    Args:
+        records: the history, one record per closed round.
+
+    Returns:
+        The matplotlib figure (Agg backend): the loss axes, then the accuracy axes if
+        any round has an accuracy. Close it with ``matplotlib.pyplot.close``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r.round for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracy = [r.test_accuracy for r in records]
+    has_accuracy = any(not math.isnan(a) for a in accuracy)
+    fig, grid = plt.subplots(1, 2 if has_accuracy else 1, figsize=(10, 4), squeeze=False)
+    ax_loss = grid[0][0]
     ax_loss.plot(rounds, [r.train_loss for r in records], marker="o", label="train loss")
     if any(not math.isnan(r.test_loss) for r in records):
         ax_loss.plot(rounds, [r.test_loss for r in records], marker="s", label="test loss")
-    ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_acc.plot(rounds, [r.test_accuracy for r in records], marker="o", color="tab:green")
-    ax_acc.set_xlabel("round")
-    ax_acc.set_ylabel("held-out accuracy")
-    ax_acc.set_ylim(0, 1)
+    for ax in fig.axes:
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if has_accuracy:
+        ax_acc = grid[0][1]
+        ax_acc.plot(rounds, accuracy, marker="o", color="tab:green")
+        ax_acc.set_ylabel("held-out accuracy")
+        ax_acc.set_ylim(*accuracy_limits(accuracy))
     fig.suptitle("fedgrad training history")
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def accuracy_limits(values: Sequence[float], margin: float = 0.1) -> tuple[float, float]:
+    """Return y limits that show ``values`` (NaN ignored), ``margin`` of their range around.
+
+    The margin is at least 0.01, so a flat curve is not drawn on the axis' edge; the limits are
+    not cut at 0 or 1, which would cut the markers of a curve that reaches them in half.
+
+    Raises:
+        ValueError: every value is NaN.
+    """
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        raise ValueError("no accuracy to show")
+    low, high = min(finite), max(finite)
+    pad = max((high - low) * margin, 0.01)
+    return low - pad, high + pad
+
+
+def plot_history(records: Sequence[RoundRecord], out: str | Path) -> None:
+    """Draw the history (``history_figure``) into a PNG at ``out``."""
+    fig = history_figure(records)
+    import matplotlib.pyplot as plt  # after history_figure chose the Agg backend
+
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)

@@ -5,6 +5,7 @@ Run: ``fedgrad demo --nodes 4 --rounds 20 --out runs/demo`` (what ``make run`` d
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -13,12 +14,12 @@ from pathlib import Path
 import grpc
 
 from fedgrad.config import AggregatorConfig
-from fedgrad.history import plot_history, read_history
+from fedgrad.history import RoundRecord, plot_history, read_history
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
 from fedgrad.wire import open_channel
 
-__all__ = ["NODES", "OUT", "ROUNDS", "run_demo"]
+__all__ = ["NODES", "OUT", "ROUNDS", "run_demo", "status_line", "summary"]
 
 #: Defaults of ``fedgrad demo``: a few nodes, enough rounds to see the curves flatten.
 NODES, ROUNDS, OUT = 4, 20, "runs/demo"
@@ -57,18 +58,38 @@ def _wait_port(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> int
     raise TimeoutError("the aggregator did not start serving in time")
 
 
+def status_line(status: pb.StatusReply, elapsed: float) -> str:
+    """Return the demo's progress line, with only the metrics the aggregator has.
+
+    Round 0 has none yet; a task without an accuracy (a regression) shows its test loss
+    as the held-out number instead.
+
+    Args:
+        status: the aggregator's ``GetStatus`` reply (it omits metrics it does not have).
+        elapsed: seconds since the demo started.
+
+    Returns:
+        One line, e.g. ``round   3/20  train loss  0.4127  test accuracy 0.9133  ...``.
+    """
+    metrics = {k: v for k, v in status.last_metrics.items() if not math.isnan(v)}
+    parts = [f"round {status.round:>3}/{status.total_rounds}"]
+    if "train_loss" in metrics:
+        parts.append(f"train loss {metrics['train_loss']:7.4f}")
+    if "test_accuracy" in metrics:
+        parts.append(f"test accuracy {metrics['test_accuracy']:6.4f}")
+    elif "test_loss" in metrics:
+        parts.append(f"test loss {metrics['test_loss']:7.4f}")
+    moved = (status.bytes_received + status.bytes_sent) / 1e6
+    parts += [f"moved {moved:8.2f} MB", f"{elapsed:5.1f} s"]
+    return "  ".join(parts)
+
+
 def _progress(stub: pb_grpc.AggregatorStub, started: float, last: list[int], tty: bool) -> None:
     try:
         s = stub.GetStatus(pb.StatusRequest(), timeout=2.0)
     except grpc.RpcError:
         return
-    acc = s.last_metrics.get("test_accuracy", float("nan"))
-    loss = s.last_metrics.get("train_loss", float("nan"))
-    moved = (s.bytes_received + s.bytes_sent) / 1e6
-    line = (
-        f"round {s.round:>3}/{s.total_rounds}  train loss {loss:7.4f}  test accuracy {acc:6.4f}"
-        f"  moved {moved:8.2f} MB  {time.monotonic() - started:5.1f} s"
-    )
+    line = status_line(s, time.monotonic() - started)
     if tty:
         print("\r" + line, end="", flush=True)
     elif s.round != last[0]:
@@ -147,6 +168,20 @@ def _watch(procs: list[subprocess.Popen[bytes]], port: int, started: float) -> N
             p.kill()
 
 
+def summary(history: list[RoundRecord]) -> str:
+    """Return the demo's last words: rounds, the final metrics the task has, bytes moved."""
+    last = history[-1]
+    parts = [f"{len(history)} rounds"]
+    if not math.isnan(last.train_loss):
+        parts.append(f"final train loss {last.train_loss:.4f}")
+    if not math.isnan(last.test_accuracy):
+        parts.append(f"held-out test accuracy {last.test_accuracy:.4f}")
+    elif not math.isnan(last.test_loss):
+        parts.append(f"held-out test loss {last.test_loss:.4f}")
+    parts.append(f"{sum(r.bytes for r in history) / 1e6:.1f} MB moved")
+    return ", ".join(parts)
+
+
 def _report(procs: list[subprocess.Popen[bytes]], out: Path, started: float) -> int:
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
@@ -158,11 +193,6 @@ def _report(procs: list[subprocess.Popen[bytes]], out: Path, started: float) -> 
         return 1
     history = read_history(out / "history.csv")
     plot_history(history, out / "curves.png")
-    last = history[-1]
-    moved = sum(r.bytes for r in history) / 1e6
-    print(
-        f"done in {time.monotonic() - started:.1f} s: {len(history)} rounds, final train loss "
-        f"{last.train_loss:.4f}, held-out test accuracy {last.test_accuracy:.4f}, {moved:.1f} MB moved"
-    )
+    print(f"done in {time.monotonic() - started:.1f} s: {summary(history)}")
     print(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'model.safetensors'}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from typing import TextIO
@@ -17,11 +18,13 @@ def render_progress(core: Aggregator, rate: float, width: int = 24) -> str:
     expected = max(1, sum(1 for r in core.nodes.values() if r.state == "active"))
     done = len(core.engine.reported)
     filled = min(width, round(width * done / expected))
-    loss = core.history[-1].train_loss if core.history else float("nan")
+    loss = core.history[-1].train_loss if core.history else math.nan
+    # Before the first round closes there is no loss yet: show none rather than "nan".
+    shown = "" if math.isnan(loss) else f"loss {loss:.4f}  "
     return (
         f"round {min(core.round + 1, core.cfg.rounds)}/{core.cfg.rounds} "
         f"[{'#' * filled}{'.' * (width - filled)}] {done}/{expected} uploads  "
-        f"{rate / 1e6:7.1f} MB/s  loss {loss:.4f}  {core.phase}"
+        f"{rate / 1e6:7.1f} MB/s  {shown}{core.phase}"
     )
 
 
