@@ -23,6 +23,8 @@ Minimal example (see ``examples/custom_task.py``)::
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,14 +174,31 @@ def _resolve(spec: str) -> Any:
             "or 'package.module:attr'"
         )
     module_name, attr = target.split(":", 1)
+    if spec not in BUILTIN_TASKS:
+        _put_working_directory_on_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import task module {module_name!r}: {exc}") from exc
+        raise ConfigError(
+            f"cannot import task module {module_name!r}: {exc} (a task module is imported from"
+            f" the working directory, {os.getcwd()}, or from the installed packages)"
+        ) from exc
     try:
         return getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _put_working_directory_on_path() -> None:
+    """Let ``package.module:attr`` name a module in the working directory, as ``python -m`` does.
+
+    The ``fedgrad`` script's ``sys.path[0]`` is its own folder, so without this a task next
+    to the user needs ``PYTHONPATH=.``. The directory goes first, like ``python -m``'s.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module written after start-up (tests) is found too
 
 
 def load_task(spec: str, args: Mapping[str, str] | None = None, seed: int = 0) -> Task:
@@ -187,7 +206,8 @@ def load_task(spec: str, args: Mapping[str, str] | None = None, seed: int = 0) -
 
     Args:
         spec: "digits", "linear", "synthetic", or "package.module:attr" naming a
-            ``Task`` subclass or a callable returning a ``Task``.
+            ``Task`` subclass or a callable returning a ``Task``; the module is imported
+            from the working directory (as with ``python -m``) or the installed packages.
         args: ``--task-arg`` options, passed as keyword strings.
         seed: the task's data seed.
 

@@ -1,20 +1,21 @@
 """A user-defined fedgrad task: fit a noisy sine wave with a small MLP, FedAvg-style.
 
+To run an aggregator and 3 nodes in this process over real gRPC on loopback, from
+the repository root (``python -m examples.custom_task`` does the same)::
+
+    python examples/custom_task.py
+
 fedgrad imports a task from a ``package.module:attr`` spec on the aggregator
-and on every node, so this file must be importable on all of them, and every
-process must get the same ``--task``, ``--task-arg`` and ``--seed``. From the
-repository root (``PYTHONPATH=.`` makes ``examples`` importable; the
-``fedgrad`` script does not add the working directory)::
+and on every node, so this file must be importable on all of them (fedgrad
+looks in the working directory first, as ``python -m`` does, then in the
+installed packages), and every process must get the same ``--task``,
+``--task-arg`` and ``--seed``. As services, from the repository root::
 
-    PYTHONPATH=. fedgrad aggregator --task examples.custom_task:MyTask \
-        --task-arg samples=512 --nodes 2 --rounds 30 --listen 127.0.0.1:50051
-    PYTHONPATH=. fedgrad node --task examples.custom_task:MyTask \
-        --task-arg samples=512 --node-id node-0 --shard 0/2 --aggregator 127.0.0.1:50051
-    PYTHONPATH=. fedgrad node ... --node-id node-1 --shard 1/2 ...
-
-To run an aggregator and 3 nodes in this process over real gRPC on loopback::
-
-    python -m examples.custom_task
+    fedgrad aggregator --task examples.custom_task:MyTask \
+        --task-arg samples=512 --nodes 2 --rounds 30 --listen localhost:50051
+    fedgrad node --task examples.custom_task:MyTask \
+        --task-arg samples=512 --node-id node-0 --shard 0/2 --aggregator localhost:50051
+    fedgrad node ... --node-id node-1 --shard 1/2 ...
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def _demo(nodes: int = 3, rounds: int = 30) -> None:
     # Imported here: nodes that load this task need not import the server.
     from fedgrad import LocalCluster
 
-    with LocalCluster(
-        "examples.custom_task:MyTask", nodes=nodes, task_args={"samples": "512"}
-    ) as cluster:
+    # The task object itself, not "examples.custom_task:MyTask": run as a script, this
+    # module is __main__, and the name would import it a second time (or not at all when
+    # run from another folder). Each node gets a copy.
+    with LocalCluster(MyTask(samples="512"), nodes=nodes) as cluster:
         result = cluster.run(rounds=rounds)
     for record in result.history:
         print(f"round {record.round:2d}: eval loss {record.test_loss:.4f}")
