@@ -14,8 +14,11 @@ One ``<node_id> <token>`` pair per line, separated by whitespace. Node ids
 follow ``validate_node_id``. A plaintext token is 16-1024 printable ASCII
 characters without whitespace and must not start with ``sha256:``. Every
 node's token must differ from every other node's. Hashes are unsalted SHA-256,
-which is safe only because tokens are long and random (``generate_token``);
-they keep a leaked token file from handing out credentials.
+which is safe only because tokens are long and random (``fedgrad token``,
+``generate_token``); they keep a leaked token file from handing out credentials.
+
+The name ``operator`` is no node: the operator's certificate (``operator.pem``) and
+token-file line use it, and authenticate as ``OPERATOR_IDENTITY`` (status, never a node).
 
 On the wire a node sends the metadata ``authorization: Bearer <token>``.
 """
@@ -38,6 +41,8 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "MIN_TOKEN_LENGTH",
     "NODE_ID_MAX_LENGTH",
+    "OPERATOR_IDENTITY",
+    "OPERATOR_NAME",
     "TOKEN_ENV",
     "TokenStore",
     "bearer_metadata",
@@ -48,6 +53,7 @@ __all__ = [
     "load_token_file",
     "parse_bearer",
     "redact",
+    "token_file_line",
     "validate_node_id",
 ]
 
@@ -61,6 +67,13 @@ NODE_ID_MAX_LENGTH = 128
 MIN_TOKEN_LENGTH = 16
 # Far below gRPC's 8 KiB default header list limit, far above any real token.
 MAX_TOKEN_LENGTH = 1024
+#: Common name of the operator's certificate and name of its token-file line; no node id.
+OPERATOR_NAME = "operator"
+#: Who the operator's credentials authenticate as. It breaks the node id rule on purpose:
+#: it never equals the node id a Join, PullParameters, PushGradients or Leave names, so the
+#: aggregator's "credentials belong to X, not to node Y" check refuses each of them
+#: (PERMISSION_DENIED), while GetStatus, which names no node, is served.
+OPERATOR_IDENTITY = "operator (status only)"
 
 _NODE_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{NODE_ID_MAX_LENGTH}}}")
 # Printable ASCII without space: what a non-binary gRPC metadata value may carry
@@ -84,8 +97,12 @@ def validate_node_id(node_id: str) -> str:
         ``node_id`` unchanged.
 
     Raises:
-        ConfigError: the id is not a string or breaks the rule.
+        ConfigError: the id is not a string, breaks the rule, or is ``OPERATOR_NAME``.
     """
+    if node_id == OPERATOR_NAME:
+        raise ConfigError(
+            f"invalid node id {node_id!r}: reserved for the operator's certificate and token"
+        )
     if isinstance(node_id, str) and _NODE_ID_RE.fullmatch(node_id):
         return node_id
     # Ids come from the wire too: show a bounded prefix, never a megabyte of input.
@@ -96,7 +113,7 @@ def validate_node_id(node_id: str) -> str:
 
 
 def generate_token() -> str:
-    """Return a new random token (256 bits, URL-safe base64, 43 characters).
+    """Return a new random token (256 bits, URL-safe base64, 43 characters; ``fedgrad token``).
 
     Returns:
         The token; hand it to one node and put it (or ``hash_token`` of it) in the token file.
@@ -120,6 +137,22 @@ def hash_token(token: str) -> str:
     return _HASH_PREFIX + _digest(token).hex()
 
 
+def token_file_line(name: str, token: str) -> str:
+    """Return the token-file line of ``name`` that stores only the hash of ``token``.
+
+    Args:
+        name: a node id, or ``OPERATOR_NAME`` for the operator's token.
+        token: the plaintext token (it stays with its owner).
+
+    Returns:
+        ``"<name> sha256:<64 hex digits>"``.
+
+    Raises:
+        ConfigError: a bad name or token (the message never contains the token).
+    """
+    return f"{_check_entry_name(name)} {hash_token(token)}"
+
+
 class TokenStore:
     """The token (as a SHA-256 digest) of each node; never holds or shows a plaintext token."""
 
@@ -129,7 +162,7 @@ class TokenStore:
         """Build a store from node ids to tokens or ``sha256:<hex>`` hashes.
 
         Args:
-            entries: node id -> plaintext token or ``hash_token`` output.
+            entries: node id (or ``OPERATOR_NAME``) -> plaintext token or ``hash_token`` output.
 
         Raises:
             ConfigError: a bad node id, a bad token or hash, or two nodes with one token.
@@ -137,7 +170,7 @@ class TokenStore:
         digests: dict[str, bytes] = {}
         owners: dict[bytes, str] = {}
         for node_id, value in entries.items():
-            validate_node_id(node_id)
+            _check_entry_name(node_id)
             try:
                 digest = _entry_digest(value)
             except ValueError as exc:
@@ -158,9 +191,9 @@ class TokenStore:
             token: the token it presented (from the wire; may be anything).
 
         Returns:
-            True only if ``node_id`` is known and the token matches.
+            True only if ``node_id`` is a known node (never the operator) and the token matches.
         """
-        expected = self._digests.get(node_id)
+        expected = None if node_id == OPERATOR_NAME else self._digests.get(node_id)
         ok = hmac.compare_digest(self._decoy if expected is None else expected, _digest(token))
         return ok and expected is not None
 
@@ -171,19 +204,20 @@ class TokenStore:
             token: the token a caller presented (from the wire; may be anything).
 
         Returns:
-            The node id, or None if no node has this token.
+            The node id, ``OPERATOR_IDENTITY`` for the operator's token, or None if no entry
+            has this token.
         """
         digest = _digest(token)
         found = None
         for node_id, expected in self._digests.items():
             if hmac.compare_digest(expected, digest):
                 found = node_id
-        return found
+        return OPERATOR_IDENTITY if found == OPERATOR_NAME else found
 
     @property
     def node_ids(self) -> frozenset[str]:
-        """Return the node ids that have a token."""
-        return frozenset(self._digests)
+        """Return the node ids that have a token (the operator is no node)."""
+        return frozenset(self._digests) - {OPERATOR_NAME}
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._digests
@@ -202,7 +236,7 @@ def load_token_file(path: str | os.PathLike[str]) -> TokenStore:
     """Read a token file (format in the module docstring).
 
     Args:
-        path: the file; a warning is logged if other users can read it.
+        path: the file (``--tokens``); a warning is logged if other users can read it.
 
     Returns:
         The store of every node's token digest.
@@ -212,7 +246,7 @@ def load_token_file(path: str | os.PathLike[str]) -> TokenStore:
             line), a duplicate node id or token, or no entries at all.
     """
     path = Path(path)
-    text = _read_secret_file(path)
+    text = _read_secret_file(path, "--tokens")
     entries: dict[str, str] = {}
     first_line: dict[str, int] = {}
     owners: dict[bytes, int] = {}
@@ -242,7 +276,7 @@ def load_token_file(path: str | os.PathLike[str]) -> TokenStore:
         first_line[node_id], owners[digest] = number, number
         entries[node_id] = value
     if not entries:
-        raise ConfigError(f"{path}: no tokens (expected '<node_id> <token>' lines)")
+        raise ConfigError(f"--tokens {path}: no tokens (expected '<node_id> <token>' lines)")
     return TokenStore(entries)
 
 
@@ -263,7 +297,8 @@ def load_node_token(
         ConfigError: the file is unreadable or does not hold exactly one valid token.
     """
     if path is not None:
-        token, source = _read_secret_file(Path(path)).strip(), str(path)
+        source = f"--token-file {path}"
+        token = _read_secret_file(Path(path), "--token-file").strip()
     else:
         token, source = (os.environ if environ is None else environ).get(TOKEN_ENV, ""), TOKEN_ENV
         token = token.strip()
@@ -345,7 +380,8 @@ def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> s
 
     Returns:
         The certificate's common name if the transport is TLS and there is exactly one
-        common name that is a valid node id; otherwise None.
+        common name that is a valid node id; ``OPERATOR_IDENTITY`` for the common name
+        ``OPERATOR_NAME``; otherwise None.
     """
     if list(auth_context.get("transport_security_type", ())) != [b"ssl"]:
         return None
@@ -356,6 +392,8 @@ def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> s
         name = names[0].decode("ascii")
     except UnicodeDecodeError:
         return None
+    if name == OPERATOR_NAME:
+        return OPERATOR_IDENTITY
     return name if _NODE_ID_RE.fullmatch(name) else None
 
 
@@ -367,8 +405,13 @@ def _digest(token: str) -> bytes:
 def _token_rule() -> str:
     return (
         f"a token is {MIN_TOKEN_LENGTH}-{MAX_TOKEN_LENGTH} printable ASCII characters"
-        " without whitespace (make one with generate_token)"
+        " without whitespace (make one with `fedgrad token`)"
     )
+
+
+def _check_entry_name(name: str) -> str:
+    """Return ``name`` if it may own a token: a node id or the operator."""
+    return name if name == OPERATOR_NAME else validate_node_id(name)
 
 
 def _check_token(token: str) -> None:
@@ -391,14 +434,17 @@ def _entry_digest(value: str) -> bytes:
     return _digest(value)
 
 
-def _read_secret_file(path: Path) -> str:
+def _read_secret_file(path: Path, flag: str) -> str:
+    """Read a token file given as ``flag``; errors name the flag and how to make a token."""
     try:
         mode = path.stat().st_mode
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise ConfigError(f"token file {path} does not exist") from None
+        raise ConfigError(
+            f"{flag} {path}: the file does not exist (`fedgrad token --out FILE` makes a token)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read token file {path}: {type(exc).__name__}") from None
+        raise ConfigError(f"{flag} {path}: cannot read the file: {type(exc).__name__}") from None
     if mode & 0o007:
         logger.warning("token file %s is readable by other users; run: chmod 600 %s", path, path)
     return text

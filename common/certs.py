@@ -6,14 +6,17 @@
     out/ca.key            CA key (0600): keep it offline; only needed to add nodes
     out/server.pem        aggregator certificate (--tls-cert); SANs = the hosts
     out/server.key        aggregator key (0600, --tls-key)
+    out/operator.pem      operator certificate for ``fedgrad status`` and ``fedgrad health``
+    out/operator.key      (--tls-cert/--tls-key); CN operator: may read the status, is no node
     out/nodes/<id>.pem    node certificate (--tls-cert); subject CN = the node id,
                           subjectAltName URI urn:fedgrad:node:<id>
     out/nodes/<id>.key    node key (0600, --tls-key)
 
 Keys are EC P-256 (fast to make and to handshake with, supported by every TLS
-stack gRPC uses). A node's identity is the common name of its certificate;
-server certificates carry only serverAuth and node certificates only
-clientAuth, so neither can stand in for the other.
+stack gRPC uses). A node's identity is the common name of its certificate; the
+operator's (``fedgrad.auth.OPERATOR_NAME``) is never a node's. Server
+certificates carry only serverAuth and client certificates only clientAuth, so
+neither can stand in for the other.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedgrad.auth import validate_node_id
+from fedgrad.auth import OPERATOR_NAME, validate_node_id
 from fedgrad.errors import ConfigError
 
 __all__ = [
     "DEFAULT_HOSTS",
     "KeyCert",
     "NODE_URI_PREFIX",
+    "OPERATOR_URI",
     "PrivateKey",
     "add_nodes",
     "cert_to_pem",
@@ -54,6 +58,8 @@ DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 
 #: Prefix of the subjectAltName URI of node certificates.
 NODE_URI_PREFIX = "urn:fedgrad:node:"
+#: subjectAltName URI of the operator's certificate.
+OPERATOR_URI = "urn:fedgrad:operator"
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -129,38 +135,33 @@ def make_server_cert(
 def make_client_cert(
     ca: KeyCert, node_id: str, days: int = 365, *, valid_from: dt.datetime | None = None
 ) -> KeyCert:
-    """Make a node's client certificate, whose subject CN is the node id.
+    """Make a node's client certificate, whose subject CN is the node id, or the operator's.
 
     For an already expired certificate (tests), pass ``valid_from`` more than ``days`` ago.
 
     Args:
         ca: the issuing CA.
-        node_id: the node's identity (``fedgrad.auth.validate_node_id`` rules).
+        node_id: the node's identity (``fedgrad.auth.validate_node_id`` rules), or
+            ``fedgrad.auth.OPERATOR_NAME``: status and health, never a node's calls.
         days: validity in days from ``valid_from``, cut to the CA's own expiry.
         valid_from: start of validity (UTC); now minus a few minutes if None.
 
     Returns:
-        The node key and certificate (EKU clientAuth, URI SAN ``urn:fedgrad:node:<node_id>``).
+        The key and certificate (EKU clientAuth, URI SAN ``urn:fedgrad:node:<node_id>``,
+        or ``OPERATOR_URI``).
 
     Raises:
         ConfigError: an invalid node id or ``days``.
     """
-    validate_node_id(node_id)
     # The CN is the identity fedgrad checks; the URI SAN repeats it because RFC 5280
     # verifiers (e.g. cryptography's client verifier, proxies) insist on a subjectAltName.
-    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id)])
+    uri = OPERATOR_URI if node_id == OPERATOR_NAME else NODE_URI_PREFIX + validate_node_id(node_id)
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
     return _make_leaf(ca, node_id, ExtendedKeyUsageOID.CLIENT_AUTH, san, days, valid_from)
 
 
 def cert_to_pem(cert: x509.Certificate) -> bytes:
-    """Encode a certificate as PEM.
-
-    Args:
-        cert: the certificate.
-
-    Returns:
-        PEM bytes, as gRPC's ``ssl_*_credentials`` take them.
-    """
+    """Encode a certificate as PEM, as gRPC's ``ssl_*_credentials`` take it."""
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -173,14 +174,7 @@ def _cert_from_pem(data: bytes) -> x509.Certificate:
 
 
 def key_to_pem(key: PrivateKey) -> bytes:
-    """Encode a private key as unencrypted PKCS#8 PEM (gRPC cannot read encrypted keys).
-
-    Args:
-        key: the private key.
-
-    Returns:
-        PEM bytes.
-    """
+    """Encode a private key as unencrypted PKCS#8 PEM (gRPC cannot read encrypted keys)."""
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -250,7 +244,7 @@ def init_federation(
     ca_days: int = 3650,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Create a CA, the aggregator's certificate and one certificate per node.
+    """Create a CA, the aggregator's certificate, the operator's and one per node.
 
     Args:
         out_dir: folder to write (layout in the module docstring); created 0700 if missing.
@@ -269,7 +263,8 @@ def init_federation(
     """
     out = Path(out_dir)
     node_ids = _check_nodes(nodes)
-    names = ["ca.pem", "ca.key", "server.pem", "server.key", *_node_files(node_ids)]
+    names = [f"{stem}.{ext}" for stem in ("ca", "server", "operator") for ext in ("pem", "key")]
+    names += _node_files(node_ids)
     _refuse_existing(out, names, overwrite)
     server_hosts = DEFAULT_HOSTS if hosts is None else hosts
     # Fail on any bad argument before the first file is written.
@@ -279,6 +274,7 @@ def init_federation(
     ca = make_ca(days=ca_days)
     written = _write_pair(out, "ca", ca)
     written |= _write_pair(out, "server", make_server_cert(ca, server_hosts, days))
+    written |= _write_pair(out, "operator", make_client_cert(ca, OPERATOR_NAME, days))
     written |= _write_nodes(out, ca, node_ids, days)
     return written
 

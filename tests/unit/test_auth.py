@@ -10,6 +10,8 @@ import pytest
 
 import fedgrad.auth as auth
 from fedgrad.auth import (
+    OPERATOR_IDENTITY,
+    OPERATOR_NAME,
     TOKEN_ENV,
     TokenStore,
     bearer_metadata,
@@ -20,6 +22,7 @@ from fedgrad.auth import (
     load_token_file,
     parse_bearer,
     redact,
+    token_file_line,
     validate_node_id,
 )
 from fedgrad.errors import ConfigError
@@ -51,6 +54,37 @@ def test_validate_node_id_accepts(node_id):
 def test_validate_node_id_rejects(node_id):
     with pytest.raises(ConfigError, match="invalid node id"):
         validate_node_id(node_id)
+
+
+def test_the_operator_name_is_no_node_id():
+    with pytest.raises(ConfigError, match="invalid node id 'operator': reserved for the operator"):
+        validate_node_id(OPERATOR_NAME)
+    # The operator's identity can never be a node id: every call naming a node is refused.
+    with pytest.raises(ConfigError):
+        validate_node_id(OPERATOR_IDENTITY)
+    assert not auth._NODE_ID_RE.fullmatch(OPERATOR_IDENTITY)
+
+
+def test_the_operator_token_identifies_the_operator_not_a_node():
+    store = TokenStore({"n1": TOKEN_A, OPERATOR_NAME: hash_token(TOKEN_B)})
+    assert store.identify(TOKEN_B) == OPERATOR_IDENTITY
+    assert store.identify(TOKEN_A) == "n1"
+    assert store.node_ids == {"n1"}
+    assert not store.verify(OPERATOR_NAME, TOKEN_B)  # the operator is no node
+    assert store.verify("n1", TOKEN_A)
+
+
+def test_token_file_line_is_a_hashed_entry(tmp_path):
+    line = token_file_line("n1", TOKEN_A)
+    assert line == f"n1 {hash_token(TOKEN_A)}" and TOKEN_A not in line
+    assert token_file_line(OPERATOR_NAME, TOKEN_B).startswith("operator sha256:")
+    path = write(tmp_path / "tokens.txt", line + "\n" + token_file_line(OPERATOR_NAME, TOKEN_B))
+    assert load_token_file(path).identify(TOKEN_B) == OPERATOR_IDENTITY
+    with pytest.raises(ConfigError, match="invalid node id"):
+        token_file_line("bad id", TOKEN_A)
+    with pytest.raises(ConfigError) as info:
+        token_file_line("n1", "short")
+    assert "short" not in str(info.value) and "fedgrad token" in str(info.value)
 
 
 def test_validate_node_id_message_is_bounded():
@@ -189,7 +223,7 @@ def test_load_token_file_malformed(tmp_path, body, line, fragment):
 def test_load_token_file_empty_or_missing(tmp_path):
     with pytest.raises(ConfigError, match="no tokens"):
         load_token_file(write(tmp_path / "empty.txt", "# nothing yet\n\n"))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="--tokens .*does not exist.*fedgrad token"):
         load_token_file(tmp_path / "missing.txt")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"n1 \xff\xfe" + TOKEN_A.encode())
@@ -220,6 +254,9 @@ def test_load_node_token_rejects_without_echo(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_node_token(path, environ={})
     assert TOKEN_A not in str(info.value)
+    assert f"--token-file {path}" in str(info.value) and "`fedgrad token`" in str(info.value)
+    with pytest.raises(ConfigError, match="--token-file .*does not exist.*fedgrad token"):
+        load_node_token(tmp_path / "missing.token", environ={})
     with pytest.raises(ConfigError) as info:
         load_node_token(None, environ={TOKEN_ENV: "tiny"})
     assert TOKEN_ENV in str(info.value) and "tiny" not in str(info.value)
@@ -307,6 +344,8 @@ def test_identity_from_auth_context():
     assert identity_from_auth_context(ssl_context(x509_common_name=[b"fedgrad CA"])) is None
     assert identity_from_auth_context(ssl_context(x509_common_name=["n1"])) is None  # type: ignore[list-item]
     assert identity_from_auth_context(ssl_context(x509_common_name=[b"n\xc3\xb6de"])) is None
+    operator = ssl_context(x509_common_name=[b"operator"])
+    assert identity_from_auth_context(operator) == OPERATOR_IDENTITY
     no_cn = ssl_context()
     del no_cn["x509_common_name"]
     assert identity_from_auth_context(no_cn) is None

@@ -21,8 +21,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 import fedgrad.certs as certs
+from fedgrad.auth import OPERATOR_NAME
 from fedgrad.certs import (
     NODE_URI_PREFIX,
+    OPERATOR_URI,
     KeyCert,
     add_nodes,
     cert_to_pem,
@@ -166,6 +168,23 @@ def test_client_and_server_certs_cannot_swap_roles(ca):
         verify_server(ca.cert, node.cert, x509.DNSName("localhost"))
 
 
+def test_operator_cert_is_a_client_cert_no_node_can_have(ca, tmp_path):
+    operator = make_client_cert(ca, OPERATOR_NAME, days=10)
+    assert common_name(operator.cert) == "operator"
+    assert list(ext(operator.cert, x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    san = ext(operator.cert, x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [OPERATOR_URI]
+    verify_client(ca.cert, operator.cert)
+    with pytest.raises(VerificationError):
+        verify_server(ca.cert, operator.cert, x509.DNSName("localhost"))
+    # No node may take the name: certs init and add_nodes refuse it as a node id.
+    with pytest.raises(ConfigError, match="reserved for the operator"):
+        init_federation(tmp_path / "certs", ["n1", OPERATOR_NAME])
+    assert not (tmp_path / "certs").exists()
+
+
 @pytest.mark.parametrize("node_id", ["", "bad id", "a/b", "x" * 129])
 def test_client_cert_rejects_bad_node_id(ca, node_id):
     with pytest.raises(ConfigError, match="invalid node id"):
@@ -243,14 +262,14 @@ def init(tmp_path: Path, **kwargs) -> dict[str, Path]:
 def test_init_federation_layout(tmp_path, open_umask):
     paths = init(tmp_path, hosts=["localhost", "127.0.0.1", "agg.internal"], days=30)
     out = tmp_path / "certs"
-    expected = ["ca.pem", "ca.key", "server.pem", "server.key"]
+    expected = ["ca.pem", "ca.key", "server.pem", "server.key", "operator.pem", "operator.key"]
     expected += [f"nodes/n{i}.{e}" for i in (1, 2, 3) for e in ("pem", "key")]
     assert sorted(paths) == sorted(expected)
     for rel, path in paths.items():
         assert path == out / rel and path.is_file()
         assert mode(path) == (0o600 if rel.endswith(".key") else 0o644), rel
     assert mode(out) == 0o700 and mode(out / "nodes") == 0o700
-    assert sorted(p.name for p in out.iterdir()) == sorted(["nodes", *expected[:4]])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["nodes", *expected[:6]])
 
 
 def test_init_federation_contents(tmp_path):
@@ -265,6 +284,9 @@ def test_init_federation_contents(tmp_path):
         node = load_key_cert(paths[f"nodes/{node_id}.pem"], paths[f"nodes/{node_id}.key"])
         assert common_name(node.cert) == node_id
         verify_client(ca.cert, node.cert)
+    operator = load_key_cert(paths["operator.pem"], paths["operator.key"])
+    assert common_name(operator.cert) == OPERATOR_NAME
+    verify_client(ca.cert, operator.cert)
     assert ca.cert.not_valid_after_utc - now() > dt.timedelta(days=3000)
 
 
