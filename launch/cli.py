@@ -1,4 +1,4 @@
-"""The ``fedgrad`` command: aggregator, node, demo, status, plot, health, certs.
+"""The ``fedgrad`` command: aggregator, node, demo, status, health, plot, certs, token.
 
 Run ``fedgrad --help`` or ``fedgrad SUBCOMMAND --help``.
 """
@@ -10,6 +10,7 @@ import inspect
 import sys
 from collections.abc import Callable, Sequence
 
+from fedgrad.auth import OPERATOR_NAME
 from fedgrad.certs import DEFAULT_HOSTS, init_federation
 from fedgrad.config import (
     ACCUMULATORS,
@@ -256,7 +257,7 @@ def _demo_parser(sub: Subparsers) -> None:
 def _tool_parsers(sub: Subparsers) -> None:
     q = sub.add_parser("status", help="print the aggregator's status")
     add_call_flags(q)
-    add_token_file(q)
+    add_token_file(q, "the operator's (or a node's)")
     q.add_argument("--json", action="store_true", help="print JSON")
     q = sub.add_parser(
         "health", help="exit 0 iff the aggregator's gRPC health service says SERVING"
@@ -265,10 +266,17 @@ def _tool_parsers(sub: Subparsers) -> None:
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a history CSV")
     p.add_argument("history", metavar="history.csv", help="a history CSV (--history, demo)")
     p.add_argument("--out", default="curves.png", help="PNG to write (default %(default)s)")
+    _certs_parser(sub)
+    _token_parser(sub)
+
+
+def _certs_parser(sub: Subparsers) -> None:
     p = sub.add_parser("certs", help="create certificates for a mutual-TLS federation")
     certs = p.add_subparsers(dest="certs_command", required=True)
     q = certs.add_parser(
-        "init", help="write a CA, a server certificate and one client certificate per node"
+        "init",
+        help="write a CA, a server certificate, one client certificate per node and the"
+        f" operator's ({OPERATOR_NAME}.pem: fedgrad status and health, never a node)",
     )
     q.add_argument("--out", required=True, metavar="DIR", help="folder to write the files into")
     q.add_argument("--nodes", required=True, help="comma-separated node ids")
@@ -284,6 +292,28 @@ def _tool_parsers(sub: Subparsers) -> None:
         help="validity of the certificates in days (default %(default)s)",
     )
     q.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def _token_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "token",
+        help="print a new random token for --token-file (and its line for --tokens)",
+        description="Make a token (256 random bits, URL-safe base64). Its owner passes it with"
+        " --token-file or FEDGRAD_TOKEN; the aggregator's --tokens FILE has one line per owner:"
+        " 'NAME TOKEN', or 'NAME sha256:HEX' (--sha256) so that the file holds no token.",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the token to FILE (created 0600) instead of printing it",
+    )
+    p.add_argument(
+        "--sha256",
+        metavar="NAME",
+        help=f"also print the --tokens line 'NAME sha256:HEX' (a node id, or {OPERATOR_NAME}:"
+        " status only, never a node)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def build_parser() -> argparse.ArgumentParser:

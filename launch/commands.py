@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedgrad.auth import bearer_metadata, load_node_token
+from fedgrad.auth import OPERATOR_NAME, TOKEN_ENV, bearer_metadata, load_node_token
 from fedgrad.config import AggregatorConfig, NodeConfig
 from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
@@ -56,6 +57,8 @@ def dispatch(args: argparse.Namespace, subparser: Callable[[str], argparse.Argum
         return 0
     if args.command == "certs":
         return certs_init(args)
+    if args.command == "token":
+        return make_token(args)
     raise ConfigError(f"unknown command {args.command!r}")
 
 
@@ -237,8 +240,7 @@ def show_status(args: argparse.Namespace) -> int:
                 pb.StatusRequest(), timeout=args.timeout, metadata=metadata
             )
         except grpc.RpcError as exc:
-            print(f"fedgrad status: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return _call_failed("fedgrad status", exc, args, has_token=token is not None)
     if args.json:
         doc = MessageToDict(
             reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -272,15 +274,37 @@ def check_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
             )
         except grpc.RpcError as exc:
-            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return _call_failed("unhealthy", exc, args, has_token=True)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _call_failed(prefix: str, exc: grpc.RpcError, args: argparse.Namespace, has_token: bool) -> int:
+    """Print why a status or health call failed, and what to pass; return exit code 1."""
+    code = exc.code()
+    print(f"{prefix}: {code.name}: {exc.details()}", file=sys.stderr)
+    if code == grpc.StatusCode.UNAVAILABLE and not args.tls_cert:
+        # What a TLS or mutual-TLS aggregator looks like to a plaintext or certificate-less
+        # caller: the handshake fails and gRPC reports only "Socket closed" or similar.
+        print(
+            f"  is an aggregator serving at {args.address}? A TLS aggregator needs --tls-ca;"
+            " one with --tls-client-ca also --tls-cert and --tls-key: the operator's"
+            f" {OPERATOR_NAME}.pem and {OPERATOR_NAME}.key from `fedgrad certs init`",
+            file=sys.stderr,
+        )
+    elif code == grpc.StatusCode.UNAUTHENTICATED and not has_token:
+        print(
+            f"  this aggregator wants a token: pass --token-file FILE or set {TOKEN_ENV}; make"
+            f" the operator's with `fedgrad token --out {OPERATOR_NAME}.token --sha256"
+            f" {OPERATOR_NAME}` and add the line it prints to the aggregator's --tokens file",
+            file=sys.stderr,
+        )
+    return 1
+
+
 def certs_init(args: argparse.Namespace) -> int:
-    """Write a CA, a server certificate and one client certificate per node."""
+    """Write a CA, a server certificate, the operator's and one client certificate per node."""
     from fedgrad.certs import init_federation
 
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
@@ -289,3 +313,32 @@ def certs_init(args: argparse.Namespace) -> int:
     for name, path in sorted(paths.items()):
         print(f"{name:<16} {path}")
     return 0
+
+
+def make_token(args: argparse.Namespace) -> int:
+    """Print a new token (or write it to ``--out``); with ``--sha256 NAME``, its --tokens line."""
+    from fedgrad.auth import generate_token, token_file_line
+
+    token = generate_token()
+    line = token_file_line(args.sha256, token) if args.sha256 else None  # name checked first
+    if args.out:
+        _write_secret(Path(args.out), token + "\n", args.overwrite)
+    else:
+        print(token)
+    if line:
+        print(line)
+    return 0
+
+
+def _write_secret(path: Path, text: str, overwrite: bool) -> None:
+    """Write ``text`` to a file only its owner can read (0600 whatever the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; pass --overwrite to replace it") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file (--overwrite) keeps its mode otherwise
+        f.write(text)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+from fedgrad.auth import OPERATOR_NAME, TOKEN_ENV
 from fedgrad.config import LOG_FORMATS
 from fedgrad.task import BUILTIN_TASKS
 
@@ -159,28 +160,32 @@ def add_run_flags(p: argparse.ArgumentParser, config: type) -> None:
     )
 
 
-def add_client_tls(p: argparse.ArgumentParser) -> None:
+def add_client_tls(p: argparse.ArgumentParser, example: str = "") -> None:
     """Add ``--tls-ca``, ``--tls-cert``, ``--tls-key`` of a caller (node, status, health)."""
     p.add_argument(
         "--tls-ca", metavar="PEM", help="CA that signed the aggregator certificate (turns on TLS)"
     )
     p.add_argument(
-        "--tls-cert", metavar="PEM", help="client certificate for mutual TLS (needs --tls-ca)"
+        "--tls-cert",
+        metavar="PEM",
+        help=f"client certificate for mutual TLS{example} (needs --tls-ca)",
     )
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
 
 
-def add_token_file(p: argparse.ArgumentParser) -> None:
+def add_token_file(p: argparse.ArgumentParser, whose: str = "this node's") -> None:
     """Add ``--token-file`` (node, status)."""
     p.add_argument(
-        "--token-file", metavar="FILE", help="file holding this node's token (or set FEDGRAD_TOKEN)"
+        "--token-file",
+        metavar="FILE",
+        help=f"file holding {whose} token (or set {TOKEN_ENV}; `fedgrad token` makes one)",
     )
 
 
 def add_call_flags(p: argparse.ArgumentParser) -> None:
     """Add the address, TLS and deadline of a one-call tool (status, health)."""
     p.add_argument("address", metavar="HOST:PORT", help="the aggregator's address")
-    add_client_tls(p)
+    add_client_tls(p, f", e.g. the operator's certs/{OPERATOR_NAME}.pem from `fedgrad certs init`")
     p.add_argument(
         "--timeout",
         type=positive(float),
