@@ -282,7 +282,7 @@ def test_example_script_runs_from_any_folder(cli, tmp_path: Path) -> None:
         env=user_env(cli), capture_output=True, text=True, timeout=PROC_TIMEOUT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^round 29: eval loss \d", done.stdout, re.M), done.stdout
+    assert len(re.findall(r"^round +\d+: eval loss \d", done.stdout, re.M)) == 30, done.stdout
 
 
 # -- 6. fedgrad token and what token errors say -------------------------------------------
