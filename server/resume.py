@@ -67,7 +67,7 @@ def read_checkpoint(cfg: AggregatorConfig, model: ServerModel) -> Resumed | None
         ConfigError: the checkpoint belongs to another task or reduction, or does not fit.
     """
     assert cfg.checkpoint_dir
-    loaded = load_checkpoint(cfg.checkpoint_dir)
+    loaded = load_checkpoint(cfg.checkpoint_dir, optimizer=model.optimizer)
     if loaded is None:
         return None
     doc, params, optim_state = loaded
