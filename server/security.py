@@ -15,7 +15,13 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from fedgrad.auth import TokenStore, identity_from_auth_context, load_token_file, parse_bearer
+from fedgrad.auth import (
+    OPERATOR_IDENTITY,
+    TokenStore,
+    identity_from_auth_context,
+    load_token_file,
+    parse_bearer,
+)
 from fedgrad.certs import load_key_cert
 from fedgrad.config import AggregatorConfig, parse_hostport
 from fedgrad.errors import ConfigError, PermissionDenied, Unauthenticated
@@ -179,7 +185,14 @@ class Authorizer:
                 f"certificate is for {cert_id!r} but the token is {token_id!r}'s"
             )
         who = cert_id or token_id
-        if who is not None and self.allowed and who not in self.allowed:
+        # The operator reads status; it is never a node, so the node allow-list is not
+        # its gate (``check`` refuses it every node call).
+        if (
+            who is not None
+            and self.allowed
+            and who not in self.allowed
+            and who != OPERATOR_IDENTITY
+        ):
             raise PermissionDenied(f"node {who!r} is not in the aggregator's --allow-nodes list")
         return who
 
@@ -189,6 +202,10 @@ class Authorizer:
         if who is None and self.allowed and node_id not in self.allowed:
             raise PermissionDenied(
                 f"node {node_id!r} is not in the aggregator's --allow-nodes list"
+            )
+        if who == OPERATOR_IDENTITY:
+            raise PermissionDenied(
+                f"operator credentials read status only; they may not act as node {node_id!r}"
             )
         if who is not None and who != node_id:
             raise PermissionDenied(
