@@ -51,17 +51,15 @@ def join_request(cfg: NodeConfig, layout: Layout, num_samples: int) -> pb.JoinRe
         num_samples: the node's sample count.
 
     Returns:
-        The request; ``seed`` is unset for a negative seed, which uint64 cannot carry.
+        The request (the config keeps the seed a uint64, as the field needs).
     """
-    request = pb.JoinRequest(
+    return pb.JoinRequest(
         node_id=cfg.node_id,
         num_samples=num_samples,
         manifest=manifest_to_proto(layout.specs),
+        seed=cfg.seed,
         task=task_identity(cfg.task, cfg.task_args),
     )
-    if cfg.seed >= 0:
-        request.seed = cfg.seed
-    return request
 
 
 @dataclass(frozen=True)
@@ -248,6 +246,11 @@ class Node:
                     next_round = self._recover(failure, next_round)
         except Stopped:
             pass
+        except (TaskError, RefusedError):
+            # The task crashed or the aggregator refused us: say we are gone (best
+            # effort), so the aggregator stops waiting for this node until a deadline.
+            self.leave()
+            raise
         log.info(
             "%s: leaving the federation",
             self.transport.stop_reason,

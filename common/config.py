@@ -65,11 +65,6 @@ def _count(low: int) -> Check:
     return check
 
 
-def _integer(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-
-
 def _seconds(*, zero: bool = False) -> Check:
     def check(name: str, value: Any) -> None:
         # `not value > 0` also refuses NaN; infinity is a valid "never".
@@ -111,7 +106,8 @@ def _address(name: str, value: Any) -> None:
         parse_hostport(value)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"{name} must be HOST:PORT ([v6]:PORT for IPv6) with a port in 0..65535, got {value!r}"
+            f"{name} must be HOST:PORT, e.g. 127.0.0.1:50051 ([v6]:PORT for IPv6, port"
+            f" 0..65535), got {value!r}"
         ) from None
 
 
@@ -132,10 +128,17 @@ def _node_ids(name: str, value: Any) -> None:
 
 
 def _chunk_bytes(name: str, value: Any) -> None:
-    if not isinstance(value, int) or not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES:
+    # A multiple of 8, the largest itemsize: a full chunk then ends on an element boundary
+    # of every dtype, so no node has to cut chunks shorter than chunk_bytes.
+    if (
+        not isinstance(value, int)
+        or not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES
+        or value % MIN_CHUNK_BYTES
+    ):
         raise ConfigError(
-            f"{name} must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}] (one float64 element"
-            f" at least; below gRPC's {MAX_MESSAGE_BYTES >> 20} MiB message limit), got {value!r}"
+            f"{name} must be a multiple of {MIN_CHUNK_BYTES} in [{MIN_CHUNK_BYTES},"
+            f" {MAX_CHUNK_BYTES}] (whole elements of every dtype; below gRPC's"
+            f" {MAX_MESSAGE_BYTES >> 20} MiB message limit), got {value!r}"
         )
 
 
@@ -192,7 +195,7 @@ class AggregatorConfig:
     listen: str = _setting("127.0.0.1:50051", _address)
     nodes: int = _setting(1, _count(1))
     rounds: int = _setting(10, _count(1))
-    seed: int = _setting(0, _integer)
+    seed: int = _setting(0, _count(0))  # sent as uint64 (JoinRequest.seed)
     optimizer: str | None = _setting(None, _optional(_one_of(OPTIMIZERS)))
     lr: float | None = _setting(None, _optional(_positive))
     reduce: str = _setting("weighted-mean", _one_of(REDUCTIONS))
@@ -249,7 +252,7 @@ class NodeConfig:
     aggregator: str = _setting("127.0.0.1:50051", _address)
     node_id: str = _setting("node-0", _node_id)
     shard: tuple[int, int] = _setting((0, 1), _shard)
-    seed: int = _setting(0, _integer)
+    seed: int = _setting(0, _count(0))  # sent as uint64 (JoinRequest.seed)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

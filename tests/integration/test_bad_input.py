@@ -43,7 +43,7 @@ from fedgrad.codec import (
     manifest_from_proto,
 )
 from fedgrad.config import NodeConfig
-from fedgrad.errors import InvalidArgument, TaskError
+from fedgrad.errors import InvalidArgument, RefusedError
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.task import Task, load_task
 
@@ -520,15 +520,13 @@ def test_node_with_another_model_fails_at_join(change: str, bench: Bench) -> Non
     cfg = NodeConfig(task="variant", aggregator=bench.served.address, node_id="node-5")
     node = Node(_Variant(change), cfg)
     try:
-        with pytest.raises(TaskError, match="model differs|same --task"):
-            node.join()
+        with pytest.raises(RefusedError, match="model differs"):
+            node.run()
     finally:
         node.close()
-    after = bench.state()
-    # The Join itself was valid (the aggregator cannot see the node's model): node-5 is
-    # registered, nothing else changed, and it never uploads.
-    assert after.nodes.pop("node-5") == (4, "active")
-    assert after == before
+    # Issue 12: the node sends its manifest at Join and is refused there: never
+    # registered, nothing changed.
+    assert bench.state() == before
 
 
 # -- negative or overflowing dimensions: the codec refuses the manifest -------------------------------------

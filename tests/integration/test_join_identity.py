@@ -13,7 +13,7 @@ import pytest
 from fedgrad.client.node import Node, join_request
 from fedgrad.codec import Layout, manifest_to_proto, specs_of
 from fedgrad.config import NodeConfig
-from fedgrad.errors import RefusedError
+from fedgrad.errors import ConfigError, RefusedError
 from fedgrad.task import load_task, trainable_parameters
 
 
@@ -52,9 +52,11 @@ def test_the_request_carries_manifest_seed_and_canonical_task():
     assert plain.task == "digits"
 
 
-def test_a_negative_seed_is_not_sent():
-    layout = Layout([])
-    assert not join_request(NodeConfig(seed=-1), layout, 1).HasField("seed")
+def test_a_negative_seed_is_refused_at_start_up():
+    # JoinRequest.seed is a uint64: the config refuses what the wire cannot carry.
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
+        NodeConfig(seed=-1)
+    assert join_request(NodeConfig(seed=0), Layout([]), 1).seed == 0
 
 
 def test_another_seed_is_refused_at_join(serve):

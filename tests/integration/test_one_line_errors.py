@@ -154,11 +154,6 @@ def test_start_up_mistake_is_one_line_and_exit_2(runs, case):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="common/config.py's HOST:PORT message gives no example; asked for"
-    " 'HOST:PORT, e.g. 127.0.0.1:50051' (not this file's owner's module)",
-)
 def test_listen_without_a_port_gives_an_example(runs):
     assert "HOST:PORT, e.g. 127.0.0.1:50051" in runs["aggregator: listen without a port"][1]
 

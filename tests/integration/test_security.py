@@ -41,7 +41,7 @@ from fedgrad.certs import (
 from fedgrad.client.node import Node, NodeResult
 from fedgrad.codec import manifest_from_proto
 from fedgrad.config import NodeConfig
-from fedgrad.errors import ConfigError, GaveUpError
+from fedgrad.errors import ConfigError, RefusedError
 from fedgrad.launch.commands import aggregator_config
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
@@ -486,7 +486,7 @@ def test_refused_clients_leave_the_federation_running(serve, dial, pki, tokens, 
         token=tokens.of["n1"],
         give_up_after=1.0,
     )
-    with pytest.raises(GaveUpError, match="UNAVAILABLE"):
+    with pytest.raises(RefusedError, match="refused this node's certificate"):
         Node(load_task("linear"), expired).run()
     # Nothing joined; the legitimate nodes then train every round.
     assert served.call(lambda: sorted(served.core.nodes)) == []

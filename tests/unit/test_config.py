@@ -44,6 +44,7 @@ BAD_VALUES: dict[str, tuple[str, list[str], dict[str, Any], str]] = {
     "max-inflight negative": (A, ["--max-inflight", "-1"], {"max_inflight": -1}, ""),
     "staging-mb 0": (A, ["--staging-mb", "0"], {"staging_mb": 0}, ""),
     "chunk below one element": (A, ["--chunk-bytes", "4"], {"chunk_bytes": 4}, ""),
+    "chunk splitting elements": (A, ["--chunk-bytes", "1000001"], {"chunk_bytes": 1000001}, ""),
     "chunk above the message limit": (A, ["--chunk-bytes", str(8 << 20)],
                                       {"chunk_bytes": 8 << 20}, ""),
     "reduce not a choice": (A, ["--reduce", "median"], {"reduce": "median"}, ""),
