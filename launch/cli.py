@@ -61,7 +61,7 @@ def _aggregator_parser(sub: Subparsers) -> None:
         metavar="PATH",
         help="write the bound port here once serving (useful with port 0)",
     )
-    add("nodes", "nodes to wait for before round 1 (default {default})", type=int)
+    add("nodes", "nodes to wait for before the first round, round 0 (default {default})", type=int)
     add("rounds", "rounds to train, then save and exit 0 (default {default})", type=int)
     add("optimizer", "torch.optim optimizer (default: the task's)", metavar=choices(OPTIMIZERS))
     add("lr", "learning rate (default: the task's)", type=float)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -132,13 +133,23 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
 
 
 def _log_round(r: RoundRecord, total: int, phases: dict[str, float]) -> None:
+    # Only the metrics that exist: a regression task has no accuracy, a task without an
+    # evaluation no test metrics.
+    metrics = ", ".join(
+        f"{name} {value:.4f}"
+        for name, value in (
+            ("train loss", r.train_loss),
+            ("test loss", r.test_loss),
+            ("test accuracy", r.test_accuracy),
+        )
+        if not math.isnan(value)
+    )
     log.info(
-        "round %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.2f s, %.1f MB (%s)",
+        "round %d closed (%d of %d): %s, %.2f s, %.1f MB (%s)",
         r.round,
+        r.round + 1,
         total,
-        r.train_loss,
-        r.test_loss,
-        r.test_accuracy,
+        metrics or "no metrics",
         r.seconds,
         r.bytes / 1e6,
         " ".join(f"{k} {v:.3f}s" for k, v in phases.items()),
@@ -259,7 +270,9 @@ def show_status(args: argparse.Namespace) -> int:
     print(f"{'node':<24} {'state':<9} {'samples':>8} {'last round':>10} {'seen (s ago)':>12}")
     for n in reply.nodes:
         print(
-            f"{n.node_id:<24} {n.state:<9} {n.num_samples:>8} {n.last_round:>10} {n.seconds_since_seen:>12.1f}"
+            # last_round on the wire counts rounds; show the 0-based round, as everywhere.
+            f"{n.node_id:<24} {n.state:<9} {n.num_samples:>8}"
+            f" {n.last_round - 1 if n.last_round else '-':>10} {n.seconds_since_seen:>12.1f}"
         )
     return 0
 

@@ -659,7 +659,7 @@ def _close(core: Aggregator) -> None:
 def test_render_progress_on_a_core() -> None:
     core = _core()
     assert render_progress(core, 0.0) == (
-        "round 1/5 [........................] 0/1 uploads      0.0 MB/s  loss nan  waiting"
+        "round 1/5 [........................] 0/1 uploads      0.0 MB/s  waiting"
     )
     engine = core.engine
     for name in ("a", "b", "c", "d"):
