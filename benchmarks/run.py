@@ -98,6 +98,10 @@ SUITES: dict[str, Suite] = {
     # The memory mode: float32 accumulator (README, "Memory").
     "fedgrad_round_lean": lambda p, pr, cli=None: fedgrad_bench.round_time(
         p.params, p.tensors, p.nodes, p.rounds, pr, extra=("--accumulate", "float32"), cli=cli),
+    # The guaranteed order-independent sum, an option for float32 models (docs/architecture.md).
+    "fedgrad_round_reproducible": lambda p, pr, cli=None: fedgrad_bench.round_time(
+        p.params, p.tensors, p.nodes, p.rounds, pr, extra=("--accumulate", "reproducible"),
+        cli=cli),
     "flower_grpc": lambda p, pr: flower_grpc.measure_flower_grpc(
         p.params, p.tensors, p.nodes, p.flower_rounds, pr),
     "gloo": lambda p, pr: gloo.measure_allreduce(p.params, p.nodes, p.gloo_iters, procs=pr),
@@ -116,7 +120,10 @@ SUITES: dict[str, Suite] = {
         p.scale_params, 4, p.scale_nodes, p.scale_rounds, p.scale_procs, pr, cli=cli),
 }  # fmt: skip
 #: The suites that run the fedgrad CLI (they take ``cli=``); ``--baseline`` twins them.
-FEDGRAD_SUITES = tuple(name for name in SUITES if name.startswith("fedgrad_"))
+# Suites a baseline build can run too (one before the reproducible sum has no such kernel).
+FEDGRAD_SUITES = tuple(
+    name for name in SUITES if name.startswith("fedgrad_") and name != "fedgrad_round_reproducible"
+)
 
 # Errors that will not go away on the next repetition: stop retrying the suite.
 _PERMANENT = (fedgrad_bench.NOT_AVAILABLE, "flwr not importable")
