@@ -21,13 +21,9 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-from pathlib import Path
 
-from cryptography import x509
-
-from fedgrad.certs import load_key_cert
 from fedgrad.config import NodeConfig, parse_hostport
-from fedgrad.errors import ConfigError
+from fedgrad.tlsfiles import read_ca, read_key_pair
 
 __all__ = ["check_tls_files", "handshake_problem"]
 
@@ -52,42 +48,9 @@ def check_tls_files(cfg: NodeConfig) -> None:
             are swapped, or the key is not the certificate's.
     """
     if cfg.tls_ca:
-        data = _read(cfg.tls_ca, "--tls-ca")
-        try:
-            x509.load_pem_x509_certificates(data)
-        except ValueError:
-            raise ConfigError(
-                f"--tls-ca {cfg.tls_ca}: not a PEM CA certificate (expected -----BEGIN"
-                " CERTIFICATE-----, e.g. certs/ca.pem from `fedgrad certs init`)"
-            ) from None
+        read_ca(cfg.tls_ca, "--tls-ca")
     if cfg.tls_cert and cfg.tls_key:
-        _check_pair(cfg.tls_cert, cfg.tls_key)
-
-
-def _read(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot read it: {exc.strerror}") from None
-
-
-def _check_pair(cert_path: str, key_path: str) -> None:
-    # gRPC would fail every handshake with a swapped or mismatched pair, retried as
-    # "unreachable"; the same checks as the aggregator's (fedgrad.server.security).
-    cert, key = _read(cert_path, "--tls-cert"), _read(key_path, "--tls-key")
-    if b"PRIVATE KEY-----" in cert and b"CERTIFICATE-----" in key:
-        raise ConfigError(
-            f"--tls-cert {cert_path} holds a private key and --tls-key {key_path} a"
-            " certificate: they are swapped; pass the certificate to --tls-cert and its key"
-            " to --tls-key"
-        )
-    try:
-        load_key_cert(cert_path, key_path)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"--tls-cert {cert_path} / --tls-key {key_path}: {exc} (give a PEM certificate"
-            " and the unencrypted key it was made for, e.g. from `fedgrad certs init`)"
-        ) from None
+        read_key_pair(cfg.tls_cert, cfg.tls_key)
 
 
 def handshake_problem(details: str, cfg: NodeConfig) -> str | None:
