@@ -60,6 +60,7 @@ _PER_BYTE: list = [
 METRICS: dict[str, list[tuple[str, str, Getter]]] = {
     "fedgrad_round": _FEDGRAD_MAIN,
     "fedgrad_round_lean": _FEDGRAD_MAIN,
+    "fedgrad_round_reproducible": _FEDGRAD_MAIN,
     "flower_grpc": [_round(), ("peak_rss_mb", "MB", _rss_mb)],
     "flower_deploy": [_round(), ("peak_rss_mb", "MB", _rss_mb)],
     "gloo": [("allreduce_s", "s", lambda r: r["median"])],
@@ -96,6 +97,8 @@ RATIOS = [
      ("fedgrad_push_pull", "pull_gbps"), ("raw_download", "gbps"), ">=", 0.8),
     ("rss_over_budget", "aggregator peak RSS / (3 x model + 300 MB)",
      ("fedgrad_round", "peak_rss_mb"), ("fedgrad_round", "rss_budget_mb"), "<=", 1.0),
+    ("reproducible_over_default", "round with --accumulate reproducible / the default's",
+     ("fedgrad_round_reproducible", "round_s"), ("fedgrad_round", "round_s"), "<=", 1.15),
     ("rss_lean_over_budget", "same, with --accumulate float32 (memory mode)",
      ("fedgrad_round_lean", "peak_rss_mb"), ("fedgrad_round_lean", "rss_budget_mb"), "<=", 1.0),
     ("rss_large_n_over_small_n", "aggregator peak RSS, large N / small N",
