@@ -193,6 +193,10 @@ class Layout:
             self.starts[i] = self.starts[i - 1] + self.nbytes[i - 1]
         self.total = (self.starts[-1] + self.nbytes[-1]) if self.specs else 0
         self.numel = sum(s.numel for s in self.specs)
+        #: Index of each tensor's first element among all elements, in manifest order.
+        self.first_elements = [0] * len(self.specs)
+        for i in range(1, len(self.specs)):
+            self.first_elements[i] = self.first_elements[i - 1] + self.specs[i - 1].numel
         self.runs = self._runs()
         self._run_starts = [r.start for r in self.runs]
 

@@ -177,10 +177,7 @@ class StreamingReducer:
         self._pool: ThreadPoolExecutor | None = None
         self.count = 0
         self.total_weight = 0
-        #: Index of each manifest tensor's first element in the flat element order.
-        self.first_elements = [0] * len(layout.specs)
-        for i in range(1, len(layout.specs)):
-            self.first_elements[i] = self.first_elements[i - 1] + layout.specs[i - 1].numel
+        self.first_elements = layout.first_elements
 
     def weight(self, num_samples: int) -> int:
         if self.name != "weighted-mean":
