@@ -56,7 +56,7 @@ clean:
 
 # A redesign keeps behaviour: the fedgrad suites, this checkout against BASE, interleaved
 # in one run (benchmarks/README.md, "A/B against a baseline"). BASE=<any git rev>.
-BENCH_AB_SUITES := fedgrad_round,fedgrad_push_pull,fedgrad_many_tensors,fedgrad_few_tensors
+BENCH_AB_SUITES := fedgrad_round,fedgrad_round_reproducible,fedgrad_push_pull,fedgrad_many_tensors,fedgrad_few_tensors
 ifneq ($(filter bench-ab,$(MAKECMDGOALS)),)
 ifeq ($(BASE),)
 $(error usage: make bench-ab BASE=<git rev>, e.g. make bench-ab BASE=HEAD~1)

@@ -13,8 +13,9 @@ import pytest
 from fedgrad.client.node import Node, join_request
 from fedgrad.codec import Layout, manifest_to_proto, specs_of
 from fedgrad.config import NodeConfig
-from fedgrad.errors import ConfigError, RefusedError
+from fedgrad.errors import ConfigError, RefusedError, TaskError
 from fedgrad.task import load_task, trainable_parameters
+from fedgrad.tasks.linear import LinearTask
 
 
 def _node(address: str, seed: int = 0, **task_args: str) -> Node:
@@ -86,3 +87,30 @@ def test_the_same_model_seed_and_task_join_and_train(serve):
     finally:
         node.close()
     assert result.uploads == 1
+
+
+class _Crashes(LinearTask):
+    """The linear task whose gradient computation fails, as a buggy user task would."""
+
+    def compute_update(self, model, data, generator):  # type: ignore[no-untyped-def]
+        raise TaskError("the task crashed before its first upload")
+
+
+def test_a_node_whose_task_crashes_leaves_so_the_round_does_not_wait_for_it(serve):
+    # Issue 12, "Joining": a node whose task crashes before its first upload is not
+    # waited for until the round deadline: it leaves, and the round closes without it.
+    served = serve("linear", nodes=2, min_nodes=1, start_timeout=0.5, rounds=1, round_timeout=600.0)
+    cfg = NodeConfig(task="linear", aggregator=served.address, node_id="crashes")
+    node = Node(_Crashes(), cfg)
+    try:
+        with pytest.raises(TaskError, match="crashed"):
+            node.run()
+    finally:
+        node.close()
+    assert served.call(lambda: served.core.nodes["crashes"].state) == "left"
+    good = _node(served.address)
+    try:
+        assert good.run().uploads == 1, "the round closes with the node that stayed"
+    finally:
+        good.close()
+    assert served.call(lambda: served.core.history[0].nodes) == 1
