@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from fedgrad.errors import ConfigError
+from fedgrad.wire import ID_MAX_LENGTH, ID_PATTERN
 
 __all__ = [
     "AUTH_METADATA_KEY",
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 AUTH_METADATA_KEY = "authorization"
 #: Environment variable a node reads its token from when no token file is given.
 TOKEN_ENV = "FEDGRAD_TOKEN"
-NODE_ID_MAX_LENGTH = 128
+NODE_ID_MAX_LENGTH = ID_MAX_LENGTH
 MIN_TOKEN_LENGTH = 16
 # Far below gRPC's 8 KiB default header list limit, far above any real token.
 MAX_TOKEN_LENGTH = 1024
@@ -75,7 +76,7 @@ OPERATOR_NAME = "operator"
 #: (PERMISSION_DENIED), while GetStatus, which names no node, is served.
 OPERATOR_IDENTITY = "operator (status only)"
 
-_NODE_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{NODE_ID_MAX_LENGTH}}}")
+_NODE_ID_RE = ID_PATTERN  # the wire's rule, defined once (fedgrad.wire)
 # Printable ASCII without space: what a non-binary gRPC metadata value may carry
 # after "Bearer ", and nothing that could split a header or a token-file line.
 _TOKEN_RE = re.compile(rf"[\x21-\x7e]{{{MIN_TOKEN_LENGTH},{MAX_TOKEN_LENGTH}}}")

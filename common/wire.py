@@ -20,6 +20,8 @@ from fedgrad.proto import fedgrad_pb2 as pb
 __all__ = [
     "CONTRACT_VERSION",
     "CURRENT_ROUND_KEY",
+    "ID_MAX_LENGTH",
+    "ID_PATTERN",
     "ID_RULE",
     "MAX_MESSAGE_BYTES",
     "METHODS",
@@ -47,9 +49,11 @@ CONTRACT_VERSION = 2
 #: Trailing-metadata key of an ABORTED reply: the aggregator's current round (decimal).
 CURRENT_ROUND_KEY = "fedgrad-current-round"
 
-#: Node ids and upload ids: what the ``.proto`` documents for ``node_id`` and ``upload_id``.
-ID_RULE = "1-128 characters of [A-Za-z0-9._-]"
-_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+#: Node ids and upload ids: what the ``.proto`` documents for ``node_id`` and ``upload_id``
+#: (flags, token files and certificate names follow it too, ``fedgrad.auth``).
+ID_MAX_LENGTH = 128
+ID_RULE = f"1-{ID_MAX_LENGTH} characters of [A-Za-z0-9._-]"
+ID_PATTERN = re.compile(rf"[A-Za-z0-9._-]{{1,{ID_MAX_LENGTH}}}")
 
 
 def method_path(name: str) -> str:
@@ -65,7 +69,7 @@ def check_id(kind: str, value: str) -> str:
     Raises:
         InvalidArgument: it does not; the message names ``kind`` and the rule.
     """
-    if not _ID.fullmatch(value):
+    if not ID_PATTERN.fullmatch(value):
         raise InvalidArgument(f"{kind} {value!r} must be {ID_RULE}")
     return value
 
