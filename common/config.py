@@ -19,6 +19,7 @@ from fedgrad.wire import MAX_MESSAGE_BYTES, check_id
 
 __all__ = [
     "ACCUMULATORS",
+    "MODES",
     "LOG_FORMATS",
     "MAX_CHUNK_BYTES",
     "MIN_CHUNK_BYTES",
@@ -36,6 +37,10 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 #: Accumulator dtypes: float64 sums of float32/16 uploads do not depend on arrival order.
 ACCUMULATORS = ("auto", "float64", "float32", "reproducible")
 LOG_FORMATS = ("text", "json")
+#: How rounds run: sync (every selected node, or a quorum at the deadline) or async (FedBuff).
+MODES = ("sync", "async")
+#: Staleness weightings of async mode: s(tau) for an upload computed tau versions ago.
+STALENESS_FORMS = ("constant", "polynomial:A", "hinge:A,B")
 #: Transport casts a node may declare for its uploads (None: the model's own dtypes).
 WIRE_DTYPES = ("float16", "bfloat16")
 #: Largest chunk payload: below gRPC's message limit with room for the framing.
@@ -152,6 +157,59 @@ def _shard(name: str, value: Any) -> None:
         raise ConfigError(f"{name} {index}/{count}: index must be in [0, {count}) (0-based)")
 
 
+def _fraction(name: str, value: Any) -> None:
+    if not _number(value) or not 0 < value <= 1:
+        raise ConfigError(f"{name} must be a fraction in (0, 1], got {value!r}")
+
+
+def _at_least_one(name: str, value: Any) -> None:
+    if not _number(value) or math.isnan(value) or math.isinf(value) or value < 1:
+        raise ConfigError(f"{name} must be a finite number >= 1, got {value!r}")
+
+
+def parse_staleness(text: str) -> tuple[str, tuple[float, ...]]:
+    """Parse a staleness weighting: ``constant``, ``polynomial:A`` or ``hinge:A,B``.
+
+    Returns:
+        The form and its parameters, e.g. ``("hinge", (10.0, 4.0))``.
+
+    Raises:
+        ConfigError: another form, or parameters that are not finite numbers >= 0.
+    """
+    form, _, raw = str(text).partition(":")
+    wanted = {"constant": 0, "polynomial": 1, "hinge": 2}
+    try:
+        params = tuple(float(p) for p in raw.split(",")) if raw else ()
+    except ValueError:
+        params = (math.nan,)
+    if (
+        form not in wanted
+        or len(params) != wanted[form]
+        or not all(math.isfinite(p) and p >= 0 for p in params)
+    ):
+        raise ConfigError(
+            f"staleness must be constant, polynomial:A or hinge:A,B with numbers >= 0"
+            f" (e.g. polynomial:0.5), got {text!r}"
+        )
+    return form, params
+
+
+def _staleness(name: str, value: Any) -> None:
+    parse_staleness(value)
+
+
+def _delay(name: str, value: Any) -> None:
+    if (
+        not isinstance(value, tuple | list)
+        or len(value) != 2
+        or not all(_number(v) and math.isfinite(v) and v >= 0 for v in value)
+        or value[0] > value[1]
+    ):
+        raise ConfigError(
+            f"{name} must be SEC or MIN:MAX seconds with 0 <= MIN <= MAX, got {value!r}"
+        )
+
+
 def _check_fields(config: object) -> None:
     for f in fields(config):  # type: ignore[arg-type]
         rule = f.metadata.get("check")
@@ -226,9 +284,21 @@ class AggregatorConfig:
     log_format: str = _setting("text", _one_of(LOG_FORMATS))
     reflection: bool = False
     progress: bool = True
+    mode: str = _setting("sync", _one_of(MODES))
+    #: 0 (and no sample_fraction): every active node takes part in every round.
+    sample: int = _setting(0, _count(0))
+    sample_fraction: float | None = _setting(None, _optional(_fraction))
+    #: Joined nodes needed before the first round is sampled (0: the sample size).
+    min_available: int = _setting(0, _count(0))
+    overcommit: float = _setting(1.0, _at_least_one)
+    #: Async: uploads per version (0: half of ``nodes``, rounded up).
+    buffer: int = _setting(0, _count(0))
+    max_staleness: int = _setting(10, _count(0))
+    staleness: str = _setting("polynomial:0.5", _staleness)
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        self._check_rounds()
         if self.min_nodes > self.nodes:
             raise ConfigError(
                 f"min_nodes must be <= nodes (a round could never close), got min_nodes"
@@ -237,6 +307,49 @@ class AggregatorConfig:
         _check_tls_pair(self.tls_cert, self.tls_key)
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+
+    def _check_rounds(self) -> None:
+        sampled = self.sample > 0 or self.sample_fraction is not None
+        if self.sample and self.sample_fraction is not None:
+            raise ConfigError("give sample (K nodes) or sample_fraction (C), not both")
+        if self.overcommit > 1 and not sampled:
+            raise ConfigError(
+                "overcommit needs sample or sample_fraction: it over-selects a sample"
+            )
+        if self.mode == "async" and sampled:
+            raise ConfigError(
+                "mode async takes every node that uploads (the buffer is its sample):"
+                " drop sample/sample_fraction"
+            )
+        if self.mode != "async" and self.buffer:
+            raise ConfigError("buffer is the number of uploads per version of mode async")
+        if self.min_available and not sampled:
+            raise ConfigError("min_available needs sample or sample_fraction (use nodes otherwise)")
+        if self.sample and self.min_available and self.min_available < self.sample:
+            raise ConfigError(
+                f"min_available must be >= sample, got min_available {self.min_available}"
+                f" and sample {self.sample}"
+            )
+
+    @property
+    def sampled(self) -> bool:
+        """True if each round selects a sample of the active nodes."""
+        return self.sample > 0 or self.sample_fraction is not None
+
+    def sample_size(self, available: int) -> int:
+        """Return K: the nodes a round waits for, of ``available`` active nodes (>= 1)."""
+        if self.sample:
+            k = self.sample
+        elif self.sample_fraction is not None:
+            k = math.ceil(self.sample_fraction * available - 1e-9)
+        else:
+            k = available
+        return max(1, min(k, available))
+
+    @property
+    def buffer_size(self) -> int:
+        """Async: uploads per version (``buffer``, or half of ``nodes`` rounded up)."""
+        return self.buffer or (self.nodes + 1) // 2
 
 
 @dataclass(frozen=True)
@@ -266,6 +379,8 @@ class NodeConfig:
     #: 0: torch's own choice.
     threads: int = _setting(0, _count(0))
     log_format: str = _setting("text", _one_of(LOG_FORMATS))
+    #: Simulation: seconds added to each local computation, drawn per round in [min, max].
+    simulate_delay: tuple[float, float] = _setting((0.0, 0.0), _delay)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -16,6 +16,7 @@ from fedgrad.config import (
     ACCUMULATORS,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
+    MODES,
     OPTIMIZERS,
     REDUCTIONS,
     WIRE_DTYPES,
@@ -77,6 +78,7 @@ def _aggregator_parser(sub: Subparsers) -> None:
         metavar="PATH.csv",
     )
     _round_flags(add)
+    _sampling_flags(add)
     _limit_flags(add)
     _access_flags(add)
     add("metrics_port", "serve Prometheus metrics on this port (0 picks one)", type=int)
@@ -118,6 +120,61 @@ def _round_flags(add: Add) -> None:
         " (default {default})",
         type=float,
         metavar="SEC",
+    )
+
+
+def _sampling_flags(add: Add) -> None:
+    """Sampled rounds (FedAvg's C), over-commitment, and buffered asynchronous training."""
+    add(
+        "mode",
+        "sync: a round waits for every (selected) node, or --min-nodes at the deadline;"
+        " async: buffered asynchronous training (FedBuff), a version every --buffer uploads"
+        " (default {default})",
+        metavar=choices(MODES),
+    )
+    add(
+        "sample",
+        "sync: each round selects K of the active nodes, seeded from (seed, round)",
+        type=int,
+        metavar="K",
+    )
+    add(
+        "sample_fraction",
+        "sync: each round selects ceil(C x active nodes) (McMahan et al.'s C)",
+        type=float,
+        metavar="C",
+    )
+    add(
+        "min_available",
+        "with --sample/--sample-fraction: joined nodes needed before the first round"
+        " (default: the sample size)",
+        type=int,
+        metavar="M",
+    )
+    add(
+        "overcommit",
+        "select ceil(K x F) nodes and close with the first K uploads; faster, but which K"
+        " arrive first is timing, so not bitwise reproducible (default {default})",
+        type=float,
+        metavar="F",
+    )
+    add(
+        "buffer",
+        "async: uploads per version (default: half of --nodes, rounded up)",
+        type=int,
+        metavar="K",
+    )
+    add(
+        "max_staleness",
+        "async: uploads computed more than S versions ago are ABORTED (default {default})",
+        type=int,
+        metavar="S",
+    )
+    add(
+        "staleness",
+        "async: weight s(tau) of an upload tau versions old: constant, polynomial:A"
+        " ((1+tau)^-A) or hinge:A,B (1 up to B, then 1/(1+A(tau-B))) (default {default})",
+        metavar="FORM",
     )
 
 
