@@ -185,6 +185,90 @@ def test_digits_deterministic() -> None:
     assert updates[0].num_samples == len(a.shard(0, 4)[1])
 
 
+def test_digits_iid_shards_are_the_historical_ones() -> None:
+    # split=iid must not move: results recorded before fedgrad.partition stay comparable.
+    task = DigitsTask(seed=3)
+    order = torch.randperm(1347, generator=torch.Generator().manual_seed(3))
+    for i, idx in enumerate(torch.tensor_split(order, 5)):
+        x, y = task.shard(i, 5)
+        assert torch.equal(x, task.x_train[idx]) and torch.equal(y, task.y_train[idx])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"classes_per_node": "2"}, {"classes_per_node": "3"}, {"dirichlet": "0.1"},
+     {"dirichlet": "1000"}, {"split": "iid", "dirichlet": "0.5"}],
+)  # fmt: skip
+@pytest.mark.parametrize("count", [5, 8])
+def test_digits_non_iid_options_partition_train_split(options: dict[str, str], count: int) -> None:
+    task = load_task("digits", options, seed=2)
+    shards = [task.shard(i, count) for i in range(count)]
+    assert all(len(y) >= 1 for _, y in shards)
+    x = torch.cat([s[0] for s in shards])
+    y = torch.cat([s[1] for s in shards])
+    assert _rows(x, y) == _rows(task.x_train, task.y_train)
+    again = load_task("digits", options, seed=2).shard(1, count)
+    assert torch.equal(again[1], shards[1][1])
+    other_seed = load_task("digits", options, seed=3).shard(1, count)
+    assert not torch.equal(other_seed[1], shards[1][1])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_digits_classes_per_node(k: int) -> None:
+    task = DigitsTask(seed=0, classes_per_node=str(k))
+    assert task.classes_per_node == k and task.dirichlet is None
+    count = 10
+    seen = [len(task.shard(i, count)[1].unique()) for i in range(count)]
+    assert max(seen) <= k, seen
+    if k == 1:
+        assert seen == [1] * count
+
+
+def test_digits_dirichlet_skew_follows_alpha() -> None:
+    def largest_class_share(alpha: str) -> float:
+        task = DigitsTask(seed=0, dirichlet=alpha)
+        assert task.dirichlet == float(alpha) and task.classes_per_node is None
+        shares = []
+        for i in range(8):
+            y = task.shard(i, 8)[1]
+            shares.append(float(torch.bincount(y, minlength=10).max()) / len(y))
+        return sum(shares) / len(shares)
+
+    # Uniform mix: ~0.1 per class; alpha 0.1 makes one class dominate each node.
+    assert largest_class_share("1000") < 0.15
+    assert largest_class_share("0.1") > 0.4
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"split": "non-iid", "classes_per_node": "2"}, {"split": "non-iid", "dirichlet": "0.5"},
+     {"classes_per_node": "2", "dirichlet": "0.5"}],
+)  # fmt: skip
+def test_digits_split_options_are_mutually_exclusive(options: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="mutually exclusive") as info:
+        load_task("digits", options)
+    for key, value in options.items():
+        assert f"{key}={value}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [({"classes_per_node": "0"}, "classes_per_node"), ({"classes_per_node": "1.5"}, "classes_per_node"),
+     ({"dirichlet": "0"}, "dirichlet"), ({"dirichlet": "-0.5"}, "dirichlet"),
+     ({"dirichlet": "inf"}, "dirichlet"), ({"dirichlet": "x"}, "dirichlet")],
+)  # fmt: skip
+def test_digits_bad_split_values(options: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"bad value {key}="):
+        load_task("digits", options)
+
+
+def test_digits_classes_per_node_needs_enough_shards() -> None:
+    task = DigitsTask(classes_per_node="2")
+    task.shard(0, 5)  # 5 x 2 = 10 shards: one class each
+    with pytest.raises(ConfigError, match=r"cannot cover 10 classes.*k >= 3"):
+        task.shard(0, 4)
+
+
 def test_digits_fedavg_converges_iid() -> None:
     history = simulate(DigitsTask(seed=0), nodes=4, rounds=15)
     accuracy = [m["accuracy"] for m in history]
