@@ -32,7 +32,11 @@ class RoundRecord:
         test_loss, test_accuracy: the task's held-out evaluation after the step (NaN if none).
         seconds: wall time from publishing the round to publishing the next one.
         bytes: payload bytes received and sent during the round.
-        nodes: uploads counted in the round.
+        nodes: uploads applied in the round (counted and added).
+        selected: nodes the round took uploads from (sampled rounds; otherwise the
+            active nodes when it closed, or 0 in async mode, where anyone may upload).
+        staleness_mean, staleness_max: async mode, versions between the one an applied
+            upload was computed on and the one it was applied to (0 in sync mode).
     """
 
     round: int
@@ -42,6 +46,9 @@ class RoundRecord:
     seconds: float
     bytes: int
     nodes: int
+    selected: int = 0
+    staleness_mean: float = 0.0
+    staleness_max: int = 0
 
 
 _COLUMNS = [f.name for f in fields(RoundRecord)]
@@ -70,6 +77,9 @@ def read_history(path: str | Path) -> list[RoundRecord]:
                 seconds=float(row["seconds"]),
                 bytes=int(row["bytes"]),
                 nodes=int(row["nodes"]),
+                selected=int(row.get("selected") or 0),
+                staleness_mean=float(row.get("staleness_mean") or 0.0),
+                staleness_max=int(row.get("staleness_max") or 0),
             )
             for row in csv.DictReader(fh)
         ]

@@ -27,6 +27,7 @@ from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.engine import Deadline, NodeRecord, NodeState, RoundEngine, Rules
 from fedgrad.server.model import Peer, ServerModel
+from fedgrad.server.policy import make_policy
 from fedgrad.server.reducers import MAX_EXACT_WEIGHT, accumulate_for, make_reducer
 from fedgrad.server.resume import read_checkpoint, write_checkpoint
 from fedgrad.server.staging import StagedUpload, UploadTicket
@@ -46,7 +47,8 @@ class Aggregator:
         self.cfg = cfg
         self.model = ServerModel(task, cfg)
         self.layout = self.model.layout
-        self.engine = RoundEngine(Rules(cfg.nodes, cfg.rounds, cfg.min_nodes))
+        self.policy = make_policy(cfg)
+        self.engine = RoundEngine(Rules(cfg.nodes, cfg.rounds, cfg.min_nodes), self.policy)
         # Two add threads pay off once uploads are large; small models stay single-threaded.
         workers = min(2, os.cpu_count() or 1) if self.layout.total >= 16 << 20 else 1
         self.accumulate = accumulate_for(cfg.accumulate, self.layout)
@@ -54,6 +56,9 @@ class Aggregator:
         self.counters = Counters()
         self.session_id = uuid.uuid4().hex
         self.history: list[RoundRecord] = []
+        #: Async mode: the uploads each version applied, in the order applied (replayable).
+        self.journal: list[dict[str, Any]] = []
+        self._applied: list[dict[str, Any]] = []  # the open version's, in add order
         self.snapshot: Snapshot | None = None
         self.final_pulled: set[str] = set()
         self.on_round: list[Callable[[RoundRecord], None]] = []
@@ -104,13 +109,16 @@ class Aggregator:
         if self.cfg.checkpoint_dir:
             round_ = self.engine.round if round_ is None else round_
             nodes = self.engine.nodes
-            write_checkpoint(self.cfg, round_, self.model, nodes, self.session_id, self.history)
+            write_checkpoint(
+                self.cfg, round_, self.model, nodes, self.session_id, self.history, self.journal
+            )
 
     def _restore(self) -> bool:
         resumed = read_checkpoint(self.cfg, self.model)
         if resumed is None:
             return False
         self.session_id, self.history = resumed.session_id, resumed.history
+        self.journal = resumed.journal
         self.engine.restore(resumed.round, resumed.nodes)
         log.info("resumed from checkpoint at round %d", self.round, extra={"event": "resume"})
         return True
@@ -162,6 +170,8 @@ class Aggregator:
         """Stop waiting for a node; its upload of the open round, if counted, stays counted."""
         close = self.engine.leave(node_id, time.monotonic())
         log.info("node left", extra={"node": node_id, "round": self.round, "event": "leave"})
+        if not close and self.engine.stuck:
+            self._replace_missing()
         async with self._changed:
             self._changed.notify_all()
         if close:
@@ -183,14 +193,22 @@ class Aggregator:
                 f" the final parameters are round {self.cfg.rounds})"
             )
         self.engine.open_pull(node_id, time.monotonic())
+
+        def ready() -> bool:
+            # A sampled round hands its parameters only to the nodes it selected: the
+            # others wait here, without polling, until a round selects them or the end.
+            s = self.snapshot
+            if s is None or not (s.finished or s.round >= min_round):
+                return False
+            return (
+                s.finished
+                or self.engine.selected is None
+                or self.engine.is_selected(node_id, s.round)
+            )
+
         try:
             async with self._changed:
-                await self._changed.wait_for(
-                    lambda: (
-                        self.snapshot is not None
-                        and (self.snapshot.round >= min_round or self.snapshot.finished)
-                    )
-                )
+                await self._changed.wait_for(ready)
                 assert self.snapshot is not None
                 return self.snapshot
         except BaseException:
@@ -226,21 +244,31 @@ class Aggregator:
         if not self.engine.accept(ticket.node_id, ticket.round, ticket.upload_id):
             return ticket.round
         ticket.counted = True
+        staleness = self.engine.staleness(ticket.round)
         self.counters.uploads_accepted += 1
         self.counters.bytes_received += staged.nbytes
         self.counters.round_bytes += staged.nbytes
         if "loss" in ticket.metrics:
             self.counters.round_losses[ticket.node_id] = (ticket.metrics["loss"], ticket.weight)
-        self._spawn(self._add(ticket, staged))
+        self._spawn(self._add(ticket, staged, staleness))
         log.debug("upload counted", extra={"node": ticket.node_id, "round": ticket.round})
         return ticket.round
 
-    async def _add(self, ticket: UploadTicket, staged: StagedUpload) -> None:
+    async def _add(self, ticket: UploadTicket, staged: StagedUpload, staleness: int) -> None:
+        scale = self.policy.scale(staleness)
         try:
             async with self._adding:
                 began = time.perf_counter()
-                await asyncio.to_thread(self.reducer.add, staged, ticket.weight)
+                await asyncio.to_thread(self.reducer.add, staged, ticket.weight, scale)
                 self.counters.add_seconds += time.perf_counter() - began
+                self._applied.append(
+                    {
+                        "node": ticket.node_id,
+                        "computed_on": ticket.round,
+                        "weight": ticket.weight,
+                        "staleness": staleness,
+                    }
+                )
         except Exception:
             # Cannot happen for a validated upload (weights and length are checked before
             # counting); if it does, say so loudly rather than close a round without it.
@@ -261,6 +289,9 @@ class Aggregator:
         if decision is Deadline.CLOSE:
             await self._close()
         elif decision is Deadline.BELOW_QUORUM:
+            self._replace_missing()
+            async with self._changed:
+                self._changed.notify_all()
             log.warning(
                 "round deadline passed with %d of %d required uploads; waiting for nodes",
                 self.engine.counted(),
@@ -281,6 +312,11 @@ class Aggregator:
             phases = {"collect": time.monotonic() - c.round_started, "reduce": c.add_seconds}
             metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
+            applied, self._applied = self._applied, []
+            stale = [a["staleness"] for a in applied] or [0]
+            selected = self.engine.selected
+            if self.cfg.mode == "async":
+                self.journal.append({"version": self.round, "uploads": applied})
             record = RoundRecord(
                 round=self.round,
                 train_loss=c.train_loss(),
@@ -289,6 +325,9 @@ class Aggregator:
                 seconds=time.monotonic() - c.round_started,
                 bytes=c.round_bytes,
                 nodes=self.reducer.count,
+                selected=self._selected_count(selected),
+                staleness_mean=sum(stale) / len(stale),
+                staleness_max=max(stale),
             )
             self.history.append(record)
             self.reducer.reset()
@@ -325,6 +364,25 @@ class Aggregator:
             self._timer.cancel()
         if not finished:
             self._timer = self._spawn(self._round_deadline(round_))
+
+    @property
+    def selected_count(self) -> int:
+        """Nodes the open round takes uploads from (0 in async mode: anyone)."""
+        return self._selected_count(self.engine.selected)
+
+    def _selected_count(self, selected: frozenset[str] | None) -> int:
+        if selected is not None:
+            return len(selected)
+        return 0 if self.cfg.mode == "async" else self.engine.active_count
+
+    def _replace_missing(self) -> None:
+        replaced = self.engine.replace_missing()
+        if replaced:
+            log.warning(
+                "selected nodes failed or left; selected %s in their place",
+                ", ".join(sorted(replaced)),
+                extra={"round": self.round, "event": "reselect"},
+            )
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 import torch
@@ -24,6 +24,8 @@ _INDEX = re.compile(r"[0-9]+")
 #: RoundRecord fields stored as JSON integers; the others are numbers (NaN allowed).
 _INT_FIELDS = {f.name for f in fields(RoundRecord) if f.type in ("int", int)}
 _FIELDS = {f.name for f in fields(RoundRecord)}
+#: Columns added later have defaults: older checkpoints lack them.
+_OPTIONAL = {f.name for f in fields(RoundRecord) if f.default is not MISSING}
 
 
 class Malformed(Exception):
@@ -91,8 +93,19 @@ def check_document(doc: Any) -> set[int]:
         _int(node, "num_samples", where, 0)
         _text(node, "state", where)
         _int(node, "last_round", where, -1)
+        if "last_upload" in node:
+            _text(node, "last_upload", where)
     for i, record in enumerate(_objects(doc, "history", "")):
         _check_record(record, f"history[{i}] ")
+    if "journal" in doc:
+        for i, entry in enumerate(_objects(doc, "journal", "")):
+            where = f"journal[{i}] "
+            _int(entry, "version", where, 0)
+            for j, upload in enumerate(_objects(entry, "uploads", where)):
+                _text(upload, "node", f"{where}uploads[{j}] ")
+                _int(upload, "computed_on", f"{where}uploads[{j}] ", 0)
+                _int(upload, "weight", f"{where}uploads[{j}] ", 1)
+                _int(upload, "staleness", f"{where}uploads[{j}] ", 0)
     return _check_optimizer(_get(doc, "optimizer", ""))
 
 
@@ -101,6 +114,8 @@ def _check_record(record: dict[str, Any], where: str) -> None:
     if unknown:
         raise Malformed(f"{where}has unknown field {unknown[0]!r}")
     for name in sorted(_FIELDS):
+        if name in _OPTIONAL and name not in record:
+            continue
         value = _get(record, name, where)
         if name in _INT_FIELDS:
             _int(record, name, where, 0)

@@ -28,7 +28,7 @@ from fedgrad.errors import (
     StaleRound,
     Unavailable,
 )
-from fedgrad.server.policy import RoundPolicy, SyncPolicy, Tally
+from fedgrad.server.policy import RoundPolicy, Selection, SyncPolicy, Tally
 
 __all__ = [
     "MAX_PULLS_PER_NODE",
@@ -57,9 +57,13 @@ class Phase(StrEnum):
 class NodeState(StrEnum):
     """What the engine knows of a node's participation."""
 
-    ACTIVE = "active"  # waited for in every round
+    ACTIVE = "active"  # waited for in every round (it is selected in)
     LATE = "late"  # missed a round deadline; not waited for until it pulls or uploads
     LEFT = "left"  # called Leave; must Join again
+
+
+#: What status shows for an active node a sampled round did not select.
+UNSELECTED = "unselected"
 
 
 class Deadline(Enum):
@@ -87,7 +91,8 @@ class NodeRecord:
     node_id: str
     num_samples: int
     state: NodeState = NodeState.ACTIVE
-    last_round: int = -1  # last round an upload of this node was counted in
+    last_round: int = -1  # last round an upload of this node was counted in (computed on)
+    last_upload: str = ""  # the upload id counted in last_round
     last_seen: float = 0.0  # the shell's monotonic clock at its last call
     uploading: bool = False
     pulls: int = 0
@@ -106,6 +111,7 @@ class EngineView:
     reported: frozenset[str]
     pending_adds: int
     nodes: tuple[NodeRecord, ...] = field(default=())
+    selected: frozenset[str] | None = None  # the open round's sample (None: every node)
 
     @property
     def shown_phase(self) -> str:
@@ -113,9 +119,15 @@ class EngineView:
         return Phase.WAITING.value if self.below_quorum else self.phase.value
 
     def shown_state(self, node: NodeRecord) -> str:
-        """Return a node's state as status shows it: active, reported, late or left."""
+        """Return a node's state as status shows it: active, reported, unselected, late or left."""
         if node.node_id in self.reported:
             return "reported"
+        if (
+            node.state is NodeState.ACTIVE
+            and self.selected is not None
+            and node.node_id not in self.selected
+        ):
+            return UNSELECTED
         if node.state is NodeState.LATE or (
             node.state is NodeState.ACTIVE and self.deadline_passed
         ):
@@ -135,6 +147,8 @@ class RoundEngine:
         self._reported: dict[str, str] = {}  # node id -> upload id counted in the open round
         self._pending = 0  # counted uploads whose add has not finished
         self._starting = False  # the start was decided; the shell is publishing round 0
+        self._selection = Selection(None, 0)  # the open round's sample
+        self._attempt = 0  # replacement draws in the open round
         self._closing = False  # the close was decided; the shell is stepping
         self.deadline_passed = False
         self.start_deadline_passed = False
@@ -161,6 +175,18 @@ class RoundEngine:
     def reported(self) -> dict[str, str]:
         """Node id -> upload id of the uploads counted in the open round (a copy)."""
         return dict(self._reported)
+
+    @property
+    def selected(self) -> frozenset[str] | None:
+        """The nodes the open round takes uploads from (None: every active node)."""
+        return self._selection.nodes
+
+    def is_selected(self, node_id: str, round_: int) -> bool:
+        """Return True if ``round_`` is open and takes an upload from ``node_id``."""
+        if self._phase is not Phase.COLLECTING or round_ != self._round:
+            return False
+        nodes = self._selection.nodes
+        return nodes is None or node_id in nodes
 
     @property
     def pending_adds(self) -> int:
@@ -195,6 +221,8 @@ class RoundEngine:
             reported=frozenset(self._reported),
             deadline_passed=self.deadline_passed,
             start_deadline_passed=self.start_deadline_passed,
+            selected=self._selection.nodes,
+            target=self._selection.target,
         )
 
     def node(self, node_id: str) -> NodeRecord | None:
@@ -215,6 +243,7 @@ class RoundEngine:
             # list() first: metrics read this from the HTTP thread while the loop joins nodes,
             # and copying a dict's values is one C call (atomic under the GIL).
             nodes=tuple(NodeRecord(**vars(r)) for r in list(self._nodes.values())),
+            selected=self._selection.nodes,
         )
 
     # -- restore -----------------------------------------------------------------------
@@ -224,7 +253,7 @@ class RoundEngine:
         for record in nodes:
             state = NodeState.LEFT if record.state is NodeState.LEFT else NodeState.ACTIVE
             self._nodes[record.node_id] = NodeRecord(
-                record.node_id, record.num_samples, state, record.last_round
+                record.node_id, record.num_samples, state, record.last_round, record.last_upload
             )
         self._starting = True
 
@@ -266,6 +295,35 @@ class RoundEngine:
         self._joined(node_id, now).state = NodeState.LEFT
         return self._may_close()
 
+    @property
+    def stuck(self) -> bool:
+        """True if the open sampled round has no upload and no selected node to wait for."""
+        nodes = self._selection.nodes
+        if nodes is None or self._phase is not Phase.COLLECTING or self._closing:
+            return False
+        return not self._reported and not any(self._state(n) is NodeState.ACTIVE for n in nodes)
+
+    def replace_missing(self) -> frozenset[str]:
+        """Select replacements for selected nodes that left or are late; return them.
+
+        A sampled round with fewer than ``min_nodes`` uploads at its deadline (or with
+        no selected node left to wait for) would otherwise wait forever. The draw is
+        seeded from (seed, round, attempt), like the round's own.
+        """
+        nodes = self._selection.nodes
+        if nodes is None or self._phase is not Phase.COLLECTING or self._closing:
+            return frozenset()
+        waiting = {n for n in nodes if self._state(n) is NodeState.ACTIVE} - set(self._reported)
+        missing = self._selection.target - len(self._reported) - len(waiting)
+        spare = [n for n in self._eligible() if n not in nodes]
+        if missing <= 0 or not spare:
+            return frozenset()
+        self._attempt += 1
+        drawn = self.policy.select(self._round, spare, self._attempt).nodes or frozenset()
+        extra = frozenset(sorted(drawn)[:missing])
+        self._selection = Selection(nodes | extra, self._selection.target)
+        return extra
+
     def open_pull(self, node_id: str, now: float) -> None:
         """Take one of the node's parameter-stream slots (a late node counts as active again).
 
@@ -302,12 +360,22 @@ class RoundEngine:
         record = self._joined(node_id, now)
         if record.state is NodeState.LEFT:
             raise FailedPrecondition(f"node {node_id!r} has left: call Join again")
-        if self.finished or round_ < self._round:
-            raise StaleRound(f"round {round_} is closed", self._round)
+        self._check_round(round_)
         if self._phase is Phase.WAITING or round_ > self._round:
             raise FailedPrecondition(f"round {round_} is not open (current round {self._round})")
         if not self.policy.may_upload(self.tally(), node_id):
-            raise FailedPrecondition(f"node {node_id!r} is not selected for round {round_}")
+            raise FailedPrecondition(
+                f"node {node_id!r} is not selected for round {round_}: its pull waits for a"
+                " round that selects it"
+            )
+        if round_ < self._round and round_ <= record.last_round:
+            # Asynchronous rounds: an older version's upload of this node already counted.
+            if round_ == record.last_round and upload_id == record.last_upload:
+                return True
+            raise AlreadyExists(
+                f"node {node_id!r} already uploaded {record.last_upload!r} computed on"
+                f" version {record.last_round}; upload {upload_id!r} is refused"
+            )
         previous = self._reported.get(node_id)
         if previous == upload_id:
             return True
@@ -338,7 +406,12 @@ class RoundEngine:
             StaleRound: the round closed (or began closing) during the upload.
             AlreadyExists: another upload of this node counted in the meantime.
         """
-        if round_ != self._round or self._phase is not Phase.COLLECTING or self._closing:
+        oldest = self.policy.oldest_round(self._round)
+        if (
+            not oldest <= round_ <= self._round
+            or self._phase is not Phase.COLLECTING
+            or self._closing
+        ):
             current = self._round + 1 if self._closing else self._round
             raise StaleRound(f"round {round_} closed during the upload", current)
         previous = self._reported.get(node_id)
@@ -346,10 +419,21 @@ class RoundEngine:
             if previous == upload_id:
                 return False
             raise AlreadyExists(f"node {node_id!r} already uploaded for round {round_}")
+        target = self._selection.target
+        if target and len(self._reported) >= target:
+            # Over-commitment or a full async buffer: the round has its K uploads.
+            raise StaleRound(
+                f"round {self._round} already has its {target} uploads", self._round + 1
+            )
         self._reported[node_id] = upload_id
         self._pending += 1
-        self._nodes[node_id].last_round = round_
+        record = self._nodes[node_id]
+        record.last_round, record.last_upload = round_, upload_id
         return True
+
+    def staleness(self, round_: int) -> int:
+        """Return how many rounds (versions) old an upload computed on ``round_`` is now."""
+        return self._round - round_
 
     def added(self) -> bool:
         """A counted upload's add finished; return True if the round may close now."""
@@ -386,7 +470,10 @@ class RoundEngine:
         self._phase = Phase.STEPPING
         late: list[str] = []
         if self.deadline_passed:
+            selected = self._selection.nodes
             for r in self._nodes.values():
+                if selected is not None and r.node_id not in selected:
+                    continue
                 if r.state is NodeState.ACTIVE and r.node_id not in self._reported:
                     r.state = NodeState.LATE
                     late.append(r.node_id)
@@ -411,6 +498,11 @@ class RoundEngine:
         self.deadline_passed = False
         finished = self._round >= self.rules.rounds
         self._phase = Phase.FINISHED if finished else Phase.COLLECTING
+        self._attempt = 0
+        if finished:
+            self._selection = Selection(None, 0)
+        else:
+            self._selection = self.policy.select(self._round, self._eligible())
         return finished
 
     def shut_down(self) -> None:
@@ -418,6 +510,29 @@ class RoundEngine:
         self._shutting_down = True
 
     # -- helpers -----------------------------------------------------------------------
+    def _eligible(self) -> list[str]:
+        """The sorted ids a round may select: active nodes (not late, not left)."""
+        return sorted(n for n, r in self._nodes.items() if r.state is NodeState.ACTIVE)
+
+    def _state(self, node_id: str) -> NodeState | None:
+        record = self._nodes.get(node_id)
+        return None if record is None else record.state
+
+    def _check_round(self, round_: int) -> None:
+        """Raise StaleRound if an upload computed on ``round_`` can no longer count."""
+        oldest = self.policy.oldest_round(self._round)
+        if self.finished or round_ >= oldest:
+            if self.finished:
+                raise StaleRound(f"round {round_} is closed: training finished", self._round)
+            return
+        if oldest == self._round:
+            raise StaleRound(f"round {round_} is closed", self._round)
+        raise StaleRound(
+            f"version {round_} is {self._round - round_} versions old; uploads at most"
+            f" {self._round - oldest} versions old count (--max-staleness)",
+            self._round,
+        )
+
     def _check_open(self) -> None:
         if self._shutting_down:
             raise Unavailable("the aggregator is shutting down; retry shortly")

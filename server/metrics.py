@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 
 from fedgrad.history import RoundRecord
 from fedgrad.server.aggregator import Aggregator
-from fedgrad.server.engine import NodeState
+from fedgrad.server.engine import EngineView, NodeState
 
 __all__ = ["AggregatorCollector", "serve_metrics"]
 
@@ -76,6 +76,23 @@ class AggregatorCollector(Collector):
         for state in NodeState:
             states.add_metric([state.value], sum(1 for r in view.nodes if r.state is state))
         yield states
+        selected = view.selected
+        yield GaugeMetricFamily(
+            "fedgrad_selected_nodes",
+            "Nodes the open round takes uploads from (sampled rounds; otherwise the active).",
+            value=len(selected) if selected is not None else states_active(view),
+        )
+        yield GaugeMetricFamily(
+            "fedgrad_reported_nodes",
+            "Uploads counted in the open round (async: in the open version's buffer).",
+            value=len(view.reported),
+        )
+        last_stale = history[-1].staleness_max if history else 0
+        yield GaugeMetricFamily(
+            "fedgrad_last_staleness_max",
+            "Async mode: largest staleness of the uploads the last version applied.",
+            value=last_stale,
+        )
         yield GaugeMetricFamily(
             "fedgrad_staging_bytes",
             "Bytes of uploads staged in flight.",
@@ -95,6 +112,11 @@ class AggregatorCollector(Collector):
             buckets=buckets,
             sum_value=sum(self._durations),
         )
+
+
+def states_active(view: EngineView) -> int:
+    """Return the number of active nodes in ``view``."""
+    return sum(1 for r in view.nodes if r.state is NodeState.ACTIVE)
 
 
 def serve_metrics(core: Aggregator, host: str, port: int) -> tuple[Any, int]:

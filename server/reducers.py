@@ -48,7 +48,7 @@ class SumKernel(Protocol):
 
     nbytes: int
 
-    def add(self, first: int, values: np.ndarray, weight: int, overwrite: bool) -> None:
+    def add(self, first: int, values: np.ndarray, weight: float, overwrite: bool) -> None:
         """Add ``weight * values`` at elements [first, first+len); ``overwrite`` on the first."""
         ...
 
@@ -70,7 +70,7 @@ class PlainSum:
         self._empty = True
         self._local = threading.local()
 
-    def add(self, first: int, values: np.ndarray, weight: int, overwrite: bool) -> None:
+    def add(self, first: int, values: np.ndarray, weight: float, overwrite: bool) -> None:
         target = self.total[first : first + values.size]
         if overwrite:  # exact: n * g of a float32/16 g and n < 2**29 fits float64
             np.multiply(values, weight, out=target, dtype=target.dtype)
@@ -111,8 +111,11 @@ class ReproducibleSum:
         self._sum = BinnedSum(numel)
         self.nbytes = self._sum.nbytes
 
-    def add(self, first: int, values: np.ndarray, weight: int, overwrite: bool) -> None:
-        self._sum.add(first, values, weight)
+    def add(self, first: int, values: np.ndarray, weight: float, overwrite: bool) -> None:
+        if isinstance(weight, int):
+            self._sum.add(first, values, weight)
+        else:  # a staleness-scaled weight: the product rounds once, alike in every order
+            self._sum.add(first, np.multiply(values, weight, dtype=np.float64), 1)
 
     def result_into(self, first: int, out: torch.Tensor, divisor: float) -> None:
         exact = np.empty(out.numel(), dtype=np.float64)
@@ -189,21 +192,30 @@ class StreamingReducer:
             )
         return num_samples
 
-    def add(self, upload: StagedUpload, weight: int) -> None:
+    def add(self, upload: StagedUpload, weight: int, scale: float = 1.0) -> None:
+        """Add ``weight * scale * values``; the divisor counts ``weight`` only.
+
+        ``scale`` (async mode's staleness factor s(tau), in (0, 1]) shrinks a stale
+        upload without renormalizing it away (FedBuff). At 1 the product stays the
+        exact integer one.
+        """
         upload.complete()
         if not 1 <= weight < MAX_EXACT_WEIGHT:
             raise InvalidArgument(f"weight {weight} is outside [1, {MAX_EXACT_WEIGHT})")
+        if not 0 < scale <= 1:
+            raise InvalidArgument(f"staleness scale {scale} is outside (0, 1]")
+        factor: float = weight if scale == 1 else weight * scale
         chunks, overwrite = upload.chunks, self.count == 0
         parts = [chunks]
         if self.workers > 1 and len(chunks) >= 2 * self.workers:
             parts = [chunks[i :: self.workers] for i in range(self.workers)]
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fedgrad-reduce")
-            futures = [self._pool.submit(self._add, upload, p, weight, overwrite) for p in parts]
+            futures = [self._pool.submit(self._add, upload, p, factor, overwrite) for p in parts]
             for future in futures:
                 future.result()
         else:
-            self._add(upload, chunks, weight, overwrite)
+            self._add(upload, chunks, factor, overwrite)
         self.total_weight += weight
         self.count += 1
 
@@ -211,7 +223,7 @@ class StreamingReducer:
         self,
         upload: StagedUpload,
         chunks: list[tuple[int, bytes, int, int]],
-        weight: int,
+        weight: float,
         overwrite: bool,
     ) -> None:
         decode = upload.codec.decode

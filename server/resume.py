@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError
@@ -29,6 +30,7 @@ class Resumed:
     session_id: str
     nodes: tuple[NodeRecord, ...]
     history: list[RoundRecord]
+    journal: list[dict[str, Any]]
 
 
 def write_checkpoint(
@@ -38,23 +40,31 @@ def write_checkpoint(
     nodes: Iterable[NodeRecord],
     session_id: str,
     history: Sequence[RoundRecord],
+    journal: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """Write the state of ``round_`` to ``cfg.checkpoint_dir`` (atomically)."""
+    """Write the state of ``round_`` to ``cfg.checkpoint_dir`` (atomically).
+
+    ``journal``: async mode, the uploads each version applied, in the order applied.
+    """
     assert cfg.checkpoint_dir
-    meta = {
+    meta: dict[str, Any] = {
         "session_id": session_id,
         "task": cfg.task,
         "reduce": cfg.reduce,
+        "mode": cfg.mode,
         "nodes": [
             {
                 "node_id": r.node_id,
                 "num_samples": r.num_samples,
                 "state": r.state.value,
                 "last_round": r.last_round,
+                **({"last_upload": r.last_upload} if r.last_upload else {}),
             }
             for r in nodes
         ],
     }
+    if cfg.mode == "async":
+        meta["journal"] = list(journal)
     save_checkpoint(
         cfg.checkpoint_dir, round_, model.named_params(), model.optimizer, meta, list(history)
     )
@@ -76,6 +86,11 @@ def read_checkpoint(cfg: AggregatorConfig, model: ServerModel) -> Resumed | None
             f"checkpoint in {cfg.checkpoint_dir} is for task {doc.get('task')!r} with"
             f" reduce {doc.get('reduce')!r}; use a new --checkpoint-dir for another run"
         )
+    if doc.get("mode", "sync") != cfg.mode:
+        raise ConfigError(
+            f"checkpoint in {cfg.checkpoint_dir} is of --mode {doc.get('mode', 'sync')}, this"
+            f" aggregator runs --mode {cfg.mode}; use a new --checkpoint-dir for another run"
+        )
     model.load(params, optim_state)
     nodes = tuple(
         NodeRecord(
@@ -83,8 +98,10 @@ def read_checkpoint(cfg: AggregatorConfig, model: ServerModel) -> Resumed | None
             int(n["num_samples"]),
             NodeState.LEFT if n["state"] == "left" else NodeState.ACTIVE,
             int(n["last_round"]),
+            str(n.get("last_upload", "")),
         )
         for n in doc["nodes"]
     )
     history = [RoundRecord(**r) for r in doc["history"]]
-    return Resumed(int(doc["round"]), str(doc["session_id"]), nodes, history)
+    journal = list(doc.get("journal", []))
+    return Resumed(int(doc["round"]), str(doc["session_id"]), nodes, history, journal)

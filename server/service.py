@@ -329,4 +329,6 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
         bytes_sent=core.counters.bytes_sent,
         session_id=core.session_id,
         phase=view.shown_phase,
+        mode=core.cfg.mode,
+        selected=core.selected_count,
     )

@@ -203,7 +203,7 @@ class NodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "total_rounds", "finished", "nodes", "reported", "last_metrics", "bytes_received", "bytes_sent", "session_id", "phase")
+    __slots__ = ("round", "total_rounds", "finished", "nodes", "reported", "last_metrics", "bytes_received", "bytes_sent", "session_id", "phase", "mode", "selected")
     class LastMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,8 @@ class StatusReply(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_rounds: int
     finished: bool
@@ -231,4 +233,6 @@ class StatusReply(_message.Message):
     bytes_sent: int
     session_id: str
     phase: str
-    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., finished: bool = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., reported: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., session_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
+    mode: str
+    selected: int
+    def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., finished: bool = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., reported: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., session_id: _Optional[str] = ..., phase: _Optional[str] = ..., mode: _Optional[str] = ..., selected: _Optional[int] = ...) -> None: ...
