@@ -15,9 +15,9 @@ import asyncio
 import copy
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,11 +40,13 @@ class ClusterResult:
         params: the final model state dict (parameters and buffers).
         history: one record per round.
         nodes: what each node reported.
+        journal: async mode, the uploads each version applied, in order (``replay``).
     """
 
     params: dict[str, torch.Tensor]
     history: list[RoundRecord]
     nodes: list[NodeResult]
+    journal: list[dict[str, Any]] = field(default_factory=list)
 
 
 class LocalCluster:
@@ -149,6 +151,27 @@ class LocalCluster:
             params={k: v.clone() for k, v in core.state_dict().items()},
             history=list(core.history),
             nodes=fleet.results(),
+            journal=list(core.journal),
+        )
+
+    def replay(self, journal: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Recompute an async run of this cluster from its journal; return its parameters.
+
+        Asynchronous arrival order is timing; the journal records the order the
+        aggregator applied the uploads in, so the replay is bitwise the run's
+        (``fedgrad.server.replay``).
+
+        Raises:
+            ConfigError: the journal is not one of a run of this cluster's configuration.
+        """
+        from fedgrad.server.replay import replay
+
+        rounds = len(journal)
+        return replay(
+            replace(self.cfg, rounds=max(rounds, 1)),
+            journal,
+            self._make_task,
+            lambda node_id: (int(node_id.rpartition("-")[2]), self.nodes),
         )
 
     def _node_configs(self, port: int) -> list[NodeConfig]:

@@ -56,7 +56,9 @@ class Aggregator:
         self.counters = Counters()
         self.session_id = uuid.uuid4().hex
         self.history: list[RoundRecord] = []
-        #: Async mode: the uploads each version applied, in the order applied (replayable).
+        #: Async and sampled rounds: the uploads each round applied, in the order applied
+        #: (and whom a sampled round selected): replayable, and who took part.
+        self.journaled = cfg.mode == "async" or cfg.sampled
         self.journal: list[dict[str, Any]] = []
         self._applied: list[dict[str, Any]] = []  # the open version's, in add order
         self.snapshot: Snapshot | None = None
@@ -289,7 +291,7 @@ class Aggregator:
         if decision is Deadline.CLOSE:
             await self._close()
         elif decision is Deadline.BELOW_QUORUM:
-            self._replace_missing()
+            self._replace_missing(missed_deadline=True)
             async with self._changed:
                 self._changed.notify_all()
             log.warning(
@@ -315,8 +317,11 @@ class Aggregator:
             applied, self._applied = self._applied, []
             stale = [a["staleness"] for a in applied] or [0]
             selected = self.engine.selected
-            if self.cfg.mode == "async":
-                self.journal.append({"version": self.round, "uploads": applied})
+            if self.journaled:
+                entry: dict[str, Any] = {"version": self.round, "uploads": applied}
+                if selected is not None:
+                    entry["selected"] = sorted(selected)
+                self.journal.append(entry)
             record = RoundRecord(
                 round=self.round,
                 train_loss=c.train_loss(),
@@ -375,8 +380,8 @@ class Aggregator:
             return len(selected)
         return 0 if self.cfg.mode == "async" else self.engine.active_count
 
-    def _replace_missing(self) -> None:
-        replaced = self.engine.replace_missing()
+    def _replace_missing(self, missed_deadline: bool = False) -> None:
+        replaced = self.engine.replace_missing(missed_deadline)
         if replaced:
             log.warning(
                 "selected nodes failed or left; selected %s in their place",

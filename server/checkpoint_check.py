@@ -101,6 +101,9 @@ def check_document(doc: Any) -> set[int]:
         for i, entry in enumerate(_objects(doc, "journal", "")):
             where = f"journal[{i}] "
             _int(entry, "version", where, 0)
+            selected = entry.get("selected", [])
+            if not isinstance(selected, list) or not all(isinstance(n, str) for n in selected):
+                raise Malformed(f"{where}'selected' must be a list of node ids")
             for j, upload in enumerate(_objects(entry, "uploads", where)):
                 _text(upload, "node", f"{where}uploads[{j}] ")
                 _int(upload, "computed_on", f"{where}uploads[{j}] ", 0)

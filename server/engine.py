@@ -303,16 +303,23 @@ class RoundEngine:
             return False
         return not self._reported and not any(self._state(n) is NodeState.ACTIVE for n in nodes)
 
-    def replace_missing(self) -> frozenset[str]:
+    def replace_missing(self, missed_deadline: bool = False) -> frozenset[str]:
         """Select replacements for selected nodes that left or are late; return them.
 
         A sampled round with fewer than ``min_nodes`` uploads at its deadline (or with
-        no selected node left to wait for) would otherwise wait forever. The draw is
-        seeded from (seed, round, attempt), like the round's own.
+        no selected node left to wait for) would otherwise wait forever. With
+        ``missed_deadline``, selected nodes that have not reported are marked late
+        first (an upload of theirs still counts if it comes). The draw is seeded from
+        (seed, round, attempt), like the round's own.
         """
         nodes = self._selection.nodes
         if nodes is None or self._phase is not Phase.COLLECTING or self._closing:
             return frozenset()
+        if missed_deadline:
+            for node_id in nodes - set(self._reported):
+                record = self._nodes.get(node_id)
+                if record is not None and record.state is NodeState.ACTIVE:
+                    record.state = NodeState.LATE
         waiting = {n for n in nodes if self._state(n) is NodeState.ACTIVE} - set(self._reported)
         missing = self._selection.target - len(self._reported) - len(waiting)
         spare = [n for n in self._eligible() if n not in nodes]

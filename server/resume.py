@@ -44,7 +44,7 @@ def write_checkpoint(
 ) -> None:
     """Write the state of ``round_`` to ``cfg.checkpoint_dir`` (atomically).
 
-    ``journal``: async mode, the uploads each version applied, in the order applied.
+    ``journal``: async and sampled rounds, the uploads each round applied, in order.
     """
     assert cfg.checkpoint_dir
     meta: dict[str, Any] = {
@@ -63,7 +63,7 @@ def write_checkpoint(
             for r in nodes
         ],
     }
-    if cfg.mode == "async":
+    if cfg.mode == "async" or cfg.sampled:
         meta["journal"] = list(journal)
     save_checkpoint(
         cfg.checkpoint_dir, round_, model.named_params(), model.optimizer, meta, list(history)
