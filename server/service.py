@@ -53,7 +53,10 @@ async def _fail(
         # there is no one to tell, and aborting a finished call would raise inside grpc.
         log.info("call ended: %s", exc, extra={"node": node, "round": round_, "event": "ended"})
         return
-    log.warning(
+    # A stale upload is the protocol's normal flow (the node pulls and continues), and
+    # common in async and over-committed rounds: info, not a warning.
+    log.log(
+        logging.INFO if isinstance(exc, StaleRound) else logging.WARNING,
         "rejected: %s",
         exc,
         extra={"node": node, "round": round_, "event": "reject", "reason": exc.code},
