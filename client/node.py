@@ -7,10 +7,14 @@ domain errors (``Failure`` with an ``Action``, ``Stopped``, ``RefusedError``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import random
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,7 +37,7 @@ from fedgrad.seeding import round_generator
 from fedgrad.task import Task, check_update, trainable_parameters
 from fedgrad.wire import task_identity
 
-__all__ = ["Node", "NodeResult", "join_request"]
+__all__ = ["Node", "NodeResult", "join_request", "simulated_delay"]
 
 log = logging.getLogger("fedgrad.node")
 _WIRE = {None: pb.DTYPE_UNSPECIFIED, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
@@ -62,6 +66,35 @@ def join_request(cfg: NodeConfig, layout: Layout, num_samples: int) -> pb.JoinRe
     )
 
 
+def simulated_delay(cfg: NodeConfig, round_: int) -> float:
+    """Return the seconds ``--simulate-delay`` adds to this round: uniform in [MIN, MAX].
+
+    The draw has its own generator, seeded from (seed, node id, round) with a salt, and
+    never touches the task's ``round_generator``: training results are bitwise the same
+    with and without delays, and a restarted node waits as long as before.
+
+    Args:
+        cfg: the node's config (seed, node id, ``simulate_delay``).
+        round_: the round computed.
+    """
+    low, high = cfg.simulate_delay
+    if high <= 0:
+        return 0.0
+    # A str seed is hashed with SHA-512 (random.seed, version 2): the same in every process.
+    rng = random.Random(f"simulate-delay\x00{cfg.seed}\x00{cfg.node_id}\x00{round_}")
+    return rng.uniform(low, high)
+
+
+@functools.cache
+def _warn_simulated(delay: tuple[float, float]) -> None:
+    """Say once per process (and range) that rounds are slowed on purpose."""
+    log.warning(
+        "simulating stragglers: each round waits %g-%g s after computing (--simulate-delay)",
+        *delay,
+        extra={"event": "simulate_delay"},
+    )
+
+
 @dataclass(frozen=True)
 class NodeResult:
     """What a node did: rounds it uploaded and the final round it saw."""
@@ -72,10 +105,20 @@ class NodeResult:
 
 
 class Node:
-    """One compute node. ``run()`` returns when training is over, or after ``stop()``."""
+    """One compute node. ``run()`` returns when training is over, or after ``stop()``.
 
-    def __init__(self, task: Task, cfg: NodeConfig) -> None:
+    Args:
+        task: the task (this node's own object).
+        cfg: the node's config.
+        compute: entered around each round's ``compute_update``; ``fedgrad node --count``
+            passes a semaphore shared by its nodes to bound the concurrent compute.
+    """
+
+    def __init__(
+        self, task: Task, cfg: NodeConfig, compute: AbstractContextManager[Any] | None = None
+    ) -> None:
         self.task, self.cfg = task, cfg
+        self.compute = compute if compute is not None else nullcontext()
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -231,6 +274,8 @@ class Node:
 
     def _loop(self) -> NodeResult:
         next_round = 0
+        if self.cfg.simulate_delay[1] > 0:
+            _warn_simulated(tuple(self.cfg.simulate_delay))  # a list (LocalCluster) is no key
         try:
             self.join()
             while not self.stop_event.is_set():
@@ -262,8 +307,12 @@ class Node:
     def train_round(self, round_: int) -> int:
         """Compute and push this round's update; return the next round to pull."""
         generator = round_generator(self.cfg.seed, self.cfg.node_id, round_)
-        update = self.task.compute_update(self.model, self.data, generator)
+        with self.compute:
+            update = self.task.compute_update(self.model, self.data, generator)
         check_update(update, self.params)
+        # After the compute and outside ``compute``: a waiting straggler holds no worker.
+        if self.stop_event.wait(simulated_delay(self.cfg, round_)):
+            raise Stopped
         reply = self.push(round_, update.gradients, update.num_samples, update.metrics)
         self.uploads += 0 if reply.duplicate else 1
         log.info(
