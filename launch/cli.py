@@ -245,6 +245,9 @@ def _access_flags(add: Add) -> None:
 
 
 def _node_parser(sub: Subparsers) -> None:
+    from fedgrad.client.fleet import DEFAULT_PREFIX, NODE_PLACEHOLDER
+    from fedgrad.launch.flags import delay, nonnegative, positive
+
     p = sub.add_parser(
         "node",
         argument_default=S,
@@ -289,6 +292,38 @@ def _node_parser(sub: Subparsers) -> None:
         "--compress",
         metavar=choices(("none", *WIRE_DTYPES)),
         help=f"wire dtype of uploads (default {shown(N.wire_dtype).lower()}: the model's own)",
+    )
+    low, high = map(shown, N.simulate_delay)
+    add(
+        "simulate_delay",
+        "simulation knob for stragglers: after computing, wait SEC, or a time drawn each round"
+        " uniformly from MIN..MAX and seeded from (seed, node id, round); results stay bitwise"
+        f" the same (default {low if low == high else f'{low}:{high}'})",
+        type=delay,
+        metavar="SEC|MIN:MAX",
+    )
+    p.add_argument(
+        "--count",
+        type=positive(int),
+        metavar="M",
+        help="run M nodes in this process, --node-id PREFIX gives PREFIX-F ... PREFIX-(F+M-1),"
+        " each with its own channel, seed and shard i/M (or i/N with --shard ordinal/N);"
+        " --token-file then holds one 'NODE_ID TOKEN' line per node, and"
+        f" {NODE_PLACEHOLDER} in --tls-cert/--tls-key paths is each node's id"
+        f" (default prefix {DEFAULT_PREFIX})",
+    )
+    p.add_argument(
+        "--first",
+        type=nonnegative(int),
+        metavar="F",
+        help="with --count: the first node's number (default 0; needs --shard ordinal/N)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive(int),
+        metavar="W",
+        help="with --count: nodes computing at once (default: the CPU count); --threads"
+        " defaults to 1 with --count",
     )
 
 

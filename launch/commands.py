@@ -186,24 +186,23 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
 
 
 def run_node(values: dict[str, Any]) -> int:
-    """Train until the aggregator finishes (exit 0); SIGTERM or SIGINT leaves cleanly (exit 0)."""
+    """Train until the aggregator finishes (exit 0); SIGTERM or SIGINT leaves cleanly (exit 0).
+
+    With ``--count M``, run M nodes in this process (``run_fleet``).
+    """
+    if "count" in values:
+        return run_fleet(values)
+    for name in ("first", "workers"):
+        if name in values:
+            raise ConfigError(f"--{name} goes with --count M (M nodes in this process)")
     from fedgrad.client.node import Node
 
     cfg = node_config(values)
     setup_logging(cfg.log_format)
     node = Node(load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed), cfg)
-
-    def request_stop(signum: int, frame: Any) -> None:
-        node.stop(signal.Signals(signum).name)  # logged as "SIGTERM: leaving the federation"
-
-    handled = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
     try:
-        freeze_startup_objects()
-        result = _off_the_main_thread(node.run)
+        result = _stoppable(node.run, node.stop)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler or signal.SIG_DFL)  # None: set outside Python
         node.close()
     log.info(
         "done: %d uploads, final round %d",
@@ -212,6 +211,79 @@ def run_node(values: dict[str, Any]) -> int:
         extra={"node": cfg.node_id, "event": "exit"},
     )
     return 0
+
+
+def fleet_node_configs(values: dict[str, Any]) -> tuple[list[NodeConfig], int]:
+    """Build the configs of ``--count`` nodes and the number of workers from option values.
+
+    Raises:
+        ConfigError: a bad value, ``--shard I/N`` (one shard for M nodes), one
+            ``FEDGRAD_TOKEN`` for M nodes, or a TLS file of a node that does not work.
+    """
+    from fedgrad.client.fleet import DEFAULT_PREFIX, fleet_configs, read_fleet_tokens
+    from fedgrad.client.tls import check_tls_files
+
+    count, first = values.pop("count"), values.pop("first", 0)
+    workers = values.pop("workers", os.cpu_count() or 1)
+    prefix = values.pop("node_id", DEFAULT_PREFIX)
+    index, shards = values.pop("shard", ("ordinal", None))
+    if index != "ordinal":
+        raise ConfigError(
+            f"--shard {index}/{shards} is one shard: with --count, use --shard ordinal/{shards}"
+            f" (node {prefix}-i trains shard i/{shards})"
+        )
+    token_file = values.pop("token_file", None)
+    values.setdefault("threads", 1)  # M nodes share the cores; --threads still wins
+    base = node_config(values)
+    if token_file is None and base.token:
+        raise ConfigError(
+            f"with --count, {TOKEN_ENV} would be every node's token: pass --token-file FILE"
+            " with one 'NODE_ID TOKEN' line per node"
+        )
+    tokens = read_fleet_tokens(token_file) if token_file else None
+    configs = fleet_configs(base, prefix, count, first, shards, tokens)
+    for cfg in configs:
+        check_tls_files(cfg)  # every node's files before any node starts
+    return configs, workers
+
+
+def run_fleet(values: dict[str, Any]) -> int:
+    """Run ``--count`` nodes in this process until all finish (exit 0) or SIGTERM/SIGINT.
+
+    Returns:
+        0; the first node failure is raised (its type and message, naming the node).
+    """
+    from fedgrad.client.fleet import Fleet
+
+    configs, workers = fleet_node_configs(values)
+    cfg = configs[0]
+    setup_logging(cfg.log_format)
+    fleet = Fleet(lambda: load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed), configs, workers)
+    results = _stoppable(fleet.run, fleet.stop)
+    log.info(
+        "done: %d nodes, %d uploads, final round %d",
+        len(results),
+        sum(r.uploads for r in results),
+        max((r.final_round for r in results), default=0),
+        extra={"event": "exit"},
+    )
+    return 0
+
+
+def _stoppable(run: Callable[[], T], stop: Callable[[str], None]) -> T:
+    """Return ``run()``, run off the main thread; SIGTERM and SIGINT call ``stop(SIGNAME)``."""
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop(signal.Signals(signum).name)  # logged as "SIGTERM: leaving the federation"
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
+    try:
+        freeze_startup_objects()
+        return _off_the_main_thread(run)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)  # None: set outside Python
 
 
 def _off_the_main_thread(fn: Callable[[], T]) -> T:

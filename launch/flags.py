@@ -27,6 +27,8 @@ __all__ = [
     "add_token_file",
     "choices",
     "default_of",
+    "delay",
+    "nonnegative",
     "positive",
     "setting",
     "settings_of",
@@ -102,6 +104,17 @@ def shard(value: str) -> tuple[str, int]:
     return index, int(count)
 
 
+def delay(value: str) -> tuple[float, float]:
+    """Parse ``SEC`` into (SEC, SEC) or ``MIN:MAX`` into (MIN, MAX), seconds."""
+    low, sep, high = value.partition(":")
+    try:
+        return float(low), float(high if sep else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected SEC or MIN:MAX seconds (e.g. 0.5 or 0.1:2), got {value!r}"
+        ) from None
+
+
 def positive(kind: type) -> Any:
     """Return a parser of ``kind`` numbers > 0, for flags that are no config setting."""
 
@@ -109,6 +122,19 @@ def positive(kind: type) -> Any:
         number = kind(value)
         if number <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return number
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def nonnegative(kind: type) -> Any:
+    """Return a parser of ``kind`` numbers >= 0, for flags that are no config setting."""
+
+    def convert(value: str) -> object:
+        number = kind(value)
+        if number < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
         return number
 
     convert.__name__ = kind.__name__
