@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -34,9 +35,12 @@ __all__ = [
     "free_port",
     "module_cmd",
     "percentile",
+    "prometheus_value",
     "ratio",
     "rounds_result",
+    "scrape_metrics",
     "summarize",
+    "vm_hwm_bytes",
     "wait_listening",
 ]
 
@@ -146,6 +150,47 @@ def ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den == 0:
         return None
     return num / den
+
+
+def vm_hwm_bytes(pid: int) -> int | None:
+    """Return the kernel's peak resident set (``VmHWM``) of one process, None if it is gone.
+
+    Exact for that process (no sampling gaps), but it excludes children and it
+    vanishes with the process: read it while the process runs.
+    """
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    return None
+
+
+def scrape_metrics(port: int, timeout: float = 2.0, host: str = "127.0.0.1") -> str | None:
+    """Return the Prometheus text of ``http://host:port/metrics``, None if it did not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as reply:
+            return str(reply.read().decode())
+    except OSError:
+        return None
+
+
+def prometheus_value(text: str, name: str, **labels: str) -> float | None:
+    """Return the sample ``name{labels}`` of a Prometheus text exposition, None if absent.
+
+    Only exact label sets match (``fedgrad_nodes{state="active"}``); enough for the
+    gauges the benchmarks read, not a general parser.
+    """
+    want = name
+    if labels:
+        want += "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == want:
+            return float(value)
+    return None
 
 
 class RssSampler:

@@ -30,7 +30,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from benchmarks import ab, fedgrad_bench, flower_deploy, flower_grpc, gloo, raw_grpc, report
+from benchmarks import (
+    ab,
+    fedgrad_bench,
+    flower_deploy,
+    flower_grpc,
+    gloo,
+    raw_grpc,
+    report,
+    stragglers,
+)
 from benchmarks.common import BenchError, MiB, Procs
 
 __all__ = ["FEDGRAD_SUITES", "FULL", "QUICK", "SUITES", "Plan", "execute", "run"]
@@ -54,17 +63,32 @@ class Plan:
     scale_params: int
     scale_rounds: int
     scale_procs: int  # driver processes sharing the scale nodes
+    straggle_rounds: int  # sync rounds of stragglers_tta (the others: as many uploads)
+    noniid_nodes: int  # sampling_noniid: nodes, C = 0.1 of them a round
+    noniid_caps: tuple[int, int]  # rounds run by FedSGD, FedAvg (to 0.95 or the cap)
+    noniid_splits: tuple[str, ...]  # digits non-IID splits (task options)
+    fleet_nodes: int  # scale_1000: joined nodes (node processes with --count)
+    fleet_sample: int  # ... sampled a round; also the size of the federation compared
+    fleet_rounds: int
+    fleet_procs: int  # node processes sharing fleet_nodes
+    target_accuracy: float  # of the time- and rounds-to-accuracy suites
 
 
 FULL = Plan(
     reps=3, params=50_000_000, tensors=20, nodes=4, rounds=4, flower_rounds=3,
     raw_bytes=256 * MiB, gloo_iters=5, rss_nodes=(2, 16), many_tensors=(2000, 1000),
     scale_nodes=200, scale_params=100_000, scale_rounds=10, scale_procs=4,
+    straggle_rounds=24, noniid_nodes=50, noniid_caps=(300, 150),
+    noniid_splits=("classes_per_node=2", "dirichlet=0.5"), fleet_nodes=1000, fleet_sample=20,
+    fleet_rounds=20, fleet_procs=4, target_accuracy=stragglers.TARGET,
 )  # fmt: skip
 QUICK = Plan(
     reps=2, params=2_000_000, tensors=20, nodes=2, rounds=3, flower_rounds=2,
     raw_bytes=32 * MiB, gloo_iters=3, rss_nodes=(2, 8), many_tensors=(2000, 1000),
     scale_nodes=50, scale_params=10_000, scale_rounds=4, scale_procs=2,
+    straggle_rounds=12, noniid_nodes=50, noniid_caps=(150, 80),
+    noniid_splits=("classes_per_node=2",), fleet_nodes=100, fleet_sample=20, fleet_rounds=10,
+    fleet_procs=2, target_accuracy=stragglers.TARGET,
 )  # fmt: skip
 
 #: Called as ``suite(plan, procs)``; the fedgrad suites also take ``cli=`` (the
@@ -118,6 +142,14 @@ SUITES: dict[str, Suite] = {
     "fedgrad_few_tensors": _few,
     "fedgrad_scale": lambda p, pr, cli=None: fedgrad_bench.driver_rounds(
         p.scale_params, 4, p.scale_nodes, p.scale_rounds, p.scale_procs, pr, cli=cli),
+    # The stragglers issue: digits, real training (benchmarks/stragglers.py).
+    "stragglers_tta": lambda p, pr: stragglers.stragglers_tta(
+        p.straggle_rounds, procs=pr, target=p.target_accuracy),
+    "sampling_noniid": lambda p, pr: stragglers.sampling_noniid(
+        p.noniid_nodes, 0.1, dict(zip(("fedsgd", "fedavg"), p.noniid_caps, strict=True)),
+        p.noniid_splits, target=p.target_accuracy),
+    "scale_1000": lambda p, pr: stragglers.scale_1000(
+        p.fleet_nodes, p.fleet_sample, p.fleet_rounds, p.fleet_procs, pr),
 }  # fmt: skip
 #: The suites that run the fedgrad CLI (they take ``cli=``); ``--baseline`` twins them.
 # Suites a baseline build can run too (one before the reproducible sum has no such kernel).

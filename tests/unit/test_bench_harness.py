@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ab, fedgrad_bench, report, run
-from benchmarks.common import BenchError, percentile, ratio, summarize
+from benchmarks import ab, fedgrad_bench, report, run, stragglers
+from benchmarks.common import BenchError, percentile, prometheus_value, ratio, summarize
 from benchmarks.flower_grpc import flower_available
 
 FLOWER_MISSING = flower_available()
@@ -36,6 +36,16 @@ TINY = replace(
     scale_params=1_000,
     scale_rounds=3,
     scale_procs=2,
+    straggle_rounds=2,
+    noniid_nodes=20,
+    noniid_caps=(30, 3),
+    noniid_splits=("classes_per_node=2", "dirichlet=0.5"),
+    fleet_nodes=8,
+    fleet_sample=2,
+    fleet_rounds=3,
+    fleet_procs=2,
+    # Reached within TINY's few rounds, so every time- and rounds-to-accuracy metric exists.
+    target_accuracy=0.3,
 )
 
 
@@ -151,3 +161,53 @@ def test_ab_twin_runs_the_given_cli(tmp_path: Path) -> None:
         ("fedgrad_round", "round_s"), ("fedgrad_push_pull", "push_gbps"),
     }  # fmt: skip
     assert all(r["ratio"]["n"] == 1 for r in rows)
+
+
+def test_seconds_to_accuracy_sums_from_round_zero_through_the_first_hit() -> None:
+    rows = [
+        {"test_accuracy": "0.5", "seconds": "2.0", "nodes": "8"},
+        {"test_accuracy": "0.96", "seconds": "0.5", "nodes": "8"},
+        {"test_accuracy": "0.94", "seconds": "0.25", "nodes": "6"},
+        {"test_accuracy": "0.97", "seconds": "0.25", "nodes": "8"},
+    ]
+    hit = stragglers.seconds_to_accuracy(rows, 0.95)
+    assert hit == {"round": 1, "rounds": 2, "seconds": 2.5, "steady_seconds": 0.5}
+    assert stragglers.seconds_to_accuracy(rows, 0.5)["seconds"] == 2.0  # round 0 itself
+    assert stragglers.seconds_to_accuracy(rows, 0.99)["rounds"] is None
+
+    summary = stragglers.accuracy_summary(rows, 0.95)
+    assert (summary["final_accuracy"], summary["best_accuracy"]) == (0.97, 0.97)
+    assert (summary["uploads"], summary["rounds_run"], summary["staleness_max"]) == (30, 4, 0)
+
+
+def test_prometheus_value_matches_the_exact_label_set() -> None:
+    text = (
+        "# HELP fedgrad_nodes Nodes known, by state.\n"
+        'fedgrad_nodes{state="active"} 1000.0\n'
+        'fedgrad_nodes{state="late"} 2.0\n'
+        "fedgrad_round 7.0\n"
+    )
+    assert prometheus_value(text, "fedgrad_nodes", state="active") == 1000.0
+    assert prometheus_value(text, "fedgrad_round") == 7.0
+    assert prometheus_value(text, "fedgrad_nodes", state="left") is None
+    assert prometheus_value(text, "fedgrad_nodes") is None
+
+
+def test_thresholds_and_untargeted_ratios_are_judged_and_shown() -> None:
+    runs = {
+        "stragglers_tta": [{"sync": {"seconds": 6.0, "final_accuracy": 0.96},
+                            "async": {"seconds": 2.0, "final_accuracy": 0.955},
+                            "overcommit": {"seconds": 3.0, "final_accuracy": 0.96},
+                            "async_minus_sync_accuracy": -0.005}],
+        "scale_1000": [{"error": "3 of 8 nodes joined"}],
+    }  # fmt: skip
+    results = report.build(runs, asdict(TINY), "tiny", "pytest", 0.0)
+    verdicts = {r["name"]: r for r in results["ratios"]}
+
+    assert verdicts["stragglers_sync_over_async"]["value"] == 3.0
+    assert verdicts["stragglers_sync_over_async"]["met"] is True
+    assert verdicts["stragglers_sync_over_overcommit"]["met"] is None  # no target
+    assert verdicts["stragglers_async_accuracy"]["met"] is True  # |-0.005| <= 0.01
+    assert verdicts["fleet_rss_delta_mb"]["met"] is None  # the suite failed
+    assert verdicts["fleet_rounds_complete"]["met"] is False
+    assert "abs<= 0.01" in report.table(results)
