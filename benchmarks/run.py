@@ -6,8 +6,10 @@ from one run are compared. Every suite starts fresh processes on 127.0.0.1.
 
 Full mode (``make bench``): P = 50M fp32 in 20 tensors, N = 4, 3 repetitions,
 plus the other targets of issue 5 (RSS at N = 16 vs N = 2, 2000 x 1K tensors
-vs 20 large ones, 200 concurrent nodes). Quick mode (``make bench-quick``):
-the same suites on small sizes, 2 repetitions, about 2 minutes.
+vs 20 large ones, 200 concurrent nodes) and the stragglers issue's digits suites
+(``benchmarks/stragglers.py``: time to accuracy with stragglers, rounds to accuracy
+with sampled non-IID nodes, 1,000 joined nodes). Quick mode (``make bench-quick``):
+the same suites on small sizes, 2 repetitions, about 6 minutes.
 
 A/B mode (``make bench-ab BASE=REV``): ``--baseline FEDGRAD`` also runs each
 selected fedgrad suite with another build's ``fedgrad`` executable, as
@@ -78,7 +80,7 @@ FULL = Plan(
     reps=3, params=50_000_000, tensors=20, nodes=4, rounds=4, flower_rounds=3,
     raw_bytes=256 * MiB, gloo_iters=5, rss_nodes=(2, 16), many_tensors=(2000, 1000),
     scale_nodes=200, scale_params=100_000, scale_rounds=10, scale_procs=4,
-    straggle_rounds=24, noniid_nodes=50, noniid_caps=(300, 150),
+    straggle_rounds=24, noniid_nodes=50, noniid_caps=(300, 100),
     noniid_splits=("classes_per_node=2", "dirichlet=0.5"), fleet_nodes=1000, fleet_sample=20,
     fleet_rounds=20, fleet_procs=4, target_accuracy=stragglers.TARGET,
 )  # fmt: skip
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, run, print the table and ratios, write results.json and chart.png."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes, ~6 minutes")
     parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 2)")
     parser.add_argument("--params", type=int, help="override P (fp32 values of the main model)")
     parser.add_argument("--suites", help=f"comma-separated subset of: {', '.join(SUITES)}")

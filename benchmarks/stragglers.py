@@ -253,7 +253,7 @@ def sampling_noniid(
         Per ``<algorithm>/<split>``: ``accuracy_summary`` (``rounds`` to target or
         None), ``lr``, ``reached`` and a ``note``; ``sampled`` nodes per round.
     """
-    caps = {"fedsgd": 300, "fedavg": 150, **(caps or {})}
+    caps = {"fedsgd": 300, "fedavg": 100, **(caps or {})}
     algorithms = {"fedsgd": ({"local_steps": "0"}, FEDSGD_LR), "fedavg": ({}, 1.0)}
     result: dict[str, Any] = {"nodes": nodes, "fraction": fraction, "seed": seed,
                               "sampled": math.ceil(fraction * nodes - 1e-9)}  # fmt: skip
@@ -327,9 +327,10 @@ def scale_1000(
 ) -> dict:  # fmt: skip
     """Compare ``nodes`` joined nodes sampling ``sample`` a round with a ``sample``-node federation.
 
-    Both runs give node n-i shard i/``nodes`` (1-2 digits images each at 1,000), so
-    a selected node computes the same in both; the small federation waits for all
-    its nodes every round (no ``--sample``).
+    Both runs give node n-i shard i/``nodes`` (1-2 digits images each at 1,000) and
+    spread the nodes over ``node_procs`` processes, so a selected node computes the
+    same in both; the small federation waits for all its nodes every round (no
+    ``--sample``).
 
     Returns:
         ``few`` (``sample`` nodes, no sampling) and ``many`` (``nodes`` nodes,
@@ -340,9 +341,9 @@ def scale_1000(
     own = procs is None
     procs = procs or Procs()
     try:
-        # The same shards (i/nodes) in both runs: a round's compute is the same, so the
-        # difference is what the other joined nodes cost.
-        few = _federation(procs, "few", sample, nodes, 1, rounds, [], timeout)
+        # The same shards (i/nodes) and node processes in both runs: a round computes the
+        # same, so the difference is what the other joined nodes cost.
+        few = _federation(procs, "few", sample, nodes, node_procs, rounds, [], timeout)
         many = _federation(procs, "many", nodes, nodes, node_procs, rounds, ["--sample", sample],
                            timeout)  # fmt: skip
     finally:
