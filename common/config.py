@@ -25,6 +25,7 @@ __all__ = [
     "MIN_CHUNK_BYTES",
     "OPTIMIZERS",
     "REDUCTIONS",
+    "ROBUST_REDUCTIONS",
     "WIRE_DTYPES",
     "AggregatorConfig",
     "NodeConfig",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 REDUCTIONS = ("weighted-mean", "mean", "sum")
+#: Robust rules (they hold a round's uploads), as ``--reduce`` spells them.
+ROBUST_REDUCTIONS = ("median", "trimmed-mean:BETA", "krum:F", "multi-krum:F,M", "geometric-median")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 #: Accumulator dtypes: float64 sums of float32/16 uploads do not depend on arrival order.
 ACCUMULATORS = ("auto", "float64", "float32", "reproducible")
@@ -194,6 +197,51 @@ def parse_staleness(text: str) -> tuple[str, tuple[float, ...]]:
     return form, params
 
 
+def parse_reduce(text: str) -> tuple[str, tuple[float, ...]]:
+    """Parse ``--reduce``: a streaming rule or a robust one with its parameters.
+
+    Returns:
+        The rule and its parameters, e.g. ``("multi-krum", (2.0, 5.0))``.
+
+    Raises:
+        ConfigError: an unknown rule, or parameters it does not take.
+    """
+    rule, _, raw = str(text).partition(":")
+    wanted = {
+        "weighted-mean": 0,
+        "mean": 0,
+        "sum": 0,
+        "median": 0,
+        "geometric-median": 0,
+        "trimmed-mean": 1,
+        "krum": 1,
+        "multi-krum": 2,
+    }
+    try:
+        params = tuple(float(p) for p in raw.split(",")) if raw else ()
+    except ValueError:
+        params = (math.nan,)
+    valid = (
+        rule in wanted
+        and len(params) == wanted[rule]
+        and all(math.isfinite(p) and p >= 0 for p in params)
+    )
+    if valid and rule == "trimmed-mean":
+        valid = params[0] < 0.5
+    if valid and rule in ("krum", "multi-krum"):
+        valid = all(p == int(p) for p in params) and (rule == "krum" or params[1] >= 1)
+    if not valid:
+        raise ConfigError(
+            f"reduce must be one of {', '.join(REDUCTIONS + ROBUST_REDUCTIONS)} (BETA in"
+            f" [0, 0.5), F >= 0 and M >= 1 whole numbers), got {text!r}"
+        )
+    return rule, params
+
+
+def _reduce(name: str, value: Any) -> None:
+    parse_reduce(value)
+
+
 def _staleness(name: str, value: Any) -> None:
     parse_staleness(value)
 
@@ -256,7 +304,7 @@ class AggregatorConfig:
     seed: int = _setting(0, _count(0))  # sent as uint64 (JoinRequest.seed)
     optimizer: str | None = _setting(None, _optional(_one_of(OPTIMIZERS)))
     lr: float | None = _setting(None, _optional(_positive))
-    reduce: str = _setting("weighted-mean", _one_of(REDUCTIONS))
+    reduce: str = _setting("weighted-mean", _reduce)
     save: str | None = None
     history: str | None = None
     insecure: bool = False
@@ -295,6 +343,12 @@ class AggregatorConfig:
     buffer: int = _setting(0, _count(0))
     max_staleness: int = _setting(10, _count(0))
     staleness: str = _setting("polynomial:0.5", _staleness)
+    #: Every upload is scaled to L2 norm at most this before any reducer (None: no bound).
+    clip_update_norm: float | None = _setting(None, _optional(_positive))
+    #: Largest sample count a node's weight may claim (0: no cap).
+    max_samples_per_node: int = _setting(0, _count(0))
+    #: Where a robust rule spills a round's uploads past --staging-mb (None: the temp dir).
+    spill_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self)

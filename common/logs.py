@@ -10,6 +10,8 @@ import time
 __all__ = ["JsonFormatter", "setup_logging"]
 
 _FIELDS = ("node", "round", "event", "reason")
+#: Structured fields only the JSON format carries (per-node statistics of a round).
+_JSON_FIELDS = (*_FIELDS, "nodes", "stats")
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,7 +25,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in _FIELDS:
+        for name in _JSON_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
                 out[name] = value

@@ -18,7 +18,6 @@ from fedgrad.config import (
     MIN_CHUNK_BYTES,
     MODES,
     OPTIMIZERS,
-    REDUCTIONS,
     WIRE_DTYPES,
     AggregatorConfig,
     NodeConfig,
@@ -68,8 +67,27 @@ def _aggregator_parser(sub: Subparsers) -> None:
     add("lr", "learning rate (default: the task's)", type=float)
     add(
         "reduce",
-        "how gradients combine: weighted-mean by samples, mean, sum (default {default})",
-        metavar=choices(REDUCTIONS),
+        "how gradients combine: weighted-mean by samples, mean, sum; or a robust rule that"
+        " holds the round's uploads: median, trimmed-mean:BETA, krum:F, multi-krum:F,M,"
+        " geometric-median (default {default}; docs/security.md)",
+        metavar="RULE",
+    )
+    add(
+        "clip_update_norm",
+        "scale every upload to L2 norm at most C before any rule (default: no bound)",
+        type=float,
+        metavar="C",
+    )
+    add(
+        "max_samples_per_node",
+        "cap the sample count a node's weight may claim in the weighted mean (default: none)",
+        type=int,
+        metavar="N",
+    )
+    add(
+        "spill_dir",
+        "where a robust rule keeps a round's uploads past --staging-mb (default: the temp dir)",
+        metavar="DIR",
     )
     add("save", "write the final state_dict here (safetensors)", metavar="PATH.safetensors")
     add(

@@ -30,6 +30,7 @@ from fedgrad.server.model import Peer, ServerModel
 from fedgrad.server.policy import make_policy
 from fedgrad.server.reducers import MAX_EXACT_WEIGHT, accumulate_for, make_reducer
 from fedgrad.server.resume import read_checkpoint, write_checkpoint
+from fedgrad.server.robust import check_fits
 from fedgrad.server.staging import StagedUpload, UploadTicket
 from fedgrad.server.uploads import Intake
 from fedgrad.task import Task
@@ -52,7 +53,19 @@ class Aggregator:
         # Two add threads pay off once uploads are large; small models stay single-threaded.
         workers = min(2, os.cpu_count() or 1) if self.layout.total >= 16 << 20 else 1
         self.accumulate = accumulate_for(cfg.accumulate, self.layout)
-        self.reducer = make_reducer(cfg.reduce, self.layout, self.accumulate, workers)
+        check_fits(cfg, self.layout)
+        self.reducer = make_reducer(
+            cfg.reduce,
+            self.layout,
+            self.accumulate,
+            workers,
+            clip=cfg.clip_update_norm,
+            max_samples=cfg.max_samples_per_node,
+            budget_bytes=cfg.staging_mb << 20,
+            spill_dir=cfg.spill_dir,
+        )
+        #: Per node: its last applied upload's L2 norm and the robust rule's statistics.
+        self.node_stats: dict[str, dict[str, float]] = {}
         self.counters = Counters()
         self.session_id = uuid.uuid4().hex
         self.history: list[RoundRecord] = []
@@ -261,7 +274,9 @@ class Aggregator:
         try:
             async with self._adding:
                 began = time.perf_counter()
-                await asyncio.to_thread(self.reducer.add, staged, ticket.weight, scale)
+                norm = await asyncio.to_thread(
+                    self.reducer.add, staged, ticket.weight, scale, ticket.node_id
+                )
                 self.counters.add_seconds += time.perf_counter() - began
                 self._applied.append(
                     {
@@ -269,6 +284,7 @@ class Aggregator:
                         "computed_on": ticket.round,
                         "weight": ticket.weight,
                         "staleness": staleness,
+                        "norm": norm,
                     }
                 )
         except Exception:
@@ -315,6 +331,7 @@ class Aggregator:
             metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
             applied, self._applied = self._applied, []
+            self._record_stats(applied)
             stale = [a["staleness"] for a in applied] or [0]
             selected = self.engine.selected
             if self.journaled:
@@ -369,6 +386,24 @@ class Aggregator:
             self._timer.cancel()
         if not finished:
             self._timer = self._spawn(self._round_deadline(round_))
+
+    def _record_stats(self, applied: list[dict[str, Any]]) -> None:
+        """Keep each applied node's norm and robust statistics; log them (JSON: ``stats``)."""
+        robust = getattr(self.reducer, "stats", {})
+        round_stats = {}
+        for upload in applied:
+            stats = {"norm": float(upload["norm"]), **robust.get(upload["node"], {})}
+            self.node_stats[upload["node"]] = round_stats[upload["node"]] = stats
+        left_out = sorted(n for n, s in round_stats.items() if s.get("selected") == 0.0)
+        log.log(
+            logging.INFO if robust or self.cfg.clip_update_norm else logging.DEBUG,
+            "round %d applied %d uploads (largest norm %.4g%s)",
+            self.round,
+            len(applied),
+            max((s["norm"] for s in round_stats.values()), default=0.0),
+            f"; {self.cfg.reduce} left out {', '.join(left_out)}" if left_out else "",
+            extra={"round": self.round, "event": "round_stats", "stats": round_stats},
+        )
 
     @property
     def selected_count(self) -> int:

@@ -93,6 +93,25 @@ class AggregatorCollector(Collector):
             "Async mode: largest staleness of the uploads the last version applied.",
             value=last_stale,
         )
+        norms = GaugeMetricFamily(
+            "fedgrad_upload_norm",
+            "L2 norm of each node's last applied upload (before clipping).",
+            labels=["node"],
+        )
+        stats = GaugeMetricFamily(
+            "fedgrad_robust_stat",
+            "The robust rule's statistic of each node's last upload (selected, krum_score,"
+            " trimmed_fraction, weight).",
+            labels=["node", "stat"],
+        )
+        for node, values in sorted(dict(core.node_stats).items()):
+            for stat, value in sorted(dict(values).items()):
+                if stat == "norm":
+                    norms.add_metric([node], value)
+                else:
+                    stats.add_metric([node, stat], value)
+        yield norms
+        yield stats
         yield GaugeMetricFamily(
             "fedgrad_staging_bytes",
             "Bytes of uploads staged in flight.",

@@ -16,6 +16,7 @@ only in float64's last bits), ``float32`` (half the memory) or ``reproducible``
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -149,8 +150,12 @@ class Reducer(Protocol):
         """
         ...
 
-    def add(self, upload: StagedUpload, weight: int) -> None:
-        """Add a complete, counted upload. One add at a time."""
+    def add(self, upload: StagedUpload, weight: int, scale: float = 1.0, key: str = "") -> float:
+        """Add a complete, counted upload of node ``key``; return its L2 norm. One at a time.
+
+        ``scale`` in (0, 1] multiplies the upload (async staleness); the divisor of a
+        mean counts ``weight`` unscaled.
+        """
         ...
 
     def result_into(self, outputs: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
@@ -159,6 +164,10 @@ class Reducer(Protocol):
 
     def reset(self) -> None:
         """Start a new round."""
+        ...
+
+    def close(self) -> None:
+        """Free threads and files."""
         ...
 
 
@@ -172,9 +181,16 @@ class StreamingReducer:
     streaming = True
 
     def __init__(
-        self, name: str, layout: Layout, accumulate: str = "float64", workers: int = 1
+        self,
+        name: str,
+        layout: Layout,
+        accumulate: str = "float64",
+        workers: int = 1,
+        clip: float | None = None,
+        max_samples: int = 0,
     ) -> None:
         self.name, self.layout = name, layout
+        self.clip, self.max_samples = clip, max_samples
         self.sum: SumKernel = SUMS[accumulate](layout.numel)
         self.workers = max(1, workers)
         self._pool: ThreadPoolExecutor | None = None
@@ -190,20 +206,29 @@ class StreamingReducer:
                 f"num_samples must be in [1, {MAX_EXACT_WEIGHT - 1}] for the weighted mean,"
                 f" got {num_samples}"
             )
-        return num_samples
+        return min(num_samples, self.max_samples) if self.max_samples else num_samples
 
-    def add(self, upload: StagedUpload, weight: int, scale: float = 1.0) -> None:
+    def add(self, upload: StagedUpload, weight: int, scale: float = 1.0, key: str = "") -> float:
         """Add ``weight * scale * values``; the divisor counts ``weight`` only.
 
         ``scale`` (async mode's staleness factor s(tau), in (0, 1]) shrinks a stale
         upload without renormalizing it away (FedBuff). At 1 the product stays the
-        exact integer one.
+        exact integer one. With ``clip``, an upload whose L2 norm exceeds it is scaled
+        down to it first (one more decoding pass, only then).
+
+        Returns:
+            The upload's L2 norm (before clipping).
         """
         upload.complete()
         if not 1 <= weight < MAX_EXACT_WEIGHT:
             raise InvalidArgument(f"weight {weight} is outside [1, {MAX_EXACT_WEIGHT})")
         if not 0 < scale <= 1:
             raise InvalidArgument(f"staleness scale {scale} is outside (0, 1]")
+        norm = None
+        if self.clip is not None:
+            norm = upload_norm(upload)
+            if norm > self.clip:
+                scale *= self.clip / norm
         factor: float = weight if scale == 1 else weight * scale
         chunks, overwrite = upload.chunks, self.count == 0
         parts = [chunks]
@@ -212,12 +237,12 @@ class StreamingReducer:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fedgrad-reduce")
             futures = [self._pool.submit(self._add, upload, p, factor, overwrite) for p in parts]
-            for future in futures:
-                future.result()
+            added = math.hypot(*(future.result() for future in futures))
         else:
-            self._add(upload, chunks, factor, overwrite)
+            added = self._add(upload, chunks, factor, overwrite)
         self.total_weight += weight
         self.count += 1
+        return norm if norm is not None else added
 
     def _add(
         self,
@@ -225,11 +250,15 @@ class StreamingReducer:
         chunks: list[tuple[int, bytes, int, int]],
         weight: float,
         overwrite: bool,
-    ) -> None:
+    ) -> float:
+        """Add ``chunks``; return the L2 norm of the values added (statistics only)."""
         decode = upload.codec.decode
+        norm = 0.0
         for position, raw, start, length in chunks:
             for first, values in decode(position, raw, start, length):
                 self.sum.add(first, values, weight, overwrite)
+                norm = math.hypot(norm, _norm(values))  # values are in cache: cheap
+        return norm
 
     @property
     def divisor(self) -> float:
@@ -260,6 +289,30 @@ REDUCERS: dict[str, type[StreamingReducer]] = {
 }
 
 
+def _norm(values: np.ndarray) -> float:
+    """Return the L2 norm of ``values``; never raises or warns (huge values give inf)."""
+    if values.dtype.itemsize < 4:  # float16 squares overflow at 256
+        values = values.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        square = float(np.dot(values, values))
+    if math.isfinite(square):
+        return math.sqrt(square)
+    # The squares overflowed (values near the dtype's limit): scale first, exactly.
+    top = float(np.abs(values).max())
+    scaled = values.astype(np.float64) / top
+    return top * math.sqrt(float(np.dot(scaled, scaled)))
+
+
+def upload_norm(upload: StagedUpload) -> float:
+    """Return the L2 norm of a staged upload's decoded values."""
+    decode = upload.codec.decode
+    norm = 0.0
+    for position, raw, start, length in upload.chunks:
+        for _first, values in decode(position, raw, start, length):
+            norm = math.hypot(norm, _norm(values))
+    return norm
+
+
 def accumulate_for(accumulate: str, layout: Layout) -> str:
     """Return the sum kernel ``accumulate`` names; "auto" picks the model's default.
 
@@ -272,6 +325,26 @@ def accumulate_for(accumulate: str, layout: Layout) -> str:
     return "reproducible" if wide else "float64"
 
 
-def make_reducer(name: str, layout: Layout, accumulate: str, workers: int) -> StreamingReducer:
-    """Return the reducer ``name`` over ``layout`` with the ``accumulate`` sum kernel."""
-    return REDUCERS[name](name, layout, accumulate, workers)
+def make_reducer(
+    name: str,
+    layout: Layout,
+    accumulate: str,
+    workers: int,
+    *,
+    clip: float | None = None,
+    max_samples: int = 0,
+    budget_bytes: int = 256 << 20,
+    spill_dir: str | None = None,
+) -> Reducer:
+    """Return the reducer ``--reduce name`` over ``layout``.
+
+    Streaming rules use the ``accumulate`` sum kernel over ``workers`` threads; robust
+    rules (``fedgrad.server.robust``) hold the round's uploads within ``budget_bytes``
+    and spill the rest to ``spill_dir``. ``clip`` bounds each upload's L2 norm for
+    every rule; ``max_samples`` caps the weighted mean's sample counts.
+    """
+    if name in REDUCERS:
+        return REDUCERS[name](name, layout, accumulate, workers, clip, max_samples)
+    from fedgrad.server.robust import RobustReducer
+
+    return RobustReducer(name, layout, budget_bytes, spill_dir, clip)

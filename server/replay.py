@@ -50,7 +50,14 @@ def replay(
     task = make_task()
     model = ServerModel(task, cfg)
     reducer = make_reducer(
-        cfg.reduce, model.layout, accumulate_for(cfg.accumulate, model.layout), 1
+        cfg.reduce,
+        model.layout,
+        accumulate_for(cfg.accumulate, model.layout),
+        1,
+        clip=cfg.clip_update_norm,
+        max_samples=cfg.max_samples_per_node,
+        budget_bytes=cfg.staging_mb << 20,
+        spill_dir=cfg.spill_dir,
     )
     policy = make_policy(cfg)
     codec = CastCodec(model.layout.specs)
@@ -80,7 +87,8 @@ def replay(
                 raw = byte_view(g.detach().contiguous()).tobytes()
                 for offset in range(0, len(raw), cfg.chunk_bytes):
                     staged.add(i, offset, raw[offset : offset + cfg.chunk_bytes])
-            reducer.add(staged, int(upload["weight"]), policy.scale(int(upload["staleness"])))
+            scale = policy.scale(int(upload["staleness"]))
+            reducer.add(staged, int(upload["weight"]), scale, node_id)
         model.step(reducer)
         reducer.reset()
         versions[version + 1] = [p.detach().clone() for p in model.params]

@@ -33,7 +33,16 @@ __all__ = ["AggregatorService", "status_reply"]
 log = logging.getLogger("fedgrad.service")
 #: Upload streams one authenticated identity may hold open (one upload, plus retries).
 MAX_STREAMS_PER_IDENTITY = 2
-_REDUCTION = {"weighted-mean": pb.WEIGHTED_MEAN, "mean": pb.MEAN, "sum": pb.SUM}
+_REDUCTION = {
+    "weighted-mean": pb.WEIGHTED_MEAN,
+    "mean": pb.MEAN,
+    "sum": pb.SUM,
+    "median": pb.MEDIAN,
+    "trimmed-mean": pb.TRIMMED_MEAN,
+    "krum": pb.KRUM,
+    "multi-krum": pb.MULTI_KRUM,
+    "geometric-median": pb.GEOMETRIC_MEDIAN,
+}
 #: ``UploadHeader.wire_dtype`` (older nodes) as the codec it names.
 _CAST = {
     pb.DTYPE_UNSPECIFIED: "",
@@ -147,7 +156,8 @@ class AggregatorService:
             await _fail(context, exc, node, core.round, self.core)
         return pb.JoinReply(
             manifest=manifest_to_proto(core.layout.specs),
-            reduction=_REDUCTION[core.cfg.reduce],  # type: ignore[arg-type]
+            reduction=_REDUCTION[core.cfg.reduce.partition(":")[0]],  # type: ignore[arg-type]
+            reduce_rule=core.cfg.reduce,
             chunk_bytes=core.cfg.chunk_bytes,
             round=core.round,
             total_rounds=core.cfg.rounds,
@@ -303,6 +313,8 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
             state=view.shown_state(r),
             last_round=max(r.last_round + 1, 0),
             seconds_since_seen=now - r.last_seen,
+            last_norm=core.node_stats.get(r.node_id, {}).get("norm", 0.0),
+            last_stats={k: v for k, v in core.node_stats.get(r.node_id, {}).items() if k != "norm"},
         )
         for r in sorted(view.nodes, key=lambda r: r.node_id)
     ]

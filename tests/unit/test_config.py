@@ -47,7 +47,7 @@ BAD_VALUES: dict[str, tuple[str, list[str], dict[str, Any], str]] = {
     "chunk splitting elements": (A, ["--chunk-bytes", "1000001"], {"chunk_bytes": 1000001}, ""),
     "chunk above the message limit": (A, ["--chunk-bytes", str(8 << 20)],
                                       {"chunk_bytes": 8 << 20}, ""),
-    "reduce not a choice": (A, ["--reduce", "median"], {"reduce": "median"}, ""),
+    "reduce not a choice": (A, ["--reduce", "medain"], {"reduce": "medain"}, ""),
     "optimizer not a choice": (A, ["--optimizer", "lbfgs"], {"optimizer": "lbfgs"}, ""),
     "accumulate not a choice": (A, ["--accumulate", "float16"], {"accumulate": "float16"}, ""),
     "aggregator log-format": (A, ["--log-format", "xml"], {"log_format": "xml"}, ""),

@@ -21,6 +21,11 @@ class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WEIGHTED_MEAN: _ClassVar[Reduction]
     MEAN: _ClassVar[Reduction]
     SUM: _ClassVar[Reduction]
+    MEDIAN: _ClassVar[Reduction]
+    TRIMMED_MEAN: _ClassVar[Reduction]
+    KRUM: _ClassVar[Reduction]
+    MULTI_KRUM: _ClassVar[Reduction]
+    GEOMETRIC_MEDIAN: _ClassVar[Reduction]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -30,6 +35,11 @@ REDUCTION_UNSPECIFIED: Reduction
 WEIGHTED_MEAN: Reduction
 MEAN: Reduction
 SUM: Reduction
+MEDIAN: Reduction
+TRIMMED_MEAN: Reduction
+KRUM: Reduction
+MULTI_KRUM: Reduction
+GEOMETRIC_MEDIAN: Reduction
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -72,7 +82,7 @@ class JoinRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., seed: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version")
+    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version", "reduce_rule")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +93,7 @@ class JoinReply(_message.Message):
     ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_RULE_FIELD_NUMBER: _ClassVar[int]
     manifest: Manifest
     reduction: Reduction
     chunk_bytes: int
@@ -93,7 +104,8 @@ class JoinReply(_message.Message):
     round_open: bool
     seed: int
     contract_version: int
-    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ...) -> None: ...
+    reduce_rule: str
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ..., reduce_rule: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("node_id", "min_round")
@@ -189,18 +201,29 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "num_samples", "state", "last_round", "seconds_since_seen")
+    __slots__ = ("node_id", "num_samples", "state", "last_norm", "last_stats", "last_round", "seconds_since_seen")
+    class LastStatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_NORM_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATS_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     num_samples: int
     state: str
+    last_norm: float
+    last_stats: _containers.ScalarMap[str, float]
     last_round: int
     seconds_since_seen: float
-    def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., last_norm: _Optional[float] = ..., last_stats: _Optional[_Mapping[str, float]] = ..., last_round: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("round", "total_rounds", "finished", "nodes", "reported", "last_metrics", "bytes_received", "bytes_sent", "session_id", "phase", "mode", "selected")
