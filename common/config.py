@@ -19,6 +19,7 @@ from fedgrad.wire import MAX_MESSAGE_BYTES, check_id
 
 __all__ = [
     "ACCUMULATORS",
+    "ATTACKS",
     "MODES",
     "LOG_FORMATS",
     "MAX_CHUNK_BYTES",
@@ -246,6 +247,37 @@ def _staleness(name: str, value: Any) -> None:
     parse_staleness(value)
 
 
+#: Simulated attacks of ``fedgrad node --simulate-attack`` (for tests and research).
+ATTACKS = ("sign-flip:S", "scale:S", "noise:S", "samples:N")
+
+
+def parse_attack(text: str) -> tuple[str, float]:
+    """Parse ``sign-flip:S``, ``scale:S``, ``noise:S`` or ``samples:N``.
+
+    Raises:
+        ConfigError: another attack, or a parameter that is not a finite number > 0.
+    """
+    kind, _, raw = str(text).partition(":")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if (
+        kind not in ("sign-flip", "scale", "noise", "samples")
+        or not (math.isfinite(value) and value > 0)
+        or (kind == "samples" and value != int(value))
+    ):
+        raise ConfigError(
+            f"simulate_attack must be one of {', '.join(ATTACKS)} with a finite number > 0"
+            f" (N whole), e.g. sign-flip:10; got {text!r}"
+        )
+    return kind, value
+
+
+def _attack(name: str, value: Any) -> None:
+    parse_attack(value)
+
+
 def _delay(name: str, value: Any) -> None:
     if (
         not isinstance(value, tuple | list)
@@ -435,6 +467,8 @@ class NodeConfig:
     log_format: str = _setting("text", _one_of(LOG_FORMATS))
     #: Simulation: seconds added to each local computation, drawn per round in [min, max].
     simulate_delay: tuple[float, float] = _setting((0.0, 0.0), _delay)
+    #: Simulation: behave maliciously in a documented, seeded way (None: honest).
+    simulate_attack: str | None = _setting(None, _optional(_attack))
 
     def __post_init__(self) -> None:
         _check_fields(self)
