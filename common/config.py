@@ -381,10 +381,19 @@ class AggregatorConfig:
     max_samples_per_node: int = _setting(0, _count(0))
     #: Where a robust rule spills a round's uploads past --staging-mb (None: the temp dir).
     spill_dir: str | None = None
+    #: Central DP (DP-FedAvg): Gaussian noise of std z x dp_clip on the sum of clipped uploads.
+    dp_noise_multiplier: float | None = _setting(None, _optional(_positive))
+    dp_clip: float | None = _setting(None, _optional(_positive))
+    dp_delta: float = _setting(1e-5, _fraction)
+    #: Stop training once another round would spend more than this epsilon.
+    dp_target_epsilon: float | None = _setting(None, _optional(_positive))
+    #: Tests only: draw the DP noise from this seed instead of the OS's CSPRNG (not private).
+    dp_test_seed: int | None = _setting(None, _optional(_count(0)))
 
     def __post_init__(self) -> None:
         _check_fields(self)
         self._check_rounds()
+        self._check_privacy()
         if self.min_nodes > self.nodes:
             raise ConfigError(
                 f"min_nodes must be <= nodes (a round could never close), got min_nodes"
@@ -393,6 +402,37 @@ class AggregatorConfig:
         _check_tls_pair(self.tls_cert, self.tls_key)
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+
+    def _check_privacy(self) -> None:
+        dp = self.dp_noise_multiplier is not None
+        if not dp:
+            if self.dp_clip is not None or self.dp_target_epsilon is not None:
+                raise ConfigError("dp_clip and dp_target_epsilon need dp_noise_multiplier")
+            if self.dp_test_seed is not None:
+                raise ConfigError("dp_test_seed needs dp_noise_multiplier")
+            return
+        if self.dp_clip is None:
+            raise ConfigError(
+                "dp_noise_multiplier needs dp_clip: the noise is z x dp_clip, the bound on"
+                " each upload's L2 norm"
+            )
+        if self.reduce != "mean":
+            raise ConfigError(
+                f"differential privacy (DP-FedAvg) needs reduce mean: every clipped upload"
+                f" weighs 1, so one node changes the sum by at most dp_clip; got reduce"
+                f" {self.reduce}"
+            )
+        if self.clip_update_norm is not None:
+            raise ConfigError("give dp_clip alone: with DP it is the bound on every upload")
+        if self.mode == "async":
+            raise ConfigError(
+                "differential privacy is for sync rounds (the accountant counts rounds)"
+            )
+
+    @property
+    def private(self) -> bool:
+        """True if central differential privacy is on."""
+        return self.dp_noise_multiplier is not None
 
     def _check_rounds(self) -> None:
         sampled = self.sample > 0 or self.sample_fraction is not None

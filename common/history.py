@@ -37,6 +37,8 @@ class RoundRecord:
             active nodes when it closed, or 0 in async mode, where anyone may upload).
         staleness_mean, staleness_max: async mode, versions between the one an applied
             upload was computed on and the one it was applied to (0 in sync mode).
+        epsilon: differential privacy, the (epsilon, --dp-delta) spent after this round
+            (NaN without DP).
     """
 
     round: int
@@ -49,6 +51,7 @@ class RoundRecord:
     selected: int = 0
     staleness_mean: float = 0.0
     staleness_max: int = 0
+    epsilon: float = math.nan
 
 
 _COLUMNS = [f.name for f in fields(RoundRecord)]
@@ -80,6 +83,7 @@ def read_history(path: str | Path) -> list[RoundRecord]:
                 selected=int(row.get("selected") or 0),
                 staleness_mean=float(row.get("staleness_mean") or 0.0),
                 staleness_max=int(row.get("staleness_max") or 0),
+                epsilon=float(row.get("epsilon") or math.nan),
             )
             for row in csv.DictReader(fh)
         ]

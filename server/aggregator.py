@@ -28,6 +28,7 @@ from fedgrad.server.counters import Counters
 from fedgrad.server.engine import Deadline, NodeRecord, NodeState, RoundEngine, Rules
 from fedgrad.server.model import Peer, ServerModel
 from fedgrad.server.policy import make_policy
+from fedgrad.server.privacy import privacy_accountant, private_reducer
 from fedgrad.server.reducers import MAX_EXACT_WEIGHT, accumulate_for, make_reducer
 from fedgrad.server.resume import read_checkpoint, write_checkpoint
 from fedgrad.server.robust import check_fits
@@ -54,7 +55,8 @@ class Aggregator:
         workers = min(2, os.cpu_count() or 1) if self.layout.total >= 16 << 20 else 1
         self.accumulate = accumulate_for(cfg.accumulate, self.layout)
         check_fits(cfg, self.layout)
-        self.reducer = make_reducer(
+        self.accountant = privacy_accountant(cfg)
+        self.reducer = private_reducer(cfg, self.layout, self.accumulate, workers) or make_reducer(
             cfg.reduce,
             self.layout,
             self.accumulate,
@@ -202,10 +204,11 @@ class Aggregator:
             OutOfRange: ``min_round`` is past the last round.
             Unavailable, FailedPrecondition, ResourceExhausted: see ``RoundEngine.open_pull``.
         """
-        if min_round > self.cfg.rounds:
+        last = self.engine.total_rounds
+        if min_round > last:
             raise OutOfRange(
-                f"round {min_round} is past the last round ({self.cfg.rounds} rounds, 0-based:"
-                f" the final parameters are round {self.cfg.rounds})"
+                f"round {min_round} is past the last round ({last} rounds, 0-based:"
+                f" the final parameters are round {last})"
             )
         self.engine.open_pull(node_id, time.monotonic())
 
@@ -328,6 +331,9 @@ class Aggregator:
             c = self.counters
             collected = time.perf_counter()
             phases = {"collect": time.monotonic() - c.round_started, "reduce": c.add_seconds}
+            prepare = getattr(self.reducer, "prepare", None)
+            if prepare is not None:
+                prepare(self.round)  # seeded DP test noise is keyed to the round
             metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
             applied, self._applied = self._applied, []
@@ -350,8 +356,10 @@ class Aggregator:
                 selected=self._selected_count(selected),
                 staleness_mean=sum(stale) / len(stale),
                 staleness_max=max(stale),
+                epsilon=self._epsilon(len(self.history) + 1),
             )
             self.history.append(record)
+            self._check_budget(record)
             self.reducer.reset()
             began = time.perf_counter()
             await asyncio.to_thread(self.checkpoint, self.round + 1)
@@ -366,7 +374,7 @@ class Aggregator:
     async def _publish(self) -> None:
         """Serialize the parameters of the round about to open, then open it."""
         round_ = self.engine.opening_round
-        finished = round_ >= self.cfg.rounds
+        finished = round_ >= self.engine.total_rounds
         self.snapshot = None  # let the old broadcast go before the new one is built
         snapshot = await asyncio.to_thread(
             make_snapshot,
@@ -386,6 +394,27 @@ class Aggregator:
             self._timer.cancel()
         if not finished:
             self._timer = self._spawn(self._round_deadline(round_))
+
+    def _epsilon(self, rounds: int) -> float:
+        return math.nan if self.accountant is None else self.accountant.epsilon(rounds)
+
+    def _check_budget(self, record: RoundRecord) -> None:
+        """End training after this round if one more would pass --dp-target-epsilon."""
+        target = self.cfg.dp_target_epsilon
+        if target is None or self.engine.opening_round >= self.engine.total_rounds:
+            return
+        after_next = self._epsilon(len(self.history) + 1)
+        if after_next > target:
+            self.engine.end_early()
+            log.warning(
+                "privacy budget spent: epsilon %.3f after round %d, one more round would"
+                " reach %.3f > --dp-target-epsilon %g; training ends",
+                record.epsilon,
+                record.round,
+                after_next,
+                target,
+                extra={"round": record.round, "event": "budget_spent"},
+            )
 
     def _record_stats(self, applied: list[dict[str, Any]]) -> None:
         """Keep each applied node's norm and robust statistics; log them (JSON: ``stats``)."""

@@ -153,6 +153,7 @@ class RoundEngine:
         self.deadline_passed = False
         self.start_deadline_passed = False
         self._shutting_down = False
+        self._last = rules.rounds  # rounds to train; end_early() lowers it
 
     # -- read-only state ---------------------------------------------------------------
     @property
@@ -233,7 +234,7 @@ class RoundEngine:
         """Return a consistent snapshot for status, metrics and progress."""
         return EngineView(
             round=self._round,
-            total_rounds=self.rules.rounds,
+            total_rounds=self._last,
             phase=self._phase,
             finished=self.finished,
             below_quorum=self.below_quorum,
@@ -503,7 +504,7 @@ class RoundEngine:
             raise RuntimeError("opened() without a start or a close")
         self._starting = False
         self.deadline_passed = False
-        finished = self._round >= self.rules.rounds
+        finished = self._round >= self._last
         self._phase = Phase.FINISHED if finished else Phase.COLLECTING
         self._attempt = 0
         if finished:
@@ -511,6 +512,20 @@ class RoundEngine:
         else:
             self._selection = self.policy.select(self._round, self._eligible())
         return finished
+
+    @property
+    def total_rounds(self) -> int:
+        """Rounds training runs for: ``rules.rounds``, or fewer after ``end_early``."""
+        return self._last
+
+    def end_early(self) -> None:
+        """Make the round being closed the last one (e.g. the privacy budget is spent).
+
+        Call between ``begin_close`` and ``opened``; ``opened`` then finishes training.
+        """
+        if not self._closing:
+            raise RuntimeError("end_early() outside a close")
+        self._last = self._round + 1
 
     def shut_down(self) -> None:
         """Refuse joins, pulls and uploads from now on (UNAVAILABLE): the aggregator stops."""

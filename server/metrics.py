@@ -117,6 +117,12 @@ class AggregatorCollector(Collector):
             "Bytes of uploads staged in flight.",
             value=core.intake.staging_bytes,
         )
+        epsilon = history[-1].epsilon if history else float("nan")
+        yield GaugeMetricFamily(
+            "fedgrad_dp_epsilon",
+            "Differential privacy: epsilon spent so far at --dp-delta (NaN without DP).",
+            value=epsilon,
+        )
         last = history[-1].train_loss if history else float("nan")
         yield GaugeMetricFamily("fedgrad_last_loss", "Train loss of the last round.", value=last)
 

@@ -160,7 +160,7 @@ class AggregatorService:
             reduce_rule=core.cfg.reduce,
             chunk_bytes=core.cfg.chunk_bytes,
             round=core.round,
-            total_rounds=core.cfg.rounds,
+            total_rounds=core.engine.total_rounds,
             session_id=core.session_id,
             finished=core.finished,
             round_open=core.engine.phase is Phase.COLLECTING,
@@ -330,6 +330,7 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
                 ("round_seconds", last.seconds),
                 # Payload throughput of the last round, both directions.
                 ("throughput_mb_per_s", last.bytes / 1e6 / last.seconds if last.seconds else 0.0),
+                ("epsilon", last.epsilon),
             )
             if v == v
         }
