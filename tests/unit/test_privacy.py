@@ -7,7 +7,6 @@ seeded noise, computed in the test.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import dp_accounting
