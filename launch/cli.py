@@ -97,6 +97,7 @@ def _aggregator_parser(sub: Subparsers) -> None:
     )
     _round_flags(add)
     _sampling_flags(add)
+    _privacy_flags(add)
     _limit_flags(add)
     _access_flags(add)
     add("metrics_port", "serve Prometheus metrics on this port (0 picks one)", type=int)
@@ -193,6 +194,31 @@ def _sampling_flags(add: Add) -> None:
         "async: weight s(tau) of an upload tau versions old: constant, polynomial:A"
         " ((1+tau)^-A) or hinge:A,B (1 up to B, then 1/(1+A(tau-B))) (default {default})",
         metavar="FORM",
+    )
+
+
+def _privacy_flags(add: Add) -> None:
+    """Central differential privacy (DP-FedAvg) and its accountant."""
+    add(
+        "dp_noise_multiplier",
+        "central DP: add Gaussian noise of std Z x --dp-clip to the sum of clipped uploads"
+        " (needs --reduce mean, the dp extra; docs/security.md)",
+        type=float,
+        metavar="Z",
+    )
+    add("dp_clip", "central DP: clip every upload to L2 norm C", type=float, metavar="C")
+    add("dp_delta", "central DP: the delta of the reported epsilon (default {default})", type=float)
+    add(
+        "dp_target_epsilon",
+        "central DP: end training before epsilon passes E",
+        type=float,
+        metavar="E",
+    )
+    add(
+        "dp_test_seed",
+        "tests and research only: draw the DP noise from this seed (the run is NOT private)",
+        type=int,
+        metavar="S",
     )
 
 
