@@ -104,7 +104,9 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     if port_file:
         Path(port_file).write_text(f"{port}\n")
     server.core.on_round.append(
-        lambda r: _log_round(r, cfg.rounds, server.core.counters.phase_seconds)
+        lambda r: _log_round(
+            r, server.core.engine.total_rounds, server.core.counters.phase_seconds, cfg
+        )
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -132,7 +134,7 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     return 0
 
 
-def _log_round(r: RoundRecord, total: int, phases: dict[str, float]) -> None:
+def _log_round(r: RoundRecord, total: int, phases: dict[str, float], cfg: AggregatorConfig) -> None:
     # Only the metrics that exist: a regression task has no accuracy, a task without an
     # evaluation no test metrics.
     metrics = ", ".join(
@@ -144,12 +146,24 @@ def _log_round(r: RoundRecord, total: int, phases: dict[str, float]) -> None:
         )
         if not math.isnan(value)
     )
+    # Who took part: "3 of 5 selected" (sampled), "4 uploads, staleness ..." (async).
+    if cfg.sampled:
+        taking_part = f"{r.nodes} of {r.selected} selected"
+    elif cfg.mode == "async":
+        taking_part = (
+            f"{r.nodes} uploads, staleness mean {r.staleness_mean:.1f} max {r.staleness_max}"
+        )
+    else:
+        taking_part = f"{r.nodes} uploads"
+    if not math.isnan(r.epsilon):
+        taking_part += f", epsilon {r.epsilon:.3f}"
     log.info(
-        "round %d closed (%d of %d): %s, %.2f s, %.1f MB (%s)",
+        "round %d closed (%d of %d): %s, %s, %.2f s, %.1f MB (%s)",
         r.round,
         r.round + 1,
         total,
         metrics or "no metrics",
+        taking_part,
         r.seconds,
         r.bytes / 1e6,
         " ".join(f"{k} {v:.3f}s" for k, v in phases.items()),
