@@ -345,20 +345,26 @@ def show_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(
-        f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "
-        f"uploads this round {reply.reported}  finished {reply.finished}"
+        f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  mode {reply.mode or 'sync'}"
+        f"  selected {reply.selected}  uploads this round {reply.reported}"
+        f"  finished {reply.finished}"
     )
     print(
         f"bytes received {reply.bytes_received / 1e6:.1f} MB  sent {reply.bytes_sent / 1e6:.1f} MB"
     )
     for name, value in sorted(reply.last_metrics.items()):
         print(f"  {name:<14} {value:.4f}")
-    print(f"{'node':<24} {'state':<9} {'samples':>8} {'last round':>10} {'seen (s ago)':>12}")
+    print(
+        f"{'node':<24} {'state':<10} {'samples':>8} {'last round':>10} {'seen (s ago)':>12}"
+        f" {'last norm':>10}  robust rule"
+    )
     for n in reply.nodes:
+        stats = " ".join(f"{k}={v:.4g}" for k, v in sorted(n.last_stats.items()))
         print(
             # last_round on the wire counts rounds; show the 0-based round, as everywhere.
-            f"{n.node_id:<24} {n.state:<9} {n.num_samples:>8}"
+            f"{n.node_id:<24} {n.state:<10} {n.num_samples:>8}"
             f" {n.last_round - 1 if n.last_round else '-':>10} {n.seconds_since_seen:>12.1f}"
+            f" {n.last_norm:>10.4g}  {stats}"
         )
     return 0
 

@@ -353,11 +353,14 @@ def test_status_health_metrics_and_plot_of_a_cli_federation(
     code, out, err = observed["status"]
     assert code == 0, err
     assert re.search(
-        r"^round 1/2 +phase collecting +uploads this round 1 +finished False$", out, re.M
+        r"^round 1/2 +phase collecting +mode sync +selected 2 +uploads this round 1"
+        r" +finished False$",
+        out,
+        re.M,
     ), out
     # 3 uploads counted (2 in round 0, node-0's in round 1) of 1.2 MB each.
     assert "bytes received 3.6 MB" in out, out
-    assert re.search(r"^node-0 +reported ", out, re.M), out
+    assert re.search(r"^node-0 +reported +100 +1 +[\d.]+ +[\d.]+ ", out, re.M), "with a norm"
     assert re.search(r"^hand +active ", out, re.M), out
     assert re.search(r"^  train_loss +\d", out, re.M), "the last round's metrics are listed"
 
