@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fedgrad.client.attacks import attack_generator, attacked, claimed_samples, warn_attack
 from fedgrad.client.transport import Action, Backoff, Failure, Stopped, Transport
 from fedgrad.codec import (
     ChunkCursor,
@@ -127,7 +128,7 @@ class Node:
         self.layout = Layout(specs_of(trainable_parameters(self.model)))
         self.views = [byte_view(p.data) for p in self.params]
         self.data = task.shard(*cfg.shard)
-        self.num_samples = task.num_samples(self.data)
+        self.num_samples = claimed_samples(cfg.simulate_attack, task.num_samples(self.data))
         self.join_request = join_request(cfg, self.layout, self.num_samples)
         self.transport = Transport(cfg)
         self.session_id = ""
@@ -276,6 +277,8 @@ class Node:
         next_round = 0
         if self.cfg.simulate_delay[1] > 0:
             _warn_simulated(tuple(self.cfg.simulate_delay))  # a list (LocalCluster) is no key
+        if self.cfg.simulate_attack is not None:
+            warn_attack(self.cfg.simulate_attack)
         try:
             self.join()
             while not self.stop_event.is_set():
@@ -310,6 +313,8 @@ class Node:
         with self.compute:
             update = self.task.compute_update(self.model, self.data, generator)
         check_update(update, self.params)
+        if self.cfg.simulate_attack is not None:
+            update = attacked(update, self.cfg.simulate_attack, attack_generator(self.cfg, round_))
         # After the compute and outside ``compute``: a waiting straggler holds no worker.
         if self.stop_event.wait(simulated_delay(self.cfg, round_)):
             raise Stopped

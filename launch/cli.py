@@ -291,6 +291,7 @@ def _access_flags(add: Add) -> None:
 def _node_parser(sub: Subparsers) -> None:
     from fedgrad.client.fleet import DEFAULT_PREFIX, NODE_PLACEHOLDER
     from fedgrad.launch.flags import delay, nonnegative, positive
+    from fedgrad.server.reducers import MAX_EXACT_WEIGHT
 
     p = sub.add_parser(
         "node",
@@ -345,6 +346,17 @@ def _node_parser(sub: Subparsers) -> None:
         f" the same (default {low if low == high else f'{low}:{high}'})",
         type=delay,
         metavar="SEC|MIN:MAX",
+    )
+    add(
+        "simulate_attack",
+        "simulation knob for evaluating defences, seeded (README, 'Simulated attacks'):"
+        " sign-flip:S uploads -S x the honest update; scale:S uploads S x it (model"
+        " replacement); noise:S adds Gaussian noise of std S per element, drawn from"
+        " (seed, node id, round) apart from the training's stream; samples:N claims N"
+        " samples at Join and in uploads, gradients honest (the aggregator refuses"
+        f" N >= {MAX_EXACT_WEIGHT:,} at Join: that is its defence working); with --count"
+        " every node attacks (default: honest)",
+        metavar="sign-flip:S|scale:S|noise:S|samples:N",
     )
     p.add_argument(
         "--count",

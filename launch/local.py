@@ -60,6 +60,7 @@ class LocalCluster:
         seed: int = 0,
         timeout: float = 600.0,
         node_options: Mapping[str, Any] | None = None,
+        attackers: Mapping[str, str] | None = None,
         **aggregator_options: Any,
     ) -> None:
         """Configure the cluster.
@@ -71,7 +72,10 @@ class LocalCluster:
             task_args: options passed to the task (like ``--task-arg``).
             seed: the training seed of aggregator and nodes.
             timeout: seconds ``run`` may take before it fails.
-            node_options: extra ``NodeConfig`` fields (e.g. ``wire_dtype``).
+            node_options: extra ``NodeConfig`` fields of every node (e.g. ``wire_dtype``,
+                or ``simulate_attack`` to make all nodes attack).
+            attackers: node id -> ``simulate_attack`` spec of the nodes that attack,
+                e.g. ``{"node-0": "sign-flip:10"}``; it wins over ``node_options``' for them.
             **aggregator_options: extra ``AggregatorConfig`` fields (``reduce``, ``lr``,
                 ``start_timeout``, ...).
 
@@ -96,6 +100,7 @@ class LocalCluster:
         )
         self._make_task = _task_factory(task, dict(task_args or {}), seed)
         self.nodes, self.seed, self.timeout = nodes, seed, timeout
+        self.attackers = _attackers(self.node_cfg, nodes, attackers or {})
         self._server: ServerThread | None = None
 
     def __enter__(self) -> LocalCluster:
@@ -181,9 +186,30 @@ class LocalCluster:
                 aggregator=f"127.0.0.1:{port}",
                 node_id=f"node-{index}",
                 shard=(index, self.nodes),
+                simulate_attack=self.attackers.get(f"node-{index}", self.node_cfg.simulate_attack),
             )
             for index in range(self.nodes)
         ]
+
+
+def _attackers(base: NodeConfig, nodes: int, attackers: Mapping[str, str]) -> dict[str, str]:
+    """Check ``attackers`` (node ids of this cluster, attacks ``NodeConfig`` takes).
+
+    Raises:
+        ConfigError: names the node that is not in the cluster or the attack it refuses.
+    """
+    ids = {f"node-{index}" for index in range(nodes)}
+    for node_id, attack in attackers.items():
+        if node_id not in ids:
+            raise ConfigError(
+                f"attackers: no node {node_id!r} in this cluster of {nodes}"
+                f" (node-0 ... node-{nodes - 1})"
+            )
+        try:
+            replace(base, simulate_attack=attack)
+        except ConfigError as exc:
+            raise ConfigError(f"attackers: node {node_id}: {exc}") from None
+    return dict(attackers)
 
 
 class _Fleet:
