@@ -54,3 +54,35 @@ def test_dp_refuses_other_rules_before_training(rule: str) -> None:
 
     with pytest.raises(ConfigError, match="needs reduce mean"):
         LocalCluster("digits", nodes=4, **{**DP, "reduce": rule})
+
+
+def test_a_robust_rule_and_dp_run_as_services(spawn, cli, tmp_path) -> None:
+    """`fedgrad aggregator` with a robust rule, and with DP, against `fedgrad node --count`."""
+    from fedgrad.history import read_history
+
+    runs = {
+        "median": ("--reduce", "median", "--clip-update-norm", "5"),
+        "dp": ("--reduce", "mean", "--dp-noise-multiplier", "1.0", "--dp-clip", "0.5",
+               "--sample", "3", "--dp-test-seed", "2"),
+    }  # fmt: skip
+    for name, flags in runs.items():
+        port_file, history = tmp_path / f"{name}.port", tmp_path / f"{name}.csv"
+        aggregator = spawn(*cli.argv, "aggregator", "--task", "digits", "--listen",
+                           "127.0.0.1:0", "--port-file", port_file, "--nodes", "5",
+                           "--rounds", "3", "--history", history, "--no-progress",
+                           "--finish-grace", "5", *flags)  # fmt: skip
+        port = cli.wait_port(port_file, aggregator)
+        nodes = spawn(*cli.argv, "node", "--task", "digits", "--aggregator",
+                      f"127.0.0.1:{port}", "--count", "5", "--node-id", name)  # fmt: skip
+        assert nodes.wait(timeout=120) == 0, nodes.communicate()[1]
+        out, err = aggregator.communicate(timeout=60)
+        assert aggregator.returncode == 0, err
+        rows = read_history(history)
+        assert [r.round for r in rows] == [0, 1, 2]
+        if name == "dp":
+            assert all(r.nodes == 3 and r.epsilon > 0 for r in rows)
+            assert rows[2].epsilon > rows[0].epsilon
+            assert "NOT private" in err
+        else:
+            assert all(r.nodes == 5 for r in rows)
+            assert "round 2 applied 5 uploads" in err
