@@ -30,12 +30,15 @@ import csv
 import json
 import math
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from benchmarks.common import (
     BenchError,
@@ -106,6 +109,15 @@ def accuracy_summary(rows: Sequence[Mapping[str, Any]], target: float) -> dict:
     }
 
 
+def _cpu_seconds(pid: int, last: float) -> float:
+    """Return the user + system CPU seconds of ``pid`` so far, ``last`` once it is gone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return last
+    return float(times.user + times.system)
+
+
 class _Service:
     """One ``fedgrad aggregator`` on 127.0.0.1 port 0 (digits), its history and its peak RSS."""
 
@@ -124,7 +136,9 @@ class _Service:
         if self.metrics_port is not None:
             cmd += ["--metrics-port", self.metrics_port]
         self.proc = procs.spawn(name, [str(c) for c in cmd])
+        self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.hwm = 0
+        self.cpu: dict[str, float] = {}  # CPU seconds (user + system) last seen per process
         deadline = time.monotonic() + 120
         while not (port_file.exists() and port_file.read_text().strip()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -134,15 +148,26 @@ class _Service:
 
     def nodes(self, tag: str, count: int, first: int, shards: int, *flags: object) -> None:
         """Start ``count`` nodes n-FIRST.. in one ``fedgrad node --count`` process."""
-        self.procs.spawn(f"{self.name}-{tag}", [str(c) for c in [
+        name = f"{self.name}-{tag}"
+        self.node_procs[name] = self.procs.spawn(name, [str(c) for c in [
             *self.cli, "node", "--task", "digits", "--seed", self.seed,
             "--aggregator", f"127.0.0.1:{self.port}", "--node-id", "n", "--count", count,
             "--first", first, "--shard", f"ordinal/{shards}", *flags,
         ]])  # fmt: skip
 
     def poll(self) -> None:
-        """Note the aggregator's peak RSS so far (``VmHWM`` is gone once it exits)."""
+        """Note the aggregator's peak RSS so far (``VmHWM`` is gone once it exits).
+
+        Raises:
+            BenchError: a node process failed (its log's tail says why).
+        """
         self.hwm = max(self.hwm, vm_hwm_bytes(self.proc.pid) or 0)
+        self.cpu["aggregator"] = _cpu_seconds(self.proc.pid, self.cpu.get("aggregator", 0.0))
+        for name, proc in self.node_procs.items():
+            self.cpu[name] = _cpu_seconds(proc.pid, self.cpu.get(name, 0.0))
+            if proc.poll() and self.proc.poll() is None:
+                raise BenchError(f"{name} exited with {proc.returncode}:\n"
+                                 f"{self.procs.log_tail(name)}")  # fmt: skip
 
     def finish(self, timeout: float) -> list[dict]:
         """Wait for the aggregator to exit 0; return its history rows."""
@@ -308,6 +333,7 @@ def _federation(procs: Procs, name: str, nodes: int, shards: int, node_procs: in
                 joined = time.monotonic() - started
             service.poll()
             time.sleep(0.1)
+        at_join = dict(service.cpu)
         if joined is None:
             raise BenchError(f"{name}: {active:.0f} of {nodes} nodes joined, then stopped or "
                              f"timed out:\n{procs.log_tail(name)}")  # fmt: skip
@@ -317,6 +343,10 @@ def _federation(procs: Procs, name: str, nodes: int, shards: int, node_procs: in
         "join_s": joined,
         "first_join_s": first_join,
         "sampler_peak_rss_bytes": rss.peak_bytes,
+        # CPU seconds (last seen, every 0.1 s) from all joined to the end: the rounds.
+        "aggregator_cpu_s": service.cpu["aggregator"] - at_join["aggregator"],
+        "nodes_cpu_s": sum(v - at_join.get(k, 0.0) for k, v in service.cpu.items())
+        - (service.cpu["aggregator"] - at_join["aggregator"]),
         **_round_stats(rows, service.hwm),
     }
 
