@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 import uuid
@@ -26,6 +25,7 @@ from fedgrad.history import RoundRecord
 from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.engine import Deadline, NodeRecord, NodeState, RoundEngine, Rules
+from fedgrad.server.ledger import Ledger
 from fedgrad.server.model import Peer, ServerModel
 from fedgrad.server.policy import make_policy
 from fedgrad.server.privacy import privacy_accountant, private_reducer
@@ -55,7 +55,7 @@ class Aggregator:
         workers = min(2, os.cpu_count() or 1) if self.layout.total >= 16 << 20 else 1
         self.accumulate = accumulate_for(cfg.accumulate, self.layout)
         check_fits(cfg, self.layout)
-        self.accountant = privacy_accountant(cfg)
+        self.ledger = Ledger(cfg, privacy_accountant(cfg))
         self.reducer = private_reducer(cfg, self.layout, self.accumulate, workers) or make_reducer(
             cfg.reduce,
             self.layout,
@@ -66,16 +66,8 @@ class Aggregator:
             budget_bytes=cfg.staging_mb << 20,
             spill_dir=cfg.spill_dir,
         )
-        #: Per node: its last applied upload's L2 norm and the robust rule's statistics.
-        self.node_stats: dict[str, dict[str, float]] = {}
         self.counters = Counters()
         self.session_id = uuid.uuid4().hex
-        self.history: list[RoundRecord] = []
-        #: Async and sampled rounds: the uploads each round applied, in the order applied
-        #: (and whom a sampled round selected): replayable, and who took part.
-        self.journaled = cfg.mode == "async" or cfg.sampled
-        self.journal: list[dict[str, Any]] = []
-        self._applied: list[dict[str, Any]] = []  # the open version's, in add order
         self.snapshot: Snapshot | None = None
         self.final_pulled: set[str] = set()
         self.on_round: list[Callable[[RoundRecord], None]] = []
@@ -116,6 +108,21 @@ class Aggregator:
         return {r.node_id: r for r in self.engine.view().nodes}
 
     @property
+    def history(self) -> list[RoundRecord]:
+        """One record per closed round (the ledger's)."""
+        return self.ledger.history
+
+    @property
+    def journal(self) -> list[dict[str, Any]]:
+        """Async and sampled rounds: the uploads each round applied, in order (the ledger's)."""
+        return self.ledger.journal
+
+    @property
+    def node_stats(self) -> dict[str, dict[str, float]]:
+        """Per node: its last applied upload's norm and the robust rule's statistics."""
+        return self.ledger.node_stats
+
+    @property
     def reported(self) -> dict[str, str]:
         """Node id -> upload id of the uploads counted in the open round (a copy)."""
         return self.engine.reported
@@ -127,15 +134,21 @@ class Aggregator:
             round_ = self.engine.round if round_ is None else round_
             nodes = self.engine.nodes
             write_checkpoint(
-                self.cfg, round_, self.model, nodes, self.session_id, self.history, self.journal
+                self.cfg,
+                round_,
+                self.model,
+                nodes,
+                self.session_id,
+                self.history,
+                self.journal,
             )
 
     def _restore(self) -> bool:
         resumed = read_checkpoint(self.cfg, self.model)
         if resumed is None:
             return False
-        self.session_id, self.history = resumed.session_id, resumed.history
-        self.journal = resumed.journal
+        self.session_id = resumed.session_id
+        self.ledger.history, self.ledger.journal = resumed.history, resumed.journal
         self.engine.restore(resumed.round, resumed.nodes)
         log.info("resumed from checkpoint at round %d", self.round, extra={"event": "resume"})
         return True
@@ -281,15 +294,7 @@ class Aggregator:
                     self.reducer.add, staged, ticket.weight, scale, ticket.node_id
                 )
                 self.counters.add_seconds += time.perf_counter() - began
-                self._applied.append(
-                    {
-                        "node": ticket.node_id,
-                        "computed_on": ticket.round,
-                        "weight": ticket.weight,
-                        "staleness": staleness,
-                        "norm": norm,
-                    }
-                )
+                self.ledger.applied(ticket.node_id, ticket.round, ticket.weight, staleness, norm)
         except Exception:
             # Cannot happen for a validated upload (weights and length are checked before
             # counting); if it does, say so loudly rather than close a round without it.
@@ -336,30 +341,19 @@ class Aggregator:
                 prepare(self.round)  # seeded DP test noise is keyed to the round
             metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
-            applied, self._applied = self._applied, []
-            self._record_stats(applied)
-            stale = [a["staleness"] for a in applied] or [0]
             selected = self.engine.selected
-            if self.journaled:
-                entry: dict[str, Any] = {"version": self.round, "uploads": applied}
-                if selected is not None:
-                    entry["selected"] = sorted(selected)
-                self.journal.append(entry)
-            record = RoundRecord(
-                round=self.round,
-                train_loss=c.train_loss(),
-                test_loss=metrics.get("loss", math.nan),
-                test_accuracy=metrics.get("accuracy", math.nan),
-                seconds=time.monotonic() - c.round_started,
-                bytes=c.round_bytes,
-                nodes=self.reducer.count,
-                selected=self._selected_count(selected),
-                staleness_mean=sum(stale) / len(stale),
-                staleness_max=max(stale),
-                epsilon=self._epsilon(len(self.history) + 1),
+            record = self.ledger.close(
+                self.round,
+                c,
+                metrics,
+                selected,
+                self._selected_count(selected),
+                getattr(self.reducer, "stats", {}),
             )
-            self.history.append(record)
-            self._check_budget(record)
+            if self.engine.opening_round < self.engine.total_rounds and self.ledger.budget_spent(
+                record
+            ):
+                self.engine.end_early()
             self.reducer.reset()
             began = time.perf_counter()
             await asyncio.to_thread(self.checkpoint, self.round + 1)
@@ -394,45 +388,6 @@ class Aggregator:
             self._timer.cancel()
         if not finished:
             self._timer = self._spawn(self._round_deadline(round_))
-
-    def _epsilon(self, rounds: int) -> float:
-        return math.nan if self.accountant is None else self.accountant.epsilon(rounds)
-
-    def _check_budget(self, record: RoundRecord) -> None:
-        """End training after this round if one more would pass --dp-target-epsilon."""
-        target = self.cfg.dp_target_epsilon
-        if target is None or self.engine.opening_round >= self.engine.total_rounds:
-            return
-        after_next = self._epsilon(len(self.history) + 1)
-        if after_next > target:
-            self.engine.end_early()
-            log.warning(
-                "privacy budget spent: epsilon %.3f after round %d, one more round would"
-                " reach %.3f > --dp-target-epsilon %g; training ends",
-                record.epsilon,
-                record.round,
-                after_next,
-                target,
-                extra={"round": record.round, "event": "budget_spent"},
-            )
-
-    def _record_stats(self, applied: list[dict[str, Any]]) -> None:
-        """Keep each applied node's norm and robust statistics; log them (JSON: ``stats``)."""
-        robust = getattr(self.reducer, "stats", {})
-        round_stats = {}
-        for upload in applied:
-            stats = {"norm": float(upload["norm"]), **robust.get(upload["node"], {})}
-            self.node_stats[upload["node"]] = round_stats[upload["node"]] = stats
-        left_out = sorted(n for n, s in round_stats.items() if s.get("selected") == 0.0)
-        log.log(
-            logging.INFO if robust or self.cfg.clip_update_norm else logging.DEBUG,
-            "round %d applied %d uploads (largest norm %.4g%s)",
-            self.round,
-            len(applied),
-            max((s["norm"] for s in round_stats.values()), default=0.0),
-            f"; {self.cfg.reduce} left out {', '.join(left_out)}" if left_out else "",
-            extra={"round": self.round, "event": "round_stats", "stats": round_stats},
-        )
 
     @property
     def selected_count(self) -> int:

@@ -28,6 +28,10 @@ class Counters:
         self.round_bytes, self.round_losses, self.add_seconds = 0, {}, 0.0
         self.round_started = time.monotonic()
 
+    def elapsed(self) -> float:
+        """Return the seconds since the open round was published."""
+        return time.monotonic() - self.round_started
+
     def train_loss(self) -> float:
         """Return the round's sample-weighted mean training loss (NaN if none was reported).
 

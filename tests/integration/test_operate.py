@@ -675,7 +675,7 @@ def test_render_progress_on_a_core() -> None:
     engine.round_deadline(1)  # d misses it: no longer expected
     _close(core)
     _report(core, "a", "b")
-    core.history = [RoundRecord(2, 0.123456, 0.2, 0.9, 1.0, 10, 3)]
+    core.ledger.history = [RoundRecord(2, 0.123456, 0.2, 0.9, 1.0, 10, 3)]
     line = render_progress(core, 12_345_678.0)
     assert line == (
         "round 3/5 [################........] 2/3 uploads     12.3 MB/s  loss 0.1235  collecting"
