@@ -124,6 +124,9 @@ class Node:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.model = task.model()
+        # The first torch.optim optimizer of a process imports torch._dynamo (~1 s here):
+        # pay it at start-up, not inside the first round a task builds one in.
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.params = [p for _, p in trainable_parameters(self.model)]
         self.layout = Layout(specs_of(trainable_parameters(self.model)))
         self.views = [byte_view(p.data) for p in self.params]
