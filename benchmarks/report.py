@@ -121,6 +121,14 @@ METRICS: dict[str, list[tuple[str, str, Getter]]] = {
     "stragglers_tta": _STRAGGLERS,
     "sampling_noniid": _NONIID,
     "scale_1000": _FLEET,
+    "robustness": [
+        ("robust_min_attacked", "accuracy", lambda r: _robust(r, attacked=True)),
+        ("robust_min_honest", "accuracy", lambda r: _robust(r, attacked=False)),
+        ("mean_under_sign_flip", "accuracy", lambda r: _mean_attacked(r)),
+    ],
+    "privacy": [
+        ("best_accuracy_eps_le_8", "accuracy", lambda r: r["best_final_accuracy_eps_le_8"]),
+    ],
 }
 
 #: (name, what, numerator (suite, metric), denominator (suite, metric), op, target)
@@ -167,7 +175,37 @@ THRESHOLDS = [
      ("stragglers_tta", "async_minus_sync"), "abs<=", 0.01),
     ("fleet_rss_delta_mb", "aggregator peak RSS, the joined fleet - the small federation, MB",
      ("scale_1000", "rss_delta_mb"), "<=", 100.0),
+    ("robust_rules_under_attack", "lowest robust-rule accuracy, 2 of 10 nodes attacking",
+     ("robustness", "robust_min_attacked"), ">=", 0.90),
+    ("robust_rules_without_attack", "lowest robust-rule accuracy, no attacker",
+     ("robustness", "robust_min_honest"), ">=", 0.95),
+    ("dp_accuracy_at_epsilon_8", "DP-FedAvg accuracy at epsilon <= 8 (50 nodes, 10 a round)",
+     ("privacy", "best_accuracy_eps_le_8"), ">=", 0.90),
 ]  # fmt: skip
+
+
+#: The robust rules of the robustness table (the weighted mean and clipping alone aside).
+_ROBUST = ("median", "trimmed-mean:0.2", "krum:2", "multi-krum:2,6", "geometric-median")
+
+
+def _robust(r: dict, attacked: bool) -> float | None:
+    """The lowest accuracy of a robust rule, under attack (trained cells) or without one."""
+    values = [
+        cell["final_accuracy"]
+        for algorithm in r.get("algorithms", {})
+        for rule in _ROBUST
+        for attack, cell in r[algorithm][rule].items()
+        if (attack != "none") == attacked and cell["outcome"] == "trained"
+    ]
+    return min(values, default=None)
+
+
+def _mean_attacked(r: dict) -> float | None:
+    """The weighted mean's accuracy under sign-flip (FedAvg), or 0 if it diverged."""
+    cell = r.get("fedavg", r.get("fedsgd", {})).get("weighted-mean", {}).get("sign-flip:10")
+    if cell is None:
+        return None
+    return cell["final_accuracy"] if cell["outcome"] == "trained" else 0.0
 
 
 def metric_values(suite: str, result: dict) -> dict[str, float]:

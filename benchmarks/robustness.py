@@ -36,7 +36,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +135,13 @@ def _ended_by(error: str) -> str | None:
     return None
 
 
-def robustness(algorithms: Sequence[str] = tuple(ALGORITHMS), seed: int = 0) -> dict:
+def robustness(
+    algorithms: Sequence[str] = tuple(ALGORITHMS), seed: int = 0, rounds: int | None = None
+) -> dict:
     """Run every rule against every attack for ``algorithms``; return the results.
 
     Returns:
+        ``rounds`` overrides each algorithm's rounds (a smaller run).
         The setting (nodes, attackers, target, each algorithm's lr, rounds and C) and,
         per ``ALGORITHM``, per rule, per attack (``none`` for no attacker): ``run_cell``.
     """
@@ -150,10 +153,12 @@ def robustness(algorithms: Sequence[str] = tuple(ALGORITHMS), seed: int = 0) -> 
     }  # fmt: skip
     for name in algorithms:
         table: dict[str, dict[str, dict]] = {}
+        algorithm = ALGORITHMS[name]
+        if rounds is not None:  # a smaller run (the harness test)
+            algorithm = replace(algorithm, rounds=rounds)
         for rule in RULES:
             table[rule] = {
-                attack or "none": run_cell(ALGORITHMS[name], rule, attack, seed)
-                for attack in ATTACKS
+                attack or "none": run_cell(algorithm, rule, attack, seed) for attack in ATTACKS
             }
             print(f"{name} {rule}: done", file=sys.stderr, flush=True)
         result[name] = table

@@ -46,6 +46,10 @@ TINY = replace(
     fleet_procs=2,
     # Reached within TINY's few rounds, so every time- and rounds-to-accuracy metric exists.
     target_accuracy=0.3,
+    robust_algorithms=("fedavg",),
+    robust_rounds=1,
+    privacy_rounds=2,
+    privacy_configs=((1.0, 0.3),),
 )
 
 
