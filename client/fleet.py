@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fedgrad.auth import TokenStore
 from fedgrad.client.node import Node, NodeResult
+from fedgrad.client.transport import lengthen_grpc_waits
 from fedgrad.config import NodeConfig
 from fedgrad.errors import ConfigError
 from fedgrad.task import Task
@@ -168,6 +169,8 @@ class Fleet:
         Raises:
             Exception: the first node failure (same type, the node's id in its message).
         """
+        if len(self.configs) > 1:
+            lengthen_grpc_waits()  # the main thread only joins; calls wait on node threads
         threads = []
         for index, cfg in enumerate(self.configs):
             if self._stopped.is_set():

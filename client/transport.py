@@ -35,7 +35,16 @@ from fedgrad.errors import GaveUpError, RefusedError
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.wire import CURRENT_ROUND_KEY, method_path, open_channel
 
-__all__ = ["CHANNEL_OPTIONS", "Action", "Backoff", "Failure", "Stopped", "Transport"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "FLEET_WAIT_SLICE",
+    "Action",
+    "Backoff",
+    "Failure",
+    "Stopped",
+    "Transport",
+    "lengthen_grpc_waits",
+]
 
 log = logging.getLogger("fedgrad.node")
 
@@ -47,6 +56,27 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+#: How long a blocking gRPC wait of ``fedgrad node --count`` sleeps between checks.
+FLEET_WAIT_SLICE = 2.0
+
+
+def lengthen_grpc_waits(seconds: float = FLEET_WAIT_SLICE) -> None:
+    """Let grpcio's blocking waits sleep ``seconds`` between checks instead of 0.1 s.
+
+    grpcio wakes every waiting call every 0.1 s so that the *main* thread can take
+    signals (grpc/grpc#19464). Many logical nodes wait in their pulls on other threads,
+    and ``Node.stop()`` cancels every call (waking it at once), so they need no such
+    polling: at 250 waiting nodes it cut the process's idle CPU from 1.35 to 0.37 CPU-s
+    per 10 s (``benchmarks/README.md``, "scale_1000"). The knob is grpcio's module
+    constant ``grpc._common.MAXIMUM_WAIT_TIMEOUT``; if a grpcio release renames it, this
+    does nothing.
+    """
+    import grpc._common as common
+
+    if hasattr(common, "MAXIMUM_WAIT_TIMEOUT"):
+        common.MAXIMUM_WAIT_TIMEOUT = seconds
 
 
 class Stopped(Exception):
