@@ -122,7 +122,7 @@ def test_trimmed_mean_drops_beta_n_from_each_end(n: int, beta: float) -> None:
 @pytest.mark.parametrize(("n", "f", "m"), [(7, 2, 1), (10, 2, 1), (10, 2, 4), (9, 1, 6)])
 def test_krum_and_multi_krum_pick_the_lowest_scores(n: int, f: int, m: int) -> None:
     x = _rows(n, seed=n + f, outliers=f)
-    rule = "krum:%d" % f if m == 1 else f"multi-krum:{f},{m}"
+    rule = f"krum:{f}" if m == 1 else f"multi-krum:{f},{m}"
     reducer = RobustReducer(rule, LAYOUT, 1 << 30)
     got = _reduce(reducer, x, _keys(n))
     scores = _ref_krum_scores(x, f)
