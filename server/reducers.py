@@ -38,6 +38,7 @@ __all__ = [
     "StreamingReducer",
     "accumulate_for",
     "make_reducer",
+    "vector_norm",
 ]
 
 # Products n * g stay exact in float64 while n < 2**29 (24-bit float32 mantissa + 29 <= 53).
@@ -257,7 +258,7 @@ class StreamingReducer:
         for position, raw, start, length in chunks:
             for first, values in decode(position, raw, start, length):
                 self.sum.add(first, values, weight, overwrite)
-                norm = math.hypot(norm, _norm(values))  # values are in cache: cheap
+                norm = math.hypot(norm, vector_norm(values))  # values are in cache: cheap
         return norm
 
     @property
@@ -289,7 +290,7 @@ REDUCERS: dict[str, type[StreamingReducer]] = {
 }
 
 
-def _norm(values: np.ndarray) -> float:
+def vector_norm(values: np.ndarray) -> float:
     """Return the L2 norm of ``values``; never raises or warns (huge values give inf)."""
     if values.dtype.itemsize < 4:  # float16 squares overflow at 256
         values = values.astype(np.float32)
@@ -309,7 +310,7 @@ def upload_norm(upload: StagedUpload) -> float:
     norm = 0.0
     for position, raw, start, length in upload.chunks:
         for _first, values in decode(position, raw, start, length):
-            norm = math.hypot(norm, _norm(values))
+            norm = math.hypot(norm, vector_norm(values))
     return norm
 
 

@@ -36,6 +36,7 @@ import torch
 from fedgrad.codec import Layout
 from fedgrad.config import AggregatorConfig, parse_reduce
 from fedgrad.errors import ConfigError, InvalidArgument
+from fedgrad.server.reducers import vector_norm
 from fedgrad.server.staging import StagedUpload
 
 __all__ = ["ROBUST_RULES", "RobustReducer", "expected_uploads", "check_fits"]
@@ -149,7 +150,7 @@ class RobustReducer:
         for position, raw, start, length in upload.chunks:
             for first, values in decode(position, raw, start, length):
                 row[first : first + values.size] = values
-        norm = float(np.linalg.norm(row)) if row.size else 0.0
+        norm = vector_norm(row)  # overflow-safe, like the streaming rules' norm
         factor = scale
         if self.clip is not None and norm > self.clip:
             factor *= self.clip / norm

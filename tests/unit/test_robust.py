@@ -218,3 +218,10 @@ def test_a_round_that_fits_neither_memory_nor_disk_is_refused(
         check_fits(cfg, big)
     free = 10 << 30
     check_fits(cfg, big)  # fits once the spill disk is big enough
+
+
+def test_a_huge_finite_upload_has_a_finite_norm_and_no_warning() -> None:
+    # Squares of values near float32's limit overflow; the norm must not (warnings are errors).
+    row = np.full(LAYOUT.numel, 3e37, dtype=np.float32)
+    norm = RobustReducer("median", LAYOUT, 1 << 30).add(_staged(row), 1, 1.0, "n")
+    assert math.isfinite(norm) and norm == pytest.approx(3e37 * math.sqrt(LAYOUT.numel))
