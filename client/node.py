@@ -19,29 +19,33 @@ from typing import Any
 import torch
 
 from fedgrad.client.attacks import attack_generator, attacked, claimed_samples, warn_attack
+from fedgrad.client.feedback import ErrorFeedback
 from fedgrad.client.transport import Action, Backoff, Failure, Stopped, Transport
 from fedgrad.codec import (
     ChunkCursor,
     Layout,
     byte_view,
+    dtype_from_proto,
     iter_chunk_pieces,
     manifest_from_proto,
     manifest_to_proto,
     specs_of,
     write_chunk,
 )
+from fedgrad.codecs import codec_for
 from fedgrad.config import NodeConfig
-from fedgrad.errors import RefusedError, TaskError
+from fedgrad.errors import InvalidArgument, RefusedError, TaskError
 from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
-from fedgrad.seeding import round_generator
+from fedgrad.seeding import derive_seed, round_generator
 from fedgrad.task import Task, check_update, trainable_parameters
 from fedgrad.wire import task_identity
 
 __all__ = ["Node", "NodeResult", "join_request", "simulated_delay"]
 
 log = logging.getLogger("fedgrad.node")
-_WIRE = {None: pb.DTYPE_UNSPECIFIED, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+#: The codecs whose loss error feedback makes up for by default (``--error-feedback auto``).
+_FEEDBACK_BY_DEFAULT = ("topk", "powersgd")
 
 
 def join_request(cfg: NodeConfig, layout: Layout, num_samples: int) -> pb.JoinRequest:
@@ -133,10 +137,18 @@ class Node:
         self.data = task.shard(*cfg.shard)
         self.num_samples = claimed_samples(cfg.simulate_attack, task.num_samples(self.data))
         self.join_request = join_request(cfg, self.layout, self.num_samples)
+        self.codec = codec_for(
+            cfg.compress, self.layout.specs, stochastic=cfg.rounding == "stochastic"
+        )
+        feedback = cfg.error_feedback == "on" or (
+            cfg.error_feedback == "auto" and cfg.compress.startswith(_FEEDBACK_BY_DEFAULT)
+        )
+        self.feedback = ErrorFeedback(self.codec, feedback, cfg.state_dir, cfg.node_id)
         self.transport = Transport(cfg)
         self.session_id = ""
         self.chunk_bytes = 0
         self.uploads = 0
+        self._staging: tuple[torch.dtype, Layout, list[torch.Tensor]] | None = None
 
     @property
     def stop_event(self) -> threading.Event:
@@ -185,6 +197,12 @@ class Node:
                 f"({len(theirs)} vs {len(self.layout.specs)} tensors): run both with the same --task"
             )
         self.chunk_bytes = reply.chunk_bytes
+        unit = max(self.codec.layout.itemsizes, default=1)
+        if unit > self.chunk_bytes:
+            raise TaskError(
+                f"codec {self.codec.name} sends records of {unit} bytes, more than the"
+                f" aggregator's --chunk-bytes {self.chunk_bytes}: use a smaller int8 block"
+            )
         self.session_id = reply.session_id
         log.info(
             "joined at round %d of %d",
@@ -203,7 +221,8 @@ class Node:
             first = pb.ParameterMessage.FromString(next(stream))
             if first.WhichOneof("kind") != "header":
                 raise TaskError("aggregator sent a chunk before the ParameterHeader")
-            cursor = ChunkCursor(self.layout, max(self.chunk_bytes, 1))
+            layout, views, staging = self._receiving(first.header.dtype)
+            cursor = ChunkCursor(layout, max(self.chunk_bytes, 1))
             with torch.no_grad():
                 for raw in stream:
                     view = decode_chunk(raw)
@@ -211,14 +230,30 @@ class Node:
                         c = pb.ParameterMessage.FromString(raw).chunk
                         view = ChunkView(c.data, c.tensor, c.offset, 0, len(c.data))
                     start = cursor.advance(view.tensor, view.offset, view.data_len)
-                    write_chunk(
-                        self.views, self.layout, start, view.raw, view.data_start, view.data_len
-                    )
+                    write_chunk(views, layout, start, view.raw, view.data_start, view.data_len)
         if not cursor.complete:
             raise TaskError(
-                f"parameter stream ended after {cursor.position} of {self.layout.total} bytes"
+                f"parameter stream ended after {cursor.position} of {layout.total} bytes"
             )
+        if staging:  # a --broadcast-dtype stream: widen into the model only once it is whole
+            with torch.no_grad():
+                for param, received in zip(self.params, staging, strict=True):
+                    param.copy_(received)
         return first.header
+
+    def _receiving(self, dtype: int) -> tuple[Layout, list[Any], list[torch.Tensor]]:
+        """Return where a broadcast in wire ``dtype`` lands: the model, or staging tensors."""
+        if dtype == pb.DTYPE_UNSPECIFIED:
+            return self.layout, self.views, []
+        try:
+            wire = dtype_from_proto(dtype)
+        except InvalidArgument as e:
+            raise TaskError(f"the aggregator's broadcast: {e}") from None
+        if self._staging is None or self._staging[0] != wire:
+            staging = [torch.empty(s.shape, dtype=wire) for s in self.layout.specs]
+            self._staging = (wire, Layout(self.layout.specs, wire), staging)
+        _, layout, staging = self._staging
+        return layout, [byte_view(t) for t in staging], staging
 
     def push(
         self,
@@ -227,25 +262,28 @@ class Node:
         num_samples: int,
         metrics: dict[str, float],
     ) -> pb.PushReply:
-        """Stream one upload; the upload id is the same if this round is recomputed."""
-        wire = self.cfg.wire_dtype
-        tensors = [
-            g.detach().to(getattr(torch, wire) if wire else g.dtype).contiguous().cpu()
-            for g in gradients
-        ]
-        layout = Layout(self.layout.specs, getattr(torch, wire) if wire else None)
+        """Encode and stream one upload; recomputing a round sends the same upload again.
+
+        The upload id is the same, and so is the payload: the codec's error feedback and
+        memory restart from the state before this round (``fedgrad.client.feedback``).
+        """
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.cfg.seed, f"{self.cfg.node_id}\x00codec", round_)
+        )
+        views = self.feedback.encode(round_, gradients, generator)
+        layout = self.codec.layout
         header = pb.UploadHeader(
             round=round_,
             node_id=self.cfg.node_id,
             upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
             num_samples=num_samples,
             metrics=metrics,
-            wire_dtype=_WIRE[wire],  # type: ignore[arg-type]
+            codec=self.codec.name,
+            payload_bytes=layout.total,
         )
 
         def messages() -> Iterator[bytes]:
             yield pb.GradientMessage(header=header).SerializeToString()
-            views = [byte_view(t) for t in tensors]
             for t, o, pieces in iter_chunk_pieces(views, layout, self.chunk_bytes):
                 yield encode_chunk(t, o, pieces)
             yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=layout.total)).SerializeToString()

@@ -182,12 +182,30 @@ class Run:
 class Layout:
     """Geometry of the flat stream of a manifest: tensor and dtype-run offsets."""
 
-    def __init__(self, specs: Sequence[TensorSpec], wire_dtype: torch.dtype | None = None) -> None:
-        """Lay out ``specs``; ``wire_dtype`` overrides every tensor's dtype on the wire."""
+    def __init__(
+        self,
+        specs: Sequence[TensorSpec],
+        wire_dtype: torch.dtype | None = None,
+        *,
+        frames: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        """Lay out ``specs``; ``wire_dtype`` overrides every tensor's dtype on the wire.
+
+        ``frames`` (a codec's own payload) gives each tensor's (bytes, unit) instead: its
+        bytes in the payload, and the record size a chunk may cut it at (a cut inside a
+        tensor falls on a multiple of its unit; the tensor's end is always a cut). Such a
+        layout has no dtype runs.
+        """
         self.specs = list(specs)
         self.dtypes = [wire_dtype or s.dtype for s in self.specs]
-        self.itemsizes = [d.itemsize for d in self.dtypes]
-        self.nbytes = [s.numel * size for s, size in zip(self.specs, self.itemsizes, strict=True)]
+        if frames is None:
+            self.itemsizes = [d.itemsize for d in self.dtypes]
+            self.nbytes = [
+                s.numel * size for s, size in zip(self.specs, self.itemsizes, strict=True)
+            ]
+        else:
+            self.nbytes = [n for n, _ in frames]
+            self.itemsizes = [unit for _, unit in frames]
         self.starts = [0] * len(self.specs)
         for i in range(1, len(self.specs)):
             self.starts[i] = self.starts[i - 1] + self.nbytes[i - 1]
@@ -197,7 +215,7 @@ class Layout:
         self.first_elements = [0] * len(self.specs)
         for i in range(1, len(self.specs)):
             self.first_elements[i] = self.first_elements[i - 1] + self.specs[i - 1].numel
-        self.runs = self._runs()
+        self.runs = self._runs() if frames is None else []
         self._run_starts = [r.start for r in self.runs]
 
     def _runs(self) -> list[Run]:

@@ -17,10 +17,12 @@ from fedgrad.codec import DEFAULT_CHUNK_BYTES
 from fedgrad.errors import ConfigError, InvalidArgument
 from fedgrad.parsing import (
     ATTACKS,
+    CODEC_FORMS,
     REDUCTIONS,
     ROBUST_REDUCTIONS,
     STALENESS_FORMS,
     parse_attack,
+    parse_codec,
     parse_reduce,
     parse_staleness,
 )
@@ -29,6 +31,9 @@ from fedgrad.wire import MAX_MESSAGE_BYTES, check_id
 __all__ = [
     "ACCUMULATORS",
     "ATTACKS",
+    "BROADCAST_DTYPES",
+    "CODEC_FORMS",
+    "ERROR_FEEDBACK",
     "MODES",
     "LOG_FORMATS",
     "MAX_CHUNK_BYTES",
@@ -37,7 +42,7 @@ __all__ = [
     "REDUCTIONS",
     "ROBUST_REDUCTIONS",
     "STALENESS_FORMS",
-    "WIRE_DTYPES",
+    "ROUNDINGS",
     "AggregatorConfig",
     "NodeConfig",
     "check_setting",
@@ -53,8 +58,12 @@ ACCUMULATORS = ("auto", "float64", "float32", "reproducible")
 LOG_FORMATS = ("text", "json")
 #: How rounds run: sync (every selected node, or a quorum at the deadline) or async (FedBuff).
 MODES = ("sync", "async")
-#: Transport casts a node may declare for its uploads (None: the model's own dtypes).
-WIRE_DTYPES = ("float16", "bfloat16")
+#: Dtypes the parameter broadcast may be sent in (None: the model's own dtypes).
+BROADCAST_DTYPES = ("float16", "bfloat16", "float32")
+#: Error feedback on the node: auto is on for topk and powersgd, off for the rest.
+ERROR_FEEDBACK = ("auto", "on", "off")
+#: How int8 rounds on the node.
+ROUNDINGS = ("nearest", "stochastic")
 #: Largest chunk payload: below gRPC's message limit with room for the framing.
 MAX_CHUNK_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 #: Smallest chunk payload: one float64 element.
@@ -187,6 +196,15 @@ def _staleness(name: str, value: Any) -> None:
     parse_staleness(value)
 
 
+def _codec(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a codec ({', '.join(CODEC_FORMS)}), got {value!r}")
+    try:
+        parse_codec(value)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
 def _attack(name: str, value: Any) -> None:
     parse_attack(value)
 
@@ -263,6 +281,8 @@ class AggregatorConfig:
     #: 0: as many as ``staging_mb`` holds uploads of the model's size, 1..64.
     max_inflight: int = _setting(0, _count(0))
     accumulate: str = _setting("auto", _one_of(ACCUMULATORS))
+    #: The parameter broadcast's dtype (None: the model's); the master copy keeps its own.
+    broadcast_dtype: str | None = _setting(None, _optional(_one_of(BROADCAST_DTYPES)))
     max_rpcs: int = _setting(2048, _count(1))
     slot_wait: float = _setting(60.0, _seconds())
     allow_nodes: tuple[str, ...] = _setting((), _node_ids)
@@ -414,7 +434,12 @@ class NodeConfig:
     round_wait: float = _setting(600.0, _seconds())
     #: Bytes per second a transfer's deadline assumes, on top of ``call_timeout``.
     min_bandwidth: float = _setting(10e6, _positive)
-    wire_dtype: str | None = _setting(None, _optional(_one_of(WIRE_DTYPES)))
+    #: The upload codec (``fedgrad.codecs``): a cast, int8, topk or powersgd.
+    compress: str = _setting("identity", _codec)
+    error_feedback: str = _setting("auto", _one_of(ERROR_FEEDBACK))
+    rounding: str = _setting("nearest", _one_of(ROUNDINGS))
+    #: Where the node keeps state across restarts (error feedback); None: in memory.
+    state_dir: str | None = None
     #: 0: torch's own choice.
     threads: int = _setting(0, _count(0))
     log_format: str = _setting("text", _one_of(LOG_FORMATS))

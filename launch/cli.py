@@ -14,10 +14,12 @@ from fedgrad.auth import OPERATOR_NAME
 from fedgrad.certs import DEFAULT_HOSTS, init_federation
 from fedgrad.config import (
     ACCUMULATORS,
+    BROADCAST_DTYPES,
+    ERROR_FEEDBACK,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
     OPTIMIZERS,
-    WIRE_DTYPES,
+    ROUNDINGS,
     AggregatorConfig,
     NodeConfig,
 )
@@ -117,6 +119,12 @@ def _limit_flags(add: Add) -> None:
         metavar=choices(ACCUMULATORS),
     )
     add(
+        "broadcast_dtype",
+        "send the parameters to the nodes in this dtype (the aggregator keeps its master copy"
+        " in the model's dtype; nodes train on the rounded parameters) (default: the model's)",
+        choices=BROADCAST_DTYPES,
+    )
+    add(
         "idle_timeout",
         "per-chunk idle deadline of an upload (default {default})",
         type=float,
@@ -205,8 +213,29 @@ def _node_parser(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--compress",
-        metavar=choices(("none", *WIRE_DTYPES)),
-        help=f"wire dtype of uploads (default {shown(N.wire_dtype).lower()}: the model's own)",
+        metavar="CODEC",
+        help="upload codec (README, 'Compressed updates'): none, float16, bfloat16, int8[:BLOCK]"
+        " (a float32 scale per BLOCK values, default 256), topk:FRACTION[,DTYPE] (the largest"
+        " FRACTION of each tensor, with error feedback), powersgd:RANK[,DTYPE] (rank-RANK"
+        " factors of each matrix, with error feedback) (default none)",
+    )
+    add(
+        "error_feedback",
+        "keep what a lossy codec did not send and add it to the next round's update"
+        " (default {default}: on for topk and powersgd)",
+        choices=ERROR_FEEDBACK,
+    )
+    add(
+        "rounding",
+        "how int8 rounds: to nearest, or stochastically, seeded from (seed, node id, round)"
+        " (default {default})",
+        choices=ROUNDINGS,
+    )
+    add(
+        "state_dir",
+        "directory where the node keeps its error-feedback residual and PowerSGD factors"
+        " across restarts (default: in memory, a restart starts afresh)",
+        metavar="DIR",
     )
     low, high = map(shown, N.simulate_delay)
     add(

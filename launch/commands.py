@@ -191,11 +191,8 @@ def node_config(values: Mapping[str, Any]) -> NodeConfig:
         index = match.group(1)
     settings["shard"] = (int(index), count)
     settings["token"] = load_node_token(settings.pop("token_file", None))
-    compress = settings.pop("compress", None)
-    if compress is not None:
-        # The flag's own vocabulary: "none" is no cast; the rest is checked as wire_dtype.
-        settings["wire_dtype"] = None if compress == "none" else compress
-        origin["wire_dtype"] = origin.get("compress", "--compress")
+    if settings.get("compress") == "none":  # the flag's own word for no codec
+        settings["compress"] = "identity"
     return build_config(NodeConfig, settings, origin)
 
 

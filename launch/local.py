@@ -72,7 +72,7 @@ class LocalCluster:
             task_args: options passed to the task (like ``--task-arg``).
             seed: the training seed of aggregator and nodes.
             timeout: seconds ``run`` may take before it fails.
-            node_options: extra ``NodeConfig`` fields of every node (e.g. ``wire_dtype``,
+            node_options: extra ``NodeConfig`` fields of every node (e.g. ``compress``,
                 or ``simulate_attack`` to make all nodes attack).
             attackers: node id -> ``simulate_attack`` spec of the nodes that attack,
                 e.g. ``{"node-0": "sign-flip:10"}``; it wins over ``node_options``' for them.

@@ -378,6 +378,7 @@ class Aggregator:
             round_,
             finished,
             self.session_id,
+            self.cfg.broadcast_dtype,
         )
         async with self._changed:
             self.snapshot = snapshot

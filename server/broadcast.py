@@ -1,4 +1,8 @@
-"""The parameter broadcast: serialized once per round, the same bytes to every node."""
+"""The parameter broadcast: serialized once per round, the same bytes to every node.
+
+With ``--broadcast-dtype`` the chunks carry the parameters rounded to that dtype (the
+header says which); the optimizer's master copy is never rounded.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedgrad.codec import Layout, byte_view, iter_chunk_pieces
+from fedgrad.codec import Layout, byte_view, dtype_to_proto, iter_chunk_pieces
 from fedgrad.framing import encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 
@@ -34,14 +38,23 @@ def make_snapshot(
     round_: int,
     finished: bool,
     session_id: str,
+    broadcast_dtype: str | None = None,
 ) -> Snapshot:
-    """Serialize the header and every chunk of ``params`` once."""
+    """Serialize the header and every chunk of ``params`` once (cast to that dtype if set)."""
+    dtype = getattr(torch, broadcast_dtype) if broadcast_dtype else None
+    if dtype is not None:
+        layout = Layout(layout.specs, dtype)
     header = pb.ParameterMessage(
         header=pb.ParameterHeader(
-            round=round_, total_bytes=layout.total, finished=finished, session_id=session_id
+            round=round_,
+            total_bytes=layout.total,
+            finished=finished,
+            session_id=session_id,
+            dtype=dtype_to_proto(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,  # type: ignore[arg-type]
         )
     ).SerializeToString()
-    views = [byte_view(p.detach()) for p in params]
+    cast = [p.detach().to(dtype) if dtype is not None else p.detach() for p in params]
+    views = [byte_view(p) for p in cast]
     chunks = [
         encode_chunk(t, o, pieces) for t, o, pieces in iter_chunk_pieces(views, layout, chunk_bytes)
     ]

@@ -54,6 +54,14 @@ class SumKernel(Protocol):
         """Add ``weight * values`` at elements [first, first+len); ``overwrite`` on the first."""
         ...
 
+    def scatter(self, indices: np.ndarray, values: np.ndarray, weight: float) -> None:
+        """Add ``weight * values`` at ``indices`` (strictly increasing, a sparse upload's)."""
+        ...
+
+    def zero(self) -> None:
+        """Make every sum zero (before a round's first add is a sparse one)."""
+        ...
+
     def result_into(self, first: int, out: torch.Tensor, divisor: float) -> None:
         """Write the sums of elements [first, first+out.numel()) / divisor into ``out``."""
         ...
@@ -82,6 +90,16 @@ class PlainSum:
             scaled = self._scratch(values.size)
             np.multiply(values, weight, out=scaled, dtype=target.dtype)
             np.add(target, scaled, out=target)
+        self._empty = False
+
+    def scatter(self, indices: np.ndarray, values: np.ndarray, weight: float) -> None:
+        # Unique indices (the codec checked): a fancy-index add is exact, no np.add.at.
+        products = np.multiply(values, weight, dtype=self.total.dtype)
+        self.total[indices] += products
+        self._empty = False
+
+    def zero(self) -> None:
+        self.total.fill(0)
         self._empty = False
 
     def _scratch(self, size: int) -> np.ndarray:
@@ -118,6 +136,19 @@ class ReproducibleSum:
             self._sum.add(first, values, weight)
         else:  # a staleness-scaled weight: the product rounds once, alike in every order
             self._sum.add(first, np.multiply(values, weight, dtype=np.float64), 1)
+
+    def scatter(self, indices: np.ndarray, values: np.ndarray, weight: float) -> None:
+        # The bins add contiguous runs: spread the pairs over their span, zeros between
+        # (an added zero changes no bin; spans of one upload never overlap).
+        if not indices.size:
+            return
+        low = int(indices[0])
+        dense = np.zeros(int(indices[-1]) - low + 1, values.dtype)
+        dense[indices - low] = values
+        self.add(low, dense, weight, False)
+
+    def zero(self) -> None:
+        pass  # elements no add covered read as zero
 
     def result_into(self, first: int, out: torch.Tensor, divisor: float) -> None:
         exact = np.empty(out.numel(), dtype=np.float64)
@@ -232,8 +263,11 @@ class StreamingReducer:
                 scale *= self.clip / norm
         factor: float = weight if scale == 1 else weight * scale
         chunks, overwrite = upload.chunks, self.count == 0
+        if overwrite and upload.codec.sparse:  # a sparse upload leaves elements out: zero first
+            self.sum.zero()
+            overwrite = False
         parts = [chunks]
-        if self.workers > 1 and len(chunks) >= 2 * self.workers:
+        if upload.codec.splittable and self.workers > 1 and len(chunks) >= 2 * self.workers:
             parts = [chunks[i :: self.workers] for i in range(self.workers)]
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fedgrad-reduce")
@@ -253,12 +287,13 @@ class StreamingReducer:
         overwrite: bool,
     ) -> float:
         """Add ``chunks``; return the L2 norm of the values added (statistics only)."""
-        decode = upload.codec.decode
-        norm = 0.0
-        for position, raw, start, length in chunks:
-            for first, values in decode(position, raw, start, length):
-                self.sum.add(first, values, weight, overwrite)
-                norm = math.hypot(norm, vector_norm(values))  # values are in cache: cheap
+        sparse, norm = upload.codec.sparse, 0.0
+        for where, values in upload.codec.decode(chunks):
+            if sparse:
+                self.sum.scatter(where, values, weight)
+            else:
+                self.sum.add(where, values, weight, overwrite)
+            norm = math.hypot(norm, vector_norm(values))  # values are in cache: cheap
         return norm
 
     @property
@@ -306,11 +341,9 @@ def vector_norm(values: np.ndarray) -> float:
 
 def upload_norm(upload: StagedUpload) -> float:
     """Return the L2 norm of a staged upload's decoded values."""
-    decode = upload.codec.decode
     norm = 0.0
-    for position, raw, start, length in upload.chunks:
-        for _first, values in decode(position, raw, start, length):
-            norm = math.hypot(norm, vector_norm(values))
+    for _where, values in upload.codec.decode(upload.chunks):
+        norm = math.hypot(norm, vector_norm(values))
     return norm
 
 

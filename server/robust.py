@@ -146,10 +146,14 @@ class RobustReducer:
         if not 0 < scale <= 1:
             raise InvalidArgument(f"staleness scale {scale} is outside (0, 1]")
         row = self._new_row()
-        decode = upload.codec.decode
-        for position, raw, start, length in upload.chunks:
-            for first, values in decode(position, raw, start, length):
-                row[first : first + values.size] = values
+        sparse = upload.codec.sparse
+        if sparse:
+            row.fill(0)
+        for where, values in upload.codec.decode(upload.chunks):
+            if sparse:
+                row[where] = values
+            else:
+                row[where : where + values.size] = values
         norm = vector_norm(row)  # overflow-safe, like the streaming rules' norm
         factor = scale
         if self.clip is not None and norm > self.clip:

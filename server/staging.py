@@ -42,6 +42,8 @@ class StagedUpload:
     chunk_bytes: int
     chunks: list[tuple[int, bytes, int, int]] = field(default_factory=list)
     cursor: ChunkCursor = field(init=False)
+    #: What the codec's check of the last chunk handed on to the next (``Codec.check``).
+    carry: object = None
 
     def __post_init__(self) -> None:
         self.cursor = ChunkCursor(self.codec.layout, self.chunk_bytes)
@@ -56,9 +58,10 @@ class StagedUpload:
         """
         length = len(raw) - start if length is None else length
         position = self.cursor.check(tensor, offset, length)
-        self.codec.check(position, raw, start, length)
+        carry = self.codec.check(position, raw, start, length, self.carry)
         # Move the cursor only now: a refused chunk must not count as received.
         self.cursor.position = position + length
+        self.carry = carry
         self.chunks.append((position, raw, start, length))
 
     @property

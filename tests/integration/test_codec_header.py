@@ -46,7 +46,7 @@ def test_codec_named_in_the_header_equals_the_wire_dtype_field(serve, hand_node,
     ("header", "needle"),
     [
         ({"codec": "int3"}, "unknown codec 'int3'"),
-        ({"codec": "identity:7"}, "takes no parameters"),
+        ({"codec": "identity:7"}, "must have no parameters"),
         ({"codec": "float16", "wire_dtype": pb.BFLOAT16}, "send one of them"),
         ({"payload_bytes": 12}, "payload_bytes 12 does not match codec 'identity'"),
     ],

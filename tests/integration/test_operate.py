@@ -812,7 +812,7 @@ def test_one_shared_file_with_aggregator_and_node_tables(tmp_path: Path) -> None
     node = effective("node", ["--config", str(toml)])
     assert isinstance(node, NodeConfig)
     assert (node.task, node.node_id, node.shard, node.seed) == ("linear", "n-7", (1, 2), 4)
-    assert (node.give_up_after, node.wire_dtype) == (5.0, "float16")
+    assert (node.give_up_after, node.compress) == (5.0, "float16")
     node = effective("node", ["--config", str(toml)], {"FEDGRAD_NODE_ID": "env-9"})
     assert node.node_id == "env-9"
 

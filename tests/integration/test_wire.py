@@ -112,7 +112,7 @@ def _train_and_compare(
         result = cluster.run(rounds=rounds)
     assert len(result.history) == rounds and all(r.nodes == nodes for r in result.history)
     local = task if isinstance(task, Task) else load_task(task, task_args, seed=SEED)
-    wire = (node_options or {}).get("wire_dtype")
+    wire = (node_options or {}).get("compress")
     want = _reference(local, nodes, rounds, getattr(torch, wire) if wire else None)
     assert list(result.params) == list(want)
     for name, value in want.items():
@@ -184,9 +184,9 @@ def test_every_dtype(dtype: str) -> None:
 @pytest.mark.parametrize("wire", ["float16", "bfloat16"])
 def test_compressed_uploads(wire: str) -> None:
     _train_and_compare(
-        "synthetic", {"params": "50000", "tensors": "3"}, node_options={"wire_dtype": wire}
+        "synthetic", {"params": "50000", "tensors": "3"}, node_options={"compress": wire}
     )
 
 
 def test_compressed_uploads_of_odd_shapes() -> None:
-    _train_and_compare(OddShapesTask(seed=SEED), node_options={"wire_dtype": "float16"})
+    _train_and_compare(OddShapesTask(seed=SEED), node_options={"compress": "float16"})

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64grad/proto/fedgrad.proto\x12\nfedgrad.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedgrad.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"3\n\x08Manifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedgrad.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x85\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12&\n\x08manifest\x18\x03 \x01(\x0b\x32\x14.fedgrad.v1.Manifest\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04task\x18\x05 \x01(\tB\x07\n\x05_seed\"\x8e\x02\n\tJoinReply\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.fedgrad.v1.Manifest\x12(\n\treduction\x18\x02 \x01(\x0e\x32\x15.fedgrad.v1.Reduction\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x04\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x12\n\nround_open\x18\x08 \x01(\x08\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x18\n\x10\x63ontract_version\x18\n \x01(\r\x12\x13\n\x0breduce_rule\x18\x0b \x01(\t\"1\n\x0bPullRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmin_round\x18\x02 \x01(\x04\"[\n\x0fParameterHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\"m\n\x10ParameterMessage\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedgrad.v1.ParameterHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x42\x06\n\x04kind\"\x8b\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedgrad.v1.UploadHeader.MetricsEntry\x12%\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x11.fedgrad.v1.DType\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\tUploadEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\"\x8f\x01\n\x0fGradientMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrad.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedgrad.v1.UploadEndH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\xf1\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tlast_norm\x18\x06 \x01(\x01\x12\x39\n\nlast_stats\x18\x07 \x03(\x0b\x32%.fedgrad.v1.NodeStatus.LastStatsEntry\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x05 \x01(\x01\x1a\x30\n\x0eLastStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe0\x02\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.fedgrad.v1.NodeStatus\x12\x10\n\x08reported\x18\x05 \x01(\r\x12>\n\x0clast_metrics\x18\x06 \x03(\x0b\x32(.fedgrad.v1.StatusReply.LastMetricsEntry\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x12\n\nsession_id\x18\t \x01(\t\x12\r\n\x05phase\x18\n \x01(\t\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x10\n\x08selected\x18\x0c \x01(\r\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04*\x9a\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x11\n\rWEIGHTED_MEAN\x10\x01\x12\x08\n\x04MEAN\x10\x02\x12\x07\n\x03SUM\x10\x03\x12\n\n\x06MEDIAN\x10\x04\x12\x10\n\x0cTRIMMED_MEAN\x10\x05\x12\x08\n\x04KRUM\x10\x06\x12\x0e\n\nMULTI_KRUM\x10\x07\x12\x14\n\x10GEOMETRIC_MEDIAN\x10\x08\x32\xd2\x02\n\nAggregator\x12\x36\n\x04Join\x12\x17.fedgrad.v1.JoinRequest\x1a\x15.fedgrad.v1.JoinReply\x12I\n\x0ePullParameters\x12\x17.fedgrad.v1.PullRequest\x1a\x1c.fedgrad.v1.ParameterMessage0\x01\x12\x45\n\rPushGradients\x12\x1b.fedgrad.v1.GradientMessage\x1a\x15.fedgrad.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedgrad.v1.LeaveRequest\x1a\x16.fedgrad.v1.LeaveReply\x12?\n\tGetStatus\x12\x19.fedgrad.v1.StatusRequest\x1a\x17.fedgrad.v1.StatusReplyBd\n\rio.fedgrad.v1B\x0c\x46\x65\x64gradProtoP\x01Z6github.com/fedgrad/fedgrad/protos/fedgrad/v1;fedgradv1\xaa\x02\nFedgrad.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64grad/proto/fedgrad.proto\x12\nfedgrad.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedgrad.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"3\n\x08Manifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedgrad.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x85\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12&\n\x08manifest\x18\x03 \x01(\x0b\x32\x14.fedgrad.v1.Manifest\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04task\x18\x05 \x01(\tB\x07\n\x05_seed\"\x8e\x02\n\tJoinReply\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.fedgrad.v1.Manifest\x12(\n\treduction\x18\x02 \x01(\x0e\x32\x15.fedgrad.v1.Reduction\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x04\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x12\n\nround_open\x18\x08 \x01(\x08\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x18\n\x10\x63ontract_version\x18\n \x01(\r\x12\x13\n\x0breduce_rule\x18\x0b \x01(\t\"1\n\x0bPullRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmin_round\x18\x02 \x01(\x04\"}\n\x0fParameterHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.fedgrad.v1.DType\"m\n\x10ParameterMessage\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedgrad.v1.ParameterHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x42\x06\n\x04kind\"\x8b\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedgrad.v1.UploadHeader.MetricsEntry\x12%\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x11.fedgrad.v1.DType\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\tUploadEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\"\x8f\x01\n\x0fGradientMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrad.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedgrad.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedgrad.v1.UploadEndH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\xf1\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tlast_norm\x18\x06 \x01(\x01\x12\x39\n\nlast_stats\x18\x07 \x03(\x0b\x32%.fedgrad.v1.NodeStatus.LastStatsEntry\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x05 \x01(\x01\x1a\x30\n\x0eLastStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe0\x02\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.fedgrad.v1.NodeStatus\x12\x10\n\x08reported\x18\x05 \x01(\r\x12>\n\x0clast_metrics\x18\x06 \x03(\x0b\x32(.fedgrad.v1.StatusReply.LastMetricsEntry\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x12\n\nsession_id\x18\t \x01(\t\x12\r\n\x05phase\x18\n \x01(\t\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x10\n\x08selected\x18\x0c \x01(\r\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04*\x9a\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x11\n\rWEIGHTED_MEAN\x10\x01\x12\x08\n\x04MEAN\x10\x02\x12\x07\n\x03SUM\x10\x03\x12\n\n\x06MEDIAN\x10\x04\x12\x10\n\x0cTRIMMED_MEAN\x10\x05\x12\x08\n\x04KRUM\x10\x06\x12\x0e\n\nMULTI_KRUM\x10\x07\x12\x14\n\x10GEOMETRIC_MEDIAN\x10\x08\x32\xd2\x02\n\nAggregator\x12\x36\n\x04Join\x12\x17.fedgrad.v1.JoinRequest\x1a\x15.fedgrad.v1.JoinReply\x12I\n\x0ePullParameters\x12\x17.fedgrad.v1.PullRequest\x1a\x1c.fedgrad.v1.ParameterMessage0\x01\x12\x45\n\rPushGradients\x12\x1b.fedgrad.v1.GradientMessage\x1a\x15.fedgrad.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedgrad.v1.LeaveRequest\x1a\x16.fedgrad.v1.LeaveReply\x12?\n\tGetStatus\x12\x19.fedgrad.v1.StatusRequest\x1a\x17.fedgrad.v1.StatusReplyBd\n\rio.fedgrad.v1B\x0c\x46\x65\x64gradProtoP\x01Z6github.com/fedgrad/fedgrad/protos/fedgrad/v1;fedgradv1\xaa\x02\nFedgrad.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESTATUS_LASTSTATSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREPLY_LASTMETRICSENTRY']._loaded_options = None
   _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2052
-  _globals['_DTYPE']._serialized_end=2135
-  _globals['_REDUCTION']._serialized_start=2138
-  _globals['_REDUCTION']._serialized_end=2292
+  _globals['_DTYPE']._serialized_start=2086
+  _globals['_DTYPE']._serialized_end=2169
+  _globals['_REDUCTION']._serialized_start=2172
+  _globals['_REDUCTION']._serialized_end=2326
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=118
   _globals['_MANIFEST']._serialized_start=120
@@ -55,33 +55,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLREQUEST']._serialized_start=637
   _globals['_PULLREQUEST']._serialized_end=686
   _globals['_PARAMETERHEADER']._serialized_start=688
-  _globals['_PARAMETERHEADER']._serialized_end=779
-  _globals['_PARAMETERMESSAGE']._serialized_start=781
-  _globals['_PARAMETERMESSAGE']._serialized_end=890
-  _globals['_UPLOADHEADER']._serialized_start=893
-  _globals['_UPLOADHEADER']._serialized_end=1160
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=1114
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=1160
-  _globals['_UPLOADEND']._serialized_start=1162
-  _globals['_UPLOADEND']._serialized_end=1194
-  _globals['_GRADIENTMESSAGE']._serialized_start=1197
-  _globals['_GRADIENTMESSAGE']._serialized_end=1340
-  _globals['_PUSHREPLY']._serialized_start=1342
-  _globals['_PUSHREPLY']._serialized_end=1387
-  _globals['_LEAVEREQUEST']._serialized_start=1389
-  _globals['_LEAVEREQUEST']._serialized_end=1420
-  _globals['_LEAVEREPLY']._serialized_start=1422
-  _globals['_LEAVEREPLY']._serialized_end=1434
-  _globals['_STATUSREQUEST']._serialized_start=1436
-  _globals['_STATUSREQUEST']._serialized_end=1451
-  _globals['_NODESTATUS']._serialized_start=1454
-  _globals['_NODESTATUS']._serialized_end=1695
-  _globals['_NODESTATUS_LASTSTATSENTRY']._serialized_start=1647
-  _globals['_NODESTATUS_LASTSTATSENTRY']._serialized_end=1695
-  _globals['_STATUSREPLY']._serialized_start=1698
-  _globals['_STATUSREPLY']._serialized_end=2050
-  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_start=2000
-  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_end=2050
-  _globals['_AGGREGATOR']._serialized_start=2295
-  _globals['_AGGREGATOR']._serialized_end=2633
+  _globals['_PARAMETERHEADER']._serialized_end=813
+  _globals['_PARAMETERMESSAGE']._serialized_start=815
+  _globals['_PARAMETERMESSAGE']._serialized_end=924
+  _globals['_UPLOADHEADER']._serialized_start=927
+  _globals['_UPLOADHEADER']._serialized_end=1194
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=1148
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=1194
+  _globals['_UPLOADEND']._serialized_start=1196
+  _globals['_UPLOADEND']._serialized_end=1228
+  _globals['_GRADIENTMESSAGE']._serialized_start=1231
+  _globals['_GRADIENTMESSAGE']._serialized_end=1374
+  _globals['_PUSHREPLY']._serialized_start=1376
+  _globals['_PUSHREPLY']._serialized_end=1421
+  _globals['_LEAVEREQUEST']._serialized_start=1423
+  _globals['_LEAVEREQUEST']._serialized_end=1454
+  _globals['_LEAVEREPLY']._serialized_start=1456
+  _globals['_LEAVEREPLY']._serialized_end=1468
+  _globals['_STATUSREQUEST']._serialized_start=1470
+  _globals['_STATUSREQUEST']._serialized_end=1485
+  _globals['_NODESTATUS']._serialized_start=1488
+  _globals['_NODESTATUS']._serialized_end=1729
+  _globals['_NODESTATUS_LASTSTATSENTRY']._serialized_start=1681
+  _globals['_NODESTATUS_LASTSTATSENTRY']._serialized_end=1729
+  _globals['_STATUSREPLY']._serialized_start=1732
+  _globals['_STATUSREPLY']._serialized_end=2084
+  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_start=2034
+  _globals['_STATUSREPLY_LASTMETRICSENTRY']._serialized_end=2084
+  _globals['_AGGREGATOR']._serialized_start=2329
+  _globals['_AGGREGATOR']._serialized_end=2667
 # @@protoc_insertion_point(module_scope)

@@ -116,16 +116,18 @@ class PullRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., min_round: _Optional[int] = ...) -> None: ...
 
 class ParameterHeader(_message.Message):
-    __slots__ = ("round", "total_bytes", "finished", "session_id")
+    __slots__ = ("round", "total_bytes", "finished", "session_id", "dtype")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_bytes: int
     finished: bool
     session_id: str
-    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., finished: bool = ..., session_id: _Optional[str] = ...) -> None: ...
+    dtype: DType
+    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., finished: bool = ..., session_id: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ParameterMessage(_message.Message):
     __slots__ = ("header", "chunk")
