@@ -9,6 +9,7 @@ aggregation) from the cost of a model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,12 +41,18 @@ class SyntheticShard:
 
 
 class _Bag(nn.Module):
-    """Flat parameters ``w.0``, ``w.1``, ... of the given sizes."""
+    """Parameters ``w.0``, ``w.1``, ... of the given shapes."""
 
-    def __init__(self, sizes: list[int], dtype: torch.dtype) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> None:
         super().__init__()
         # A fill, not randn: ~0.05 s instead of ~0.3 s for 50M parameters.
-        self.w = nn.ParameterList(nn.Parameter(torch.zeros(s, dtype=dtype)) for s in sizes)
+        self.w = nn.ParameterList(nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes)
+
+
+def _matrix(size: int) -> tuple[int, ...]:
+    """Return (m, n) with m * n = size and m the largest divisor of size <= sqrt(size)."""
+    m = max((d for d in range(1, math.isqrt(size) + 1) if size % d == 0), default=0)
+    return (m, size // m) if m else (0,)
 
 
 class SyntheticTask(Task):
@@ -54,7 +61,9 @@ class SyntheticTask(Task):
     Options (all strings): ``params`` (total parameter count, e.g. ``50000000``,
     ``50M`` or ``1e6``; default 1M), ``tensors`` (default 20; sizes differ by at
     most one, and are 0 when ``tensors > params``), ``dtype`` (``float32``,
-    ``float16``, ``bfloat16`` or ``float64``; default float32).
+    ``float16``, ``bfloat16`` or ``float64``; default float32), ``shape`` (``flat``, the
+    default, or ``matrix``: each tensor m x n with m the largest divisor of its size up to
+    its square root, e.g. 1250 x 2000 for 2.5M, as a codec that factors matrices needs).
 
     Memory: besides the model, a process keeps one gradient base per shard it
     computes for (``params`` numbers each).
@@ -77,7 +86,12 @@ class SyntheticTask(Task):
         opts = parse_options(
             "synthetic",
             options,
-            {"params": parse_count, "tensors": int_at_least(1), "dtype": choice(*DTYPES)},
+            {
+                "params": parse_count,
+                "tensors": int_at_least(1),
+                "dtype": choice(*DTYPES),
+                "shape": choice("flat", "matrix"),
+            },
         )
         self.params: int = opts.get("params", 1_000_000)
         if self.params < 1:
@@ -87,12 +101,15 @@ class SyntheticTask(Task):
         q, r = divmod(self.params, self.tensors)
         #: Size of each parameter tensor, in ``w.<i>`` order.
         self.sizes = [q + 1 if i < r else q for i in range(self.tensors)]
+        matrix = opts.get("shape", "flat") == "matrix"
+        #: Shape of each parameter tensor.
+        self.shapes = [_matrix(s) if matrix else (s,) for s in self.sizes]
         self._bases: dict[tuple[int, _Layout], list[torch.Tensor]] = {}
         self._outputs: dict[int, list[torch.Tensor]] = {}
 
     def model(self) -> nn.Module:
         """Build the parameter bag, all zeros."""
-        return _Bag(self.sizes, self.dtype)
+        return _Bag(self.shapes, self.dtype)
 
     def shard(self, index: int, count: int) -> SyntheticShard:
         """Return the placeholder of shard ``index`` of ``count``.
