@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedgrad.codec import TensorSpec
-from fedgrad.codecs import Codec, decode_dense
+from fedgrad.codecs import Codec
 
 __all__ = ["ErrorFeedback"]
 
@@ -84,18 +84,31 @@ class ErrorFeedback:
         if self.enabled and before is not None and before.residual is not None:
             work = [u.detach().cpu() + r for u, r in zip(update, before.residual, strict=True)]
         views = self.codec.encode(work, generator)
-        residual = None
-        if self.enabled:
-            sent = torch.from_numpy(decode_dense(self.codec, views))
-            residual, at = [], 0
-            for w in work:
-                n = w.numel()
-                part = sent[at : at + n].view(w.shape).to(w.dtype)
-                residual.append(w.detach().cpu() - part)
-                at += n
+        residual = self._left(work, views) if self.enabled else None
         memory = dict(getattr(self.codec, "memory", {}))
         self._record(_State(round_, residual, memory))
         return views
+
+    def _left(self, work: list[torch.Tensor], views: list[np.ndarray]) -> list[torch.Tensor]:
+        """Return ``work`` minus what the aggregator decodes from ``views``, per tensor.
+
+        The residual is kept in float32 (float64 for a float64 model) whatever the
+        model's dtype, so a half-precision model does not round away what is left.
+        """
+        wide = torch.float64 if any(w.dtype == torch.float64 for w in work) else torch.float32
+        flat = torch.cat([w.detach().cpu().reshape(-1).to(wide) for w in work])
+        left = flat.numpy()
+        layout = self.codec.layout
+        chunks = [(layout.starts[i], v, 0, v.size) for i, v in enumerate(views) if v.size]
+        for where, values in self.codec.decode(chunks):  # the aggregator's own decoder
+            if self.codec.sparse:
+                left[where] -= values
+            else:
+                left[where : where + values.size] -= values
+        return [
+            part.view(w.shape)
+            for part, w in zip(flat.split([w.numel() for w in work]), work, strict=True)
+        ]
 
     @property
     def residual(self) -> list[torch.Tensor] | None:
@@ -205,16 +218,14 @@ class ErrorFeedback:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy()
-    return t.numpy()
+    return t.detach().cpu().contiguous().numpy()  # residuals and factors: float32/64
 
 
 def _tensor(array: np.ndarray, spec: TensorSpec) -> torch.Tensor:
     t = torch.from_numpy(array.copy())
-    if spec.dtype == torch.bfloat16:
-        t = t.view(torch.bfloat16)
-    if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-        raise ValueError(f"residual {spec.name!r} is {t.dtype} {list(t.shape)}, expected {spec}")
+    if tuple(t.shape) != spec.shape or t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"residual {spec.name!r} is {t.dtype} {list(t.shape)}, expected float32 or float64"
+            f" {list(spec.shape)}"
+        )
     return t
