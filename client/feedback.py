@@ -26,6 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -99,7 +100,10 @@ class ErrorFeedback:
         flat = torch.cat([w.detach().cpu().reshape(-1).to(wide) for w in work])
         left = flat.numpy()
         layout = self.codec.layout
-        chunks = [(layout.starts[i], v, 0, v.size) for i, v in enumerate(views) if v.size]
+        # A view reads like the message bytes it would travel in (np.frombuffer takes both).
+        chunks = [
+            (layout.starts[i], cast(bytes, v), 0, v.size) for i, v in enumerate(views) if v.size
+        ]
         for where, values in self.codec.decode(chunks):  # the aggregator's own decoder
             if self.codec.sparse:
                 left[where] -= values

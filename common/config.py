@@ -15,6 +15,13 @@ from typing import Any, TypeVar
 
 from fedgrad.codec import DEFAULT_CHUNK_BYTES
 from fedgrad.errors import ConfigError, InvalidArgument
+from fedgrad.optimizers import (
+    LR_SCHEDULES,
+    OPTIMIZER_NAMES,
+    check_optimizer,
+    check_schedule,
+    optimizer_class,
+)
 from fedgrad.parsing import (
     ATTACKS,
     CODEC_FORMS,
@@ -38,6 +45,7 @@ __all__ = [
     "LOG_FORMATS",
     "MAX_CHUNK_BYTES",
     "MIN_CHUNK_BYTES",
+    "LR_SCHEDULES",
     "OPTIMIZERS",
     "REDUCTIONS",
     "ROBUST_REDUCTIONS",
@@ -52,7 +60,8 @@ __all__ = [
     "parse_staleness",
 ]
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+#: ``--optimizer``: any element-wise torch.optim optimizer, lower case (fedgrad.optimizers).
+OPTIMIZERS = OPTIMIZER_NAMES
 #: Accumulator dtypes: float64 sums of float32/16 uploads do not depend on arrival order.
 ACCUMULATORS = ("auto", "float64", "float32", "reproducible")
 LOG_FORMATS = ("text", "json")
@@ -196,6 +205,20 @@ def _staleness(name: str, value: Any) -> None:
     parse_staleness(value)
 
 
+def _optimizer(name: str, value: Any) -> None:
+    try:
+        optimizer_class(str(value))
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _schedule(name: str, value: Any) -> None:
+    try:
+        check_schedule(str(value))
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
 def _codec(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a codec ({', '.join(CODEC_FORMS)}), got {value!r}")
@@ -265,8 +288,13 @@ class AggregatorConfig:
     nodes: int = _setting(1, _count(1))
     rounds: int = _setting(10, _count(1))
     seed: int = _setting(0, _count(0))  # sent as uint64 (JoinRequest.seed)
-    optimizer: str | None = _setting(None, _optional(_one_of(OPTIMIZERS)))
+    optimizer: str | None = _setting(None, _optional(_optimizer))
+    #: Constructor arguments of the optimizer, as text (``("betas", "0.9,0.99")``).
+    optimizer_args: tuple[tuple[str, str], ...] = ()
     lr: float | None = _setting(None, _optional(_positive))
+    lr_schedule: str | None = _setting(None, _optional(_schedule))
+    #: Clip the reduced gradient's global L2 norm to this (torch's clip_grad_norm_).
+    clip_grad_norm: float | None = _setting(None, _optional(_positive))
     reduce: str = _setting("weighted-mean", _reduce)
     save: str | None = None
     history: str | None = None
@@ -327,6 +355,11 @@ class AggregatorConfig:
         _check_fields(self)
         self._check_rounds()
         self._check_privacy()
+        if self.optimizer is not None:
+            try:
+                check_optimizer(self.optimizer, self.optimizer_args)
+            except ConfigError as e:
+                raise ConfigError(f"optimizer_args: {e}") from None
         if self.min_nodes > self.nodes:
             raise ConfigError(
                 f"min_nodes must be <= nodes (a round could never close), got min_nodes"

@@ -18,7 +18,6 @@ from fedgrad.config import (
     ERROR_FEEDBACK,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
-    OPTIMIZERS,
     ROUNDINGS,
     AggregatorConfig,
     NodeConfig,
@@ -35,6 +34,7 @@ from fedgrad.launch.flags import (
     settings_of,
     shard,
     shown,
+    task_arg,
 )
 from fedgrad.launch.round_flags import (
     add_defence_flags,
@@ -70,8 +70,35 @@ def _aggregator_parser(sub: Subparsers) -> None:
     )
     add("nodes", "nodes to wait for before the first round, round 0 (default {default})", type=int)
     add("rounds", "rounds to train, then save and exit 0 (default {default})", type=int)
-    add("optimizer", "torch.optim optimizer (default: the task's)", metavar=choices(OPTIMIZERS))
+    add(
+        "optimizer",
+        "torch.optim optimizer by lower-case name, e.g. sgd, adam, adamw, rmsprop; momentum is"
+        " SGD with momentum 0.9 (default: the task's)",
+        metavar="NAME",
+    )
+    add(
+        "optimizer_args",
+        "an argument of the optimizer, repeatable: numbers, true/false, or a,b for a tuple"
+        " (e.g. weight_decay=0.01, betas=0.9,0.99)",
+        flag="--optimizer-arg",
+        action="append",
+        type=task_arg,
+        metavar="KEY=VALUE",
+    )
     add("lr", "learning rate (default: the task's)", type=float)
+    add(
+        "lr_schedule",
+        "learning-rate schedule stepped once per round (torch.optim.lr_scheduler): cosine,"
+        " step:EVERY,GAMMA, warmup:ROUNDS or warmup:ROUNDS+cosine (default: constant)",
+        metavar="SCHEDULE",
+    )
+    add(
+        "clip_grad_norm",
+        "clip the reduced gradient's global L2 norm to C before the step, as"
+        " torch.nn.utils.clip_grad_norm_ (default: no clipping)",
+        type=float,
+        metavar="C",
+    )
     add_defence_flags(add)
     add("save", "write the final state_dict here (safetensors)", metavar="PATH.safetensors")
     add(
@@ -122,7 +149,7 @@ def _limit_flags(add: Add) -> None:
         "broadcast_dtype",
         "send the parameters to the nodes in this dtype (the aggregator keeps its master copy"
         " in the model's dtype; nodes train on the rounded parameters) (default: the model's)",
-        choices=BROADCAST_DTYPES,
+        metavar=choices(BROADCAST_DTYPES),
     )
     add(
         "idle_timeout",
@@ -223,13 +250,13 @@ def _node_parser(sub: Subparsers) -> None:
         "error_feedback",
         "keep what a lossy codec did not send and add it to the next round's update"
         " (default {default}: on for topk and powersgd)",
-        choices=ERROR_FEEDBACK,
+        metavar=choices(ERROR_FEEDBACK),
     )
     add(
         "rounding",
         "how int8 rounds: to nearest, or stochastically, seeded from (seed, node id, round)"
         " (default {default})",
-        choices=ROUNDINGS,
+        metavar=choices(ROUNDINGS),
     )
     add(
         "state_dir",

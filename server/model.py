@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from fedgrad.codec import Layout, TensorSpec, manifest_mismatch, specs_of
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError, InvalidArgument
+from fedgrad.optimizers import build_optimizer, build_schedule
 from fedgrad.server.reducers import Reducer
 from fedgrad.task import Task, trainable_parameters
 from fedgrad.wire import task_identity
@@ -21,15 +23,18 @@ __all__ = ["STEP_BATCH_BYTES", "Peer", "ServerModel", "make_optimizer"]
 STEP_BATCH_BYTES = 32 << 20
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Build the aggregator's torch.optim optimizer ("sgd", "momentum" or "adam")."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r} (sgd, momentum, adam)")
+def make_optimizer(
+    name: str,
+    params: list[torch.nn.Parameter],
+    lr: float,
+    args: Sequence[tuple[str, str]] = (),
+) -> torch.optim.Optimizer:
+    """Build the aggregator's torch.optim optimizer by name (``fedgrad.optimizers``).
+
+    Raises:
+        ConfigError: an unknown optimizer or an argument it does not take.
+    """
+    return build_optimizer(name, args, params, lr)
 
 
 def batches(sizes: list[int], limit: int) -> list[list[int]]:
@@ -86,26 +91,57 @@ class ServerModel:
         self.params = [p for _, p in named]
         self.layout = Layout(specs_of(named))
         lr = cfg.lr if cfg.lr is not None else task.lr
-        self.optimizer = make_optimizer(cfg.optimizer or task.optimizer, self.params, lr)
+        self.optimizer = make_optimizer(
+            cfg.optimizer or task.optimizer, self.params, lr, cfg.optimizer_args
+        )
+        self.schedule = (
+            build_schedule(self.optimizer, cfg.lr_schedule, cfg.rounds) if cfg.lr_schedule else None
+        )
+        self.clip_grad_norm = cfg.clip_grad_norm
         self.step_batches = batches(self.layout.nbytes, STEP_BATCH_BYTES)
+        #: The reduced gradient's global L2 norm of the last step (before clipping).
+        self.grad_norm = math.nan
 
     def step(self, reducer: Reducer) -> dict[str, float]:
         """Apply the reduced gradient with the optimizer; return the task's evaluation."""
         # Gradients exist a batch of tensors at a time, never a whole second model:
-        # torch.optim skips parameters whose grad is None, and sgd, momentum and adam
-        # update each parameter from its own gradient and state, so stepping batch by
-        # batch gives the same parameters as one step over all of them.
+        # torch.optim skips parameters whose grad is None, and its element-wise
+        # optimizers update each parameter from its own gradient and state, so stepping
+        # batch by batch gives the same parameters as one step over all of them.
+        scale = self._clip_scale(reducer) if self.clip_grad_norm is not None else None
         for batch in self.step_batches:
             grads = [torch.empty_like(self.params[i]) for i in batch]
             reducer.result_into(grads, batch)
             for i, g in zip(batch, grads, strict=True):
+                if scale is not None:
+                    g.mul_(scale)
                 self.params[i].grad = g
             del grads
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.schedule is not None:
+            self.schedule.step()
         with torch.no_grad():
             self.module.eval()
             return self.task.evaluate(self.module) or {}
+
+    def _clip_scale(self, reducer: Reducer) -> torch.Tensor:
+        """Return torch.nn.utils.clip_grad_norm_'s factor for the reduced gradient.
+
+        One pass over the gradient a batch at a time computes each tensor's norm as torch
+        does (``torch.linalg.vector_norm``); the total is the norm of those norms, and the
+        factor ``min(1, C / (total + 1e-6))`` multiplies every gradient, as in plain torch.
+        """
+        assert self.clip_grad_norm is not None
+        norms = []
+        for batch in self.step_batches:
+            grads = [torch.empty_like(self.params[i]) for i in batch]
+            reducer.result_into(grads, batch)
+            norms += [torch.linalg.vector_norm(g, 2.0) for g in grads]
+            del grads
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros(())
+        self.grad_norm = float(total)
+        return torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
 
     def named_params(self) -> dict[str, torch.Tensor]:
         """Return the trainable parameters by name (the tensors themselves)."""

@@ -65,6 +65,8 @@ def write_checkpoint(
     }
     if cfg.mode == "async" or cfg.sampled:
         meta["journal"] = list(journal)
+    if model.schedule is not None:
+        meta["schedule"] = {"spec": cfg.lr_schedule, "state": model.schedule.state_dict()}
     save_checkpoint(
         cfg.checkpoint_dir, round_, model.named_params(), model.optimizer, meta, list(history)
     )
@@ -92,6 +94,7 @@ def read_checkpoint(cfg: AggregatorConfig, model: ServerModel) -> Resumed | None
             f" aggregator runs --mode {cfg.mode}; use a new --checkpoint-dir for another run"
         )
     model.load(params, optim_state)
+    _load_schedule(cfg, model, doc.get("schedule"))
     nodes = tuple(
         NodeRecord(
             n["node_id"],
@@ -105,3 +108,43 @@ def read_checkpoint(cfg: AggregatorConfig, model: ServerModel) -> Resumed | None
     history = [RoundRecord(**r) for r in doc["history"]]
     journal = list(doc.get("journal", []))
     return Resumed(int(doc["round"]), str(doc["session_id"]), nodes, history, journal)
+
+
+def _shape(value: Any) -> Any:
+    """The structure of a scheduler's state: keys and kinds of values, not the numbers."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shape(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    return "number" if isinstance(value, int | float) else type(value).__name__
+
+
+def _load_schedule(cfg: AggregatorConfig, model: ServerModel, saved: Any) -> None:
+    """Restore the lr scheduler's state, after checking it is this schedule's, number by number.
+
+    Raises:
+        ConfigError: the checkpoint was written with another (or no) ``--lr-schedule``, or
+            its scheduler state does not have the fields this schedule's has.
+    """
+    if model.schedule is None:
+        if saved is not None:
+            raise ConfigError(
+                f"checkpoint in {cfg.checkpoint_dir} was written with --lr-schedule"
+                f" {saved.get('spec')!r} and this aggregator has none; pass the same schedule"
+            )
+        return
+    spec = saved.get("spec") if isinstance(saved, dict) else None
+    if spec != cfg.lr_schedule:
+        raise ConfigError(
+            f"checkpoint in {cfg.checkpoint_dir} was written with --lr-schedule {spec!r},"
+            f" this aggregator has {cfg.lr_schedule!r}; pass the same schedule"
+        )
+    state = saved.get("state")
+    if _shape(state) != _shape(model.schedule.state_dict()):
+        raise ConfigError(
+            f"checkpoint in {cfg.checkpoint_dir} holds a malformed --lr-schedule state;"
+            " use a new --checkpoint-dir"
+        )
+    model.schedule.load_state_dict(state)
