@@ -8,6 +8,7 @@ domain errors (``Failure`` with an ``Action``, ``Stopped``, ``RefusedError``).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import random
 import threading
@@ -38,7 +39,7 @@ from fedgrad.errors import InvalidArgument, RefusedError, TaskError
 from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import derive_seed, round_generator
-from fedgrad.task import Task, check_update, trainable_parameters
+from fedgrad.task import RoundContext, Task, check_update, trainable_parameters
 from fedgrad.wire import task_identity
 
 __all__ = ["Node", "NodeResult", "join_request", "simulated_delay"]
@@ -149,6 +150,7 @@ class Node:
         self.chunk_bytes = 0
         self.uploads = 0
         self._staging: tuple[torch.dtype, Layout, list[torch.Tensor]] | None = None
+        self._takes_context = "context" in inspect.signature(task.compute_update).parameters
 
     @property
     def stop_event(self) -> threading.Event:
@@ -330,7 +332,8 @@ class Node:
                         continue
                     if header.finished:
                         return NodeResult(self.cfg.node_id, self.uploads, header.round)
-                    next_round = self.train_round(header.round)
+                    context = RoundContext(header.round, header.total_rounds, dict(header.config))
+                    next_round = self.train_round(header.round, context)
                 except Failure as failure:
                     next_round = self._recover(failure, next_round)
         except Stopped:
@@ -348,11 +351,17 @@ class Node:
         self.leave()
         return NodeResult(self.cfg.node_id, self.uploads, next_round)
 
-    def train_round(self, round_: int) -> int:
-        """Compute and push this round's update; return the next round to pull."""
+    def train_round(self, round_: int, context: RoundContext | None = None) -> int:
+        """Compute and push this round's update; return the next round to pull.
+
+        ``context`` (the broadcast's round, total rounds and config) is the task's
+        ``context`` during ``compute_update``, and its ``context=`` argument if it takes one.
+        """
         generator = round_generator(self.cfg.seed, self.cfg.node_id, round_)
+        self.task.context = context
+        extra = {"context": context} if self._takes_context else {}
         with self.compute:
-            update = self.task.compute_update(self.model, self.data, generator)
+            update = self.task.compute_update(self.model, self.data, generator, **extra)
         check_update(update, self.params)
         if self.cfg.simulate_attack is not None:
             update = attacked(update, self.cfg.simulate_attack, attack_generator(self.cfg, round_))

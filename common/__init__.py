@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedgrad.errors import ConfigError, FedgradError, GaveUpError, TaskError
 from fedgrad.history import RoundRecord
-from fedgrad.task import Task, Update, load_task
+from fedgrad.task import RoundContext, Task, Update, load_task
 
 if TYPE_CHECKING:
     from fedgrad.launch.local import ClusterResult, LocalCluster
@@ -28,6 +28,7 @@ __all__ = [
     "FedgradError",
     "GaveUpError",
     "LocalCluster",
+    "RoundContext",
     "RoundRecord",
     "Task",
     "TaskError",

@@ -293,6 +293,8 @@ class AggregatorConfig:
     optimizer_args: tuple[tuple[str, str], ...] = ()
     lr: float | None = _setting(None, _optional(_positive))
     lr_schedule: str | None = _setting(None, _optional(_schedule))
+    #: Settings sent to the nodes with every round's parameters (``RoundContext.config``).
+    round_config: tuple[tuple[str, str], ...] = ()
     #: Clip the reduced gradient's global L2 norm to this (torch's clip_grad_norm_).
     clip_grad_norm: float | None = _setting(None, _optional(_positive))
     reduce: str = _setting("weighted-mean", _reduce)

@@ -34,7 +34,14 @@ from torch import nn
 
 from fedgrad.errors import ConfigError, TaskError
 
-__all__ = ["BUILTIN_TASKS", "Task", "Update", "load_task", "trainable_parameters"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "RoundContext",
+    "Task",
+    "Update",
+    "load_task",
+    "trainable_parameters",
+]
 
 #: Built-in task names and where they live.
 BUILTIN_TASKS: dict[str, str] = {
@@ -58,6 +65,22 @@ class Update:
     gradients: list[torch.Tensor]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """The round a node computes, as the aggregator's parameter broadcast says.
+
+    Attributes:
+        round: the round (in async mode, the version) the parameters open, from 0.
+        total_rounds: rounds in the run.
+        config: the aggregator's settings for this round: its ``--round-config KEY=VALUE``
+            entries and its task's ``round_config(round, total_rounds)``, as text.
+    """
+
+    round: int
+    total_rounds: int
+    config: Mapping[str, str] = field(default_factory=dict)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -85,6 +108,8 @@ class Task:
     local_steps: int = 0
     local_lr: float = 0.1
     batch_size: int = 0
+    #: On a node, the round being computed (set before each ``compute_update``).
+    context: RoundContext | None = None
 
     def __init__(self, seed: int = 0, **options: str) -> None:
         """Create the task.
@@ -114,6 +139,16 @@ class Task:
         """Evaluate on held-out data (e.g. ``{"loss": .., "accuracy": ..}``), or None."""
         return None
 
+    def round_config(self, round_: int, total_rounds: int) -> Mapping[str, str]:
+        """On the aggregator: settings sent to every node with round ``round_``'s parameters.
+
+        The node's ``compute_update`` reads them as ``self.context.config`` (also passed as
+        ``context=`` to an override that takes it). The built-in ``compute_update`` honours
+        ``local_lr`` and ``local_steps``; e.g. return ``{"local_lr": str(0.1 * 0.9**round_)}``
+        for a local learning-rate schedule. Default: none.
+        """
+        return {}
+
     # -- overridable defaults --------------------------------------------------
     def num_samples(self, data: Any) -> int:
         """Return how many samples ``data`` (a shard) holds. Default: ``len(data[0])``."""
@@ -142,8 +177,14 @@ class Task:
         """
         params = [p for _, p in trainable_parameters(model)]
         n = self.num_samples(data)
+        config = self.context.config if self.context is not None else {}
+        try:
+            local_steps = int(config.get("local_steps", self.local_steps))
+            local_lr = float(config.get("local_lr", self.local_lr))
+        except ValueError as e:
+            raise TaskError(f"the aggregator's round config is not a number: {e}") from None
         model.train()
-        if self.local_steps <= 0:
+        if local_steps <= 0:
             model.zero_grad(set_to_none=True)
             loss = self.loss(model, data)
             loss.backward()
@@ -153,10 +194,10 @@ class Task:
             ]
             return Update(grads, n, {"loss": float(loss.detach())})
         start = [p.detach().clone() for p in params]
-        opt = torch.optim.SGD(params, lr=self.local_lr)
+        opt = torch.optim.SGD(params, lr=local_lr)
         stream = self.batches(data, generator)
         total = 0.0
-        for _ in range(self.local_steps):
+        for _ in range(local_steps):
             opt.zero_grad(set_to_none=True)
             loss = self.loss(model, next(stream))
             loss.backward()

@@ -87,6 +87,16 @@ def _aggregator_parser(sub: Subparsers) -> None:
     )
     add("lr", "learning rate (default: the task's)", type=float)
     add(
+        "round_config",
+        "a setting sent to the nodes with every round's parameters, repeatable; the built-in"
+        " training honours local_lr and local_steps (a task's round_config can vary them by"
+        " round)",
+        flag="--round-config",
+        action="append",
+        type=task_arg,
+        metavar="KEY=VALUE",
+    )
+    add(
         "lr_schedule",
         "learning-rate schedule stepped once per round (torch.optim.lr_scheduler): cosine,"
         " step:EVERY,GAMMA, warmup:ROUNDS or warmup:ROUNDS+cosine (default: constant)",

@@ -379,6 +379,8 @@ class Aggregator:
             finished,
             self.session_id,
             self.cfg.broadcast_dtype,
+            self.engine.total_rounds,
+            self.model.round_config(round_, self.engine.total_rounds),
         )
         async with self._changed:
             self.snapshot = snapshot

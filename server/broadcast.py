@@ -6,7 +6,7 @@ header says which); the optimizer's master copy is never rounded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,8 @@ def make_snapshot(
     finished: bool,
     session_id: str,
     broadcast_dtype: str | None = None,
+    total_rounds: int = 0,
+    config: Mapping[str, str] | None = None,
 ) -> Snapshot:
     """Serialize the header and every chunk of ``params`` once (cast to that dtype if set)."""
     dtype = getattr(torch, broadcast_dtype) if broadcast_dtype else None
@@ -51,6 +53,8 @@ def make_snapshot(
             finished=finished,
             session_id=session_id,
             dtype=dtype_to_proto(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,  # type: ignore[arg-type]
+            total_rounds=total_rounds,
+            config=dict(config or {}),
         )
     ).SerializeToString()
     cast = [p.detach().to(dtype) if dtype is not None else p.detach() for p in params]

@@ -11,7 +11,7 @@ import torch
 
 from fedgrad.codec import Layout, TensorSpec, manifest_mismatch, specs_of
 from fedgrad.config import AggregatorConfig
-from fedgrad.errors import ConfigError, InvalidArgument
+from fedgrad.errors import ConfigError, InvalidArgument, TaskError
 from fedgrad.optimizers import build_optimizer, build_schedule
 from fedgrad.server.reducers import Reducer
 from fedgrad.task import Task, trainable_parameters
@@ -35,6 +35,24 @@ def make_optimizer(
         ConfigError: an unknown optimizer or an argument it does not take.
     """
     return build_optimizer(name, args, params, lr)
+
+
+#: Round config entries, key length and value length a broadcast may carry.
+MAX_CONFIG_ENTRIES, MAX_CONFIG_KEY, MAX_CONFIG_VALUE = 64, 128, 1024
+
+
+def check_round_config(config: Mapping[str, Any]) -> None:
+    """Raise TaskError unless ``config`` is at most 64 text entries of bounded length."""
+    if len(config) > MAX_CONFIG_ENTRIES:
+        raise TaskError(f"round config has {len(config)} entries; at most {MAX_CONFIG_ENTRIES}")
+    for key, value in config.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TaskError(f"round config entry {key!r}: {value!r} must map text to text")
+        if not 1 <= len(key) <= MAX_CONFIG_KEY or len(value) > MAX_CONFIG_VALUE:
+            raise TaskError(
+                f"round config entry {key[:MAX_CONFIG_KEY]!r}: keys must be 1-{MAX_CONFIG_KEY}"
+                f" characters and values at most {MAX_CONFIG_VALUE}"
+            )
 
 
 def batches(sizes: list[int], limit: int) -> list[list[int]]:
@@ -83,7 +101,7 @@ class ServerModel:
     """The task's model on the aggregator, its trainable parameters and their optimizer."""
 
     def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
-        self.task = task
+        self.task, self.cfg = task, cfg
         torch.manual_seed(cfg.seed)
         self.module = task.model()
         named = trainable_parameters(self.module)
@@ -142,6 +160,19 @@ class ServerModel:
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros(())
         self.grad_norm = float(total)
         return torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
+
+    def round_config(self, round_: int, total_rounds: int) -> dict[str, str]:
+        """Return the settings sent with round ``round_``: ``--round-config``, then the task's.
+
+        Raises:
+            TaskError: the task's entries are too many, too long, or not text.
+        """
+        config = {
+            **dict(self.cfg.round_config),
+            **dict(self.task.round_config(round_, total_rounds)),
+        }
+        check_round_config(config)
+        return config
 
     def named_params(self) -> dict[str, torch.Tensor]:
         """Return the trainable parameters by name (the tensors themselves)."""

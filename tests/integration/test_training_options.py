@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedgrad import LocalCluster
+from fedgrad import LocalCluster, RoundContext, Task, Update
 from fedgrad.optimizers import build_schedule
 from fedgrad.seeding import round_generator
 from fedgrad.task import load_task, trainable_parameters
@@ -91,3 +91,58 @@ def test_optimizers_schedules_and_clipping_match_plain_torch(case: str) -> None:
     )
     for name, value in want.items():
         assert torch.equal(got[name], value), f"{name} differs from plain torch"
+
+
+class ContextTask(Task):
+    """Its gradient is the round context: round + config["shift"] + total_rounds / 100."""
+
+    lr = 1.0
+
+    def model(self) -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.register_parameter("w", torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)))
+        return module
+
+    def shard(self, index: int, count: int) -> object:
+        return index
+
+    def num_samples(self, data: object) -> int:
+        return 1
+
+    def loss(self, model: torch.nn.Module, batch: object) -> torch.Tensor:
+        raise NotImplementedError
+
+    def round_config(self, round_: int, total_rounds: int) -> dict[str, str]:
+        return {"shift": str(10 * round_)}  # a schedule computed on the aggregator
+
+    def compute_update(
+        self,
+        model: torch.nn.Module,
+        data: object,
+        generator: torch.Generator,
+        context: RoundContext | None = None,
+    ) -> Update:
+        assert context is not None and context is self.context
+        value = context.round + float(context.config["shift"]) + context.total_rounds / 100
+        assert context.config["tag"] == "static"
+        return Update([torch.full((1,), value, dtype=torch.float64)], 1)
+
+
+def test_compute_update_gets_the_round_context_the_aggregator_sends() -> None:
+    rounds = 4
+    with LocalCluster(
+        ContextTask(), nodes=2, seed=SEED, round_config=(("tag", "static"),), timeout=60
+    ) as cluster:
+        result = cluster.run(rounds=rounds)
+    # Each round's mean gradient is 11 r + 0.04; SGD at lr 1 sums them with a minus sign.
+    want = -sum(11 * r + rounds / 100 for r in range(rounds))
+    assert float(result.params["w"]) == pytest.approx(want, abs=1e-12)
+
+
+def test_the_built_in_training_honours_local_lr_from_the_round_config() -> None:
+    with LocalCluster("digits", nodes=2, seed=SEED, round_config=(("local_lr", "0"),)) as cluster:
+        frozen = cluster.run(rounds=2)
+    torch.manual_seed(SEED)
+    initial = load_task("digits", {}, seed=SEED).model().state_dict()
+    for name, value in initial.items():
+        assert torch.equal(frozen.params[name], value), "local_lr 0 moves nothing"

@@ -20,6 +20,7 @@ PUBLIC_API = {
     "FedgradError",
     "GaveUpError",
     "LocalCluster",
+    "RoundContext",
     "RoundRecord",
     "Task",
     "TaskError",

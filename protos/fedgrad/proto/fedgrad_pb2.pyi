@@ -116,18 +116,29 @@ class PullRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., min_round: _Optional[int] = ...) -> None: ...
 
 class ParameterHeader(_message.Message):
-    __slots__ = ("round", "total_bytes", "finished", "session_id", "dtype")
+    __slots__ = ("round", "total_bytes", "finished", "session_id", "dtype", "total_rounds", "config")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_bytes: int
     finished: bool
     session_id: str
     dtype: DType
-    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., finished: bool = ..., session_id: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    total_rounds: int
+    config: _containers.ScalarMap[str, str]
+    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., finished: bool = ..., session_id: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_rounds: _Optional[int] = ..., config: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ParameterMessage(_message.Message):
     __slots__ = ("header", "chunk")
