@@ -1,4 +1,4 @@
-"""Built-in task "digits": an MLP on scikit-learn's bundled 8x8 digits, trained with FedAvg.
+"""Built-in task "digits": an MLP or a small CNN on scikit-learn's 8x8 digits, with FedAvg.
 
 The data ships with scikit-learn, so nothing is downloaded. A stratified 25%
 test split (seeded by the task seed) is held out for ``evaluate``; the rest is
@@ -11,6 +11,8 @@ with ``classes_per_node=K`` (McMahan et al. 2017); or Dirichlet label skew with
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +35,9 @@ __all__ = ["DigitsTask"]
 #: Fraction of the 1797 images held out for evaluation.
 TEST_FRACTION = 0.25
 
+#: The values of the ``model`` option; the first is the default.
+MODELS = ("mlp", "cnn")
+
 
 @functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -44,11 +49,22 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class DigitsTask(Task):
-    """Classify 8x8 digit images with a one-hidden-layer MLP, FedAvg-style.
+    """Classify 8x8 digit images with a one-hidden-layer MLP or a small CNN, FedAvg-style.
 
-    Options (all strings): ``split``, ``classes_per_node``, ``dirichlet`` (how the
-    training set is split across nodes, below), ``hidden`` (hidden units),
-    ``local_steps``, ``batch_size``, ``local_lr``.
+    Options (all strings): ``model`` (below), ``split``, ``classes_per_node``,
+    ``dirichlet`` (how the training set is split across nodes, below), ``hidden``
+    (hidden units; ``model=mlp`` only), ``local_steps``, ``batch_size``, ``local_lr``
+    (their defaults depend on ``model``: the class attributes for the MLP,
+    ``CNN_DEFAULTS`` for the CNN; an option overrides either).
+
+    Models:
+
+    * ``model=mlp`` (default): 64 -> ``hidden`` (64) -> 10 with a ReLU.
+    * ``model=cnn``: each image as 1x8x8; Conv(1->16, 3x3) -> BatchNorm -> ReLU ->
+      Conv(16->32, 3x3) -> BatchNorm -> ReLU -> 2x2 max-pool -> Linear(512 -> 10).
+      Its BatchNorm running statistics are buffers, not trainable parameters:
+      ``evaluate`` uses them (eval mode), so they are only meaningful on the
+      aggregator's copy if it averages the nodes' buffers each round.
 
     Splits (``fedgrad.partition``; at most one of the three non-IID options):
 
@@ -64,9 +80,12 @@ class DigitsTask(Task):
     Every split covers the training set exactly, gives every node at least one
     sample and depends only on the task seed and the number of nodes.
 
-    The defaults reach >= 0.95 test accuracy within 15 rounds on 4 IID shards
+    The MLP's defaults reach >= 0.95 test accuracy within 15 rounds on 4 IID shards
     (``tests/unit/test_tasks.py`` simulates it) at ~10 ms of compute per node
     and round (one thread); with ``split=non-iid`` expect ~0.90 after 20 rounds.
+    The CNN's reach >= 0.97 within 3 rounds on 4 IID shards when the aggregator
+    averages the nodes' BatchNorm statistics (``tests/unit/test_digits_cnn.py``),
+    and ~0.99 after 30 rounds also with ``split=non-iid``, at ~80 ms per node and round.
     """
 
     optimizer = "sgd"
@@ -77,6 +96,15 @@ class DigitsTask(Task):
     local_steps = 40
     local_lr = 0.5
     batch_size = 32
+    #: ``local_steps``, ``local_lr`` and ``batch_size`` with ``model=cnn``. Tuned on 4 IID
+    #: shards over task seeds 0-3 with the BatchNorm statistics averaged each round: >= 0.97
+    #: by round 2-3 (10 steps: round 3-6; local_lr 0.05 and 0.2 alike); ~4 ms per local step
+    #: on one busy thread, ~20x the MLP's.
+    CNN_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "local_steps": 20,
+        "local_lr": 0.1,
+        "batch_size": 32,
+    }
 
     def __init__(self, seed: int = 0, **options: str) -> None:
         """Load the data and split off the test set.
@@ -86,7 +114,8 @@ class DigitsTask(Task):
             **options: see the class docstring.
 
         Raises:
-            ConfigError: an unknown option, a bad value, or more than one of
+            ConfigError: an unknown option, a bad value (an unknown ``model`` names
+                the valid ones), ``hidden`` with ``model=cnn``, or more than one of
                 ``split=non-iid``, ``classes_per_node`` and ``dirichlet``.
         """
         super().__init__(seed)
@@ -94,6 +123,7 @@ class DigitsTask(Task):
             "digits",
             options,
             {
+                "model": choice(*MODELS),
                 "split": choice("iid", "non-iid"),
                 "classes_per_node": int_at_least(1),
                 "dirichlet": positive_float,
@@ -116,14 +146,20 @@ class DigitsTask(Task):
                 f"task 'digits': options {', '.join(chosen)} are mutually exclusive "
                 "(each is a different non-IID split); keep one of them"
             )
+        self.model_name: str = opts.get("model", MODELS[0])
+        if self.model_name == "cnn" and "hidden" in opts:
+            raise ConfigError("task 'digits': option hidden applies only to model=mlp")
         self.hidden: int = opts.get("hidden", 64)
-        self.local_steps = opts.get("local_steps", self.local_steps)
-        self.batch_size = opts.get("batch_size", self.batch_size)
-        self.local_lr = opts.get("local_lr", self.local_lr)
+        defaults = self.CNN_DEFAULTS if self.model_name == "cnn" else {}
+        self.local_steps = opts.get("local_steps", defaults.get("local_steps", self.local_steps))
+        self.batch_size = opts.get("batch_size", defaults.get("batch_size", self.batch_size))
+        self.local_lr = opts.get("local_lr", defaults.get("local_lr", self.local_lr))
         (self.x_train, self.y_train), (self.x_test, self.y_test) = _train_test(seed)
 
     def model(self) -> nn.Module:
-        """Build the MLP 64 -> hidden -> 10."""
+        """Build the MLP 64 -> hidden -> 10, or with ``model=cnn`` the CNN (class docstring)."""
+        if self.model_name == "cnn":
+            return _cnn()
         return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
 
     def shard(self, index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +208,22 @@ class DigitsTask(Task):
             loss = F.cross_entropy(logits, self.y_test)
             accuracy = (logits.argmax(dim=1) == self.y_test).float().mean()
         return {"loss": float(loss), "accuracy": float(accuracy)}
+
+
+def _cnn() -> nn.Sequential:
+    # The shards stay (n, 64) rows for both models; the CNN reshapes them itself.
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
 
 
 def _train_test(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
