@@ -8,7 +8,9 @@ Full mode (``make bench``): P = 50M fp32 in 20 tensors, N = 4, 3 repetitions,
 plus the other targets of issue 5 (RSS at N = 16 vs N = 2, 2000 x 1K tensors
 vs 20 large ones, 200 concurrent nodes) and the stragglers issue's digits suites
 (``benchmarks/stragglers.py``: time to accuracy with stragglers, rounds to accuracy
-with sampled non-IID nodes, 1,000 joined nodes). Quick mode (``make bench-quick``):
+with sampled non-IID nodes, 1,000 joined nodes) and the compressed-updates issue's
+(``benchmarks/compression.py``: bytes and round time per codec, rounds to accuracy per
+codec). Quick mode (``make bench-quick``):
 the same suites on small sizes, 2 repetitions, about 6 minutes.
 
 A/B mode (``make bench-ab BASE=REV``): ``--baseline FEDGRAD`` also runs each
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from benchmarks import (
     ab,
+    compression,
     fedgrad_bench,
     flower_deploy,
     flower_grpc,
@@ -183,7 +186,19 @@ SUITES: dict[str, Suite] = {
     "robustness": _once(lambda p, pr: robustness.robustness(
         p.robust_algorithms, rounds=p.robust_rounds)),
     "privacy": _once(lambda p, pr: privacy.measure(p.privacy_rounds, p.privacy_configs)),
+    # Compressed updates, issue 14 (benchmarks/compression.py): the main model with each
+    # codec, two more rounds than fedgrad_round (5 after the first); then digits rounds to
+    # target per codec (seeded: computed once) at the non-IID suite's FedSGD cap and at most
+    # 30 FedAvg rounds (float32 FedAvg needs 3 on these 4 IID nodes).
+    "compress_wire": lambda p, pr: compression.compress_wire(
+        p.params, p.tensors, p.nodes, p.rounds + 2, pr),
+    "compress_tta": _once(lambda p, pr: compression.compress_tta(
+        {"fedsgd": p.noniid_caps[0], "fedavg": min(p.noniid_caps[1], 30)},
+        target=p.target_accuracy)),
 }  # fmt: skip
+# The compression suites' table rows and targets live beside them (benchmarks/compression.py).
+report.METRICS.update(compression.METRICS)
+report.THRESHOLDS.extend(compression.THRESHOLDS)
 #: The suites that run the fedgrad CLI (they take ``cli=``); ``--baseline`` twins them.
 # Suites a baseline build can run too (one before the reproducible sum has no such kernel).
 FEDGRAD_SUITES = tuple(

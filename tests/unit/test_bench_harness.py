@@ -215,3 +215,37 @@ def test_thresholds_and_untargeted_ratios_are_judged_and_shown() -> None:
     assert verdicts["fleet_rss_delta_mb"]["met"] is None  # the suite failed
     assert verdicts["fleet_rounds_complete"]["met"] is False
     assert "abs<= 0.01" in report.table(results)
+
+
+def test_compression_suites_report_their_ratios_and_targets(tmp_path: Path) -> None:
+    from benchmarks import compression
+
+    log = tmp_path / "aggregator.log"
+    log.write_text(
+        "12:00:00 INFO    fedgrad.cli: round 1 closed (2 of 5): train loss 0.9273, 2 uploads,"
+        " 0.11 s, 16.3 MB (collect 0.101s reduce 0.005s step 0.011s checkpoint 0.000s"
+        " broadcast 0.002s) [round=1 event=round]\n"
+    )
+    assert compression._phases(log) == {
+        1: {"collect": 0.101, "reduce": 0.005, "step": 0.011, "checkpoint": 0.0, "broadcast": 0.002}
+    }
+    none = {"round_s": 2.0, "upload_bytes": 8e8, "total_bytes": 1.6e9}
+    configs = {c.label: {"upload_x": 0.25, "total_x": 0.5, "time_x": 0.7}
+               for c in compression.WIRE_CONFIGS}  # fmt: skip
+    configs["none"] = {**none, "upload_x": 1.0, "total_x": 1.0, "time_x": 1.0}
+    configs["topk:0.01"]["upload_x"] = 0.02
+    configs["int8 + broadcast bfloat16"].update(total_x=0.38, time_x=0.65)
+    worst = {"none": 1.0, "int8": 1.0, "topk_ef": 3.0, "topk_noef": None, "powersgd": 1.5}
+    runs = {"compress_wire": [{"configs": configs}], "compress_tta": [{"worst": worst}]}
+    results = report.build(runs, asdict(TINY), "tiny", "pytest", 0.0)
+    verdicts = {r["name"]: r["met"] for r in results["ratios"]}
+
+    assert {"compress_wire", "compress_tta"} <= set(run.SUITES)
+    assert results["summary"]["compress_wire"]["int8_upload_x"]["median"] == 0.25
+    assert verdicts["compress_int8_upload_x"] is True
+    assert verdicts["compress_int8_bcast_bf16_total_x"] is True
+    assert verdicts["compress_int8_bcast_bf16_time_x"] is False  # 0.65 > 0.6
+    assert verdicts["compress_topk_upload_x"] is True
+    assert verdicts["compress_tta_topk_ef"] is False  # 3x the rounds > 2x
+    assert verdicts["compress_tta_powersgd"] is True
+    assert "topk_noef_rounds_x" not in results["summary"]["compress_tta"]  # not reached: no value
