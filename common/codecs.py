@@ -60,7 +60,25 @@ _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _limit(dtype: torch.dtype) -> float:
+    """The largest finite value of a (model tensor's) dtype, as a float64."""
+    return float(torch.finfo(dtype).max)
+
+
+def _check_range(codec: Codec, tensor: int, values: np.ndarray, where: int, position: int) -> None:
+    """Refuse values finite on the wire but beyond the model tensor's dtype (1e30 for float16)."""
+    limit = _limit(codec.layout.specs[tensor].dtype)
+    with np.errstate(invalid="ignore"):  # a signalling NaN's cast; NaNs are refused elsewhere
+        big = np.abs(values.astype(np.float64, copy=False)) > limit
+    if big.any():
+        bad = int(np.argmax(big))
+        raise InvalidArgument(
+            f"value {float(values[bad])!r} is beyond the range of the tensor's dtype"
+            f" {str(codec.layout.specs[tensor].dtype).removeprefix('torch.')} (largest"
+            f" {limit:.6g}), at " + _where(codec, tensor, where + bad, position)
+        )
 
 
 class Codec(Protocol):
@@ -123,8 +141,19 @@ class CastCodec:
         self.name = "identity" if wire_dtype is None else str(wire_dtype).removeprefix("torch.")
         self.wire_dtype = wire_dtype
         self.layout = Layout(specs, wire_dtype)
+        # A wire dtype wider than some tensor's (float32 for a float16 model) can carry
+        # finite values that tensor cannot hold: those tensors' values are range-checked.
+        self.narrow = wire_dtype is not None and any(
+            _limit(s.dtype) < _limit(wire_dtype) for s in self.layout.specs
+        )
 
     def check(self, position: int, raw: bytes, start: int, length: int, carry: Any = None) -> Any:
+        if self.narrow:
+            layout = self.layout
+            for tensor, offset, nbytes in layout.tensor_segments(position, length):
+                at = start + layout.starts[tensor] + offset - position
+                values = decode_floats(raw, at, nbytes, layout.dtypes[tensor])
+                _check_range(self, tensor, values, offset // layout.itemsizes[tensor], position)
         for run, run_offset, nbytes in self.layout.run_segments(position, length):
             at = start + run.start + run_offset - position
             values = decode_floats(raw, at, nbytes, run.dtype)
@@ -194,12 +223,17 @@ class Int8Codec:
 
     def check(self, position: int, raw: bytes, start: int, length: int, carry: Any = None) -> Any:
         for tensor, first_block, scales, _q in self._segments(position, raw, start, length):
-            good = np.isfinite(scales) & (np.abs(scales) <= _FLOAT32_MAX / 127)
+            # |q| <= 128 (int8 holds -128): 128 |scale| must fit the tensor's dtype, in float64.
+            limit = _limit(self.layout.specs[tensor].dtype)
+            with np.errstate(invalid="ignore"):  # a signalling NaN's cast is refused below
+                wide = np.abs(scales.astype(np.float64))
+            good = np.isfinite(wide) & (wide * 128 <= limit)
             if not good.all():
                 block = first_block + int(np.argmin(good))
                 raise InvalidArgument(
                     f"int8 scale {float(scales[block - first_block])!r} of block {block} is not"
-                    " finite or so large that q * scale overflows float32, at "
+                    f" finite or so large that q * scale overflows the tensor's dtype (128 x"
+                    f" scale must be at most {limit:.6g}), at "
                     + _where(self, tensor, block * self.block, position)
                 )
         return None
@@ -306,6 +340,10 @@ class TopKCodec:
                     "non-finite value (NaN or Inf) at "
                     + _where(self, tensor, int(wide[bad]), position)
                 )
+            with np.errstate(invalid="ignore"):
+                big = np.abs(values.astype(np.float64)) > _limit(self.layout.specs[tensor].dtype)
+            if big.any():
+                _check_range(self, tensor, values[big][:1], int(wide[big][0]), position)
             carry = (tensor, int(wide[-1]))
         return carry
 
@@ -418,6 +456,8 @@ class PowerSGDCodec:
                     f" ({layout.specs[tensor].name!r}), in the chunk at payload byte {position}"
                 )
             shape = self.shapes[tensor]
+            if shape is None:
+                _check_range(self, tensor, values, offset // self.values[tensor].itemsize, position)
             if shape is None or not values.size:
                 continue
             # Running max |P| and max |Q| of this tensor (its bytes may span chunks).
@@ -428,8 +468,7 @@ class PowerSGDCodec:
             big_q = max(big_q, float(np.abs(values[split:]).max(initial=0.0)))
             carry = (tensor, big_p, big_q)
             if offset + nbytes == layout.nbytes[tensor]:
-                wide = self.values[tensor].itemsize == 8
-                limit = float(np.finfo(np.float64 if wide else np.float32).max)
+                limit = _limit(layout.specs[tensor].dtype)  # P Q^T lands in the tensor's dtype
                 if shape.r * big_p * big_q > limit:
                     raise InvalidArgument(
                         f"powersgd factors of tensor {tensor} ({layout.specs[tensor].name!r})"

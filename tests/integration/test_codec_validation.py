@@ -279,7 +279,7 @@ def _int8_scale(tensor: int, block: int, scale: float) -> Build:
             codec,
             payload,
             f"int8 scale {float(wire)!r} of block {block} is not finite or so large that"
-            " q * scale overflows float32",
+            " q * scale overflows the tensor's dtype",
             f"of tensor {tensor} ({name!r})",
         )
 

@@ -20,7 +20,7 @@ upload's carry), each chunk's data read from inside a larger buffer as from a me
     bytes for several k with 8 * k >= the codec's largest record), and splittable codecs
     decode any subset of the chunks, in any order, to exactly those chunks' elements.
 
-Known gaps the fuzzing does not reach by chance are pinned as strict xfails at the end.
+Two int8 payloads the fuzzing does not reach by chance (found by it) are pinned at the end.
 """
 
 from __future__ import annotations
@@ -171,6 +171,11 @@ def _values(raw: bytes, at: int, count: int, dtype: torch.dtype) -> np.ndarray:
     return np.frombuffer(raw, kind, count, at).astype(np.float64)
 
 
+def _largest(dtype: torch.dtype) -> float:
+    """The tensor dtype's largest finite value: decoded values must fit the tensor."""
+    return float(torch.finfo(dtype).max)
+
+
 # -- the reference reading ------------------------------------------------------------------------
 def _reference(name: str, payload: bytes) -> tuple[set[str], np.ndarray]:
     """Read a payload as the docstrings say: (faults found, float64 values per element).
@@ -184,7 +189,8 @@ def _reference(name: str, payload: bytes) -> tuple[set[str], np.ndarray]:
     if d.kind == "int8":
         for f in fields:
             scale = _unpack(payload, f.at, f.dtype)
-            if not math.isfinite(scale) or abs(scale) > F32_MAX / 127:
+            # q may be -128: 128 |scale| must fit the tensor's own dtype.
+            if not math.isfinite(scale) or 128 * abs(scale) > _largest(SPECS[f.tensor].dtype):
                 faults.add("int8 scale")
                 continue
             q = np.frombuffer(payload, np.int8, f.size, f.at + 4).astype(np.float64)
@@ -201,6 +207,8 @@ def _reference(name: str, payload: bytes) -> tuple[set[str], np.ndarray]:
                 faults.add("out of range")
             if not math.isfinite(v):
                 faults.add("non-finite")
+            elif abs(v) > _largest(SPECS[t].dtype):  # finite on the wire, not in the tensor
+                faults.add("beyond the range")
             before[t] = max(before[t], i)
             if i < SPECS[t].numel:
                 dense[FIRSTS[t] + i] = v
@@ -215,11 +223,13 @@ def _reference(name: str, payload: bytes) -> tuple[set[str], np.ndarray]:
                 continue
             shape = _factored(spec, d.rank)
             if shape is None:
+                if np.abs(values).max(initial=0.0) > _largest(spec.dtype):
+                    faults.add("beyond the range")
                 dense[FIRSTS[t] : FIRSTS[t] + spec.numel] = values
                 continue
             (m, n), r = shape, d.rank
             p, q = values[: m * r].reshape(m, r), values[m * r :].reshape(n, r)
-            if r * np.abs(p).max() * np.abs(q).max() > F32_MAX:  # no float64 factors here
+            if r * np.abs(p).max() * np.abs(q).max() > _largest(spec.dtype):
                 faults.add("too large")
             dense[FIRSTS[t] : FIRSTS[t] + spec.numel] = (p @ q.T).reshape(-1)
     return faults, dense
@@ -630,32 +640,13 @@ def _int8_block(scale: np.float32, q: int) -> bytes:
     return bytes(buf)
 
 
-def _known_bug(reason: str) -> pytest.MarkDecorator:
-    """A product bug this test pins: it fails (xfail) until fixed, then must be unmarked."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
 @pytest.mark.parametrize(
     ("scale", "q"),
     [
-        pytest.param(
-            np.float32(F32_MAX / 128) * np.float32(1.001),  # well below the bound
-            -128,
-            id="q-minus-128",
-            marks=_known_bug(
-                "int8 bounds |scale| by float32's max / 127 for |q| <= 127, but a payload's"
-                " q may be -128: -128 * scale overflows to -inf"
-            ),
-        ),
-        pytest.param(
-            np.float32(F32_MAX / 127),  # rounds up: above float32's max / 127
-            127,
-            id="scale-at-the-rounded-bound",
-            marks=_known_bug(
-                "int8 compares float32 scales with max / 127 in float32 (numpy's weak Python"
-                " scalars), where the bound rounds up: 127 * scale overflows to inf"
-            ),
-        ),
+        # int8 holds -128: a bound of max / 127 for |q| <= 127 let -128 * scale overflow.
+        pytest.param(np.float32(F32_MAX / 128) * np.float32(1.001), -128, id="q-minus-128"),
+        # max / 127 compared in float32 rounds up: 127 * scale overflowed to inf.
+        pytest.param(np.float32(F32_MAX / 127), 127, id="scale-at-the-rounded-bound"),
     ],
 )
 def test_int8_payload_that_passes_check_decodes_finite(scale: np.float32, q: int) -> None:

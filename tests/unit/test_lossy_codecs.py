@@ -16,6 +16,7 @@ import torch
 from fedgrad.client.feedback import ErrorFeedback
 from fedgrad.codec import Layout, TensorSpec, iter_chunk_pieces
 from fedgrad.codecs import Codec, codec_for, decode_dense
+from fedgrad.errors import InvalidArgument
 from fedgrad.server.reducers import make_reducer
 from fedgrad.server.staging import StagedUpload
 
@@ -242,3 +243,26 @@ def test_robust_rules_read_sparse_and_factored_uploads() -> None:
     dense = [decode_dense(c, v) for c, v in zip(codecs, views, strict=True)]
     got = _reduce("median", uploads)
     np.testing.assert_allclose(got, np.median(np.stack(dense), axis=0), rtol=1e-6, atol=1e-7)
+
+
+HALF = [TensorSpec("h", torch.float16, (6,))]
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("float32", "beyond the range of the tensor's dtype float16"),
+        ("topk:0.5,float32", "beyond the range of the tensor's dtype float16"),
+        ("powersgd:1,float32", "beyond the range of the tensor's dtype float16"),
+        ("int8:3", "128 x scale must be at most 65504"),
+    ],
+)
+def test_values_finite_on_the_wire_but_not_in_the_tensor_are_refused(name: str, words: str) -> None:
+    """A float16 tensor cannot hold 1e30 even if float32 (or an int8 scale) can carry it."""
+    codec = codec_for(name, HALF)
+    huge = [torch.full((6,), 1e30, dtype=torch.float32)]
+    views = codec.encode(huge, torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidArgument, match=words):
+        _staged(codec, views)
+    fine = codec.encode([torch.full((6,), 1e3)], torch.Generator().manual_seed(0))
+    assert _staged(codec, fine).nbytes == codec.layout.total
