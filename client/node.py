@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from fedgrad.buffers import buffer_specs, load_buffers, model_buffers, pack, unpack
 from fedgrad.client.attacks import attack_generator, attacked, claimed_samples, warn_attack
 from fedgrad.client.feedback import ErrorFeedback
 from fedgrad.client.transport import Action, Backoff, Failure, Stopped, Transport
 from fedgrad.codec import (
     ChunkCursor,
     Layout,
+    TensorSpec,
     byte_view,
     dtype_from_proto,
     iter_chunk_pieces,
@@ -49,7 +51,9 @@ log = logging.getLogger("fedgrad.node")
 _FEEDBACK_BY_DEFAULT = ("topk", "powersgd")
 
 
-def join_request(cfg: NodeConfig, layout: Layout, num_samples: int) -> pb.JoinRequest:
+def join_request(
+    cfg: NodeConfig, layout: Layout, num_samples: int, buffers: list[TensorSpec] | None = None
+) -> pb.JoinRequest:
     """Return the Join a node sends: its id and samples, and its model, seed and task.
 
     The aggregator refuses a node whose model, seed or task differs from its own
@@ -59,6 +63,7 @@ def join_request(cfg: NodeConfig, layout: Layout, num_samples: int) -> pb.JoinRe
         cfg: the node's config (id, seed, task spec and options).
         layout: the node's trainable tensors, in order.
         num_samples: the node's sample count.
+        buffers: the model's buffer manifest (none: the node takes no part in their mean).
 
     Returns:
         The request (the config keeps the seed a uint64, as the field needs).
@@ -69,6 +74,7 @@ def join_request(cfg: NodeConfig, layout: Layout, num_samples: int) -> pb.JoinRe
         manifest=manifest_to_proto(layout.specs),
         seed=cfg.seed,
         task=task_identity(cfg.task, cfg.task_args),
+        buffers=manifest_to_proto(buffers) if buffers else None,
     )
 
 
@@ -137,7 +143,10 @@ class Node:
         self.views = [byte_view(p.data) for p in self.params]
         self.data = task.shard(*cfg.shard)
         self.num_samples = claimed_samples(cfg.simulate_attack, task.num_samples(self.data))
-        self.join_request = join_request(cfg, self.layout, self.num_samples)
+        self.buffers = [b for _, b in model_buffers(self.model)]
+        self.buffer_specs = buffer_specs(self.model)
+        self.share_buffers = False  # the aggregator says, at Join
+        self.join_request = join_request(cfg, self.layout, self.num_samples, self.buffer_specs)
         self.codec = codec_for(
             cfg.compress, self.layout.specs, stochastic=cfg.rounding == "stochastic"
         )
@@ -199,6 +208,15 @@ class Node:
                 f"({len(theirs)} vs {len(self.layout.specs)} tensors): run both with the same --task"
             )
         self.chunk_bytes = reply.chunk_bytes
+        self.share_buffers = bool(self.buffers) and not reply.buffers_local
+        if (
+            self.share_buffers
+            and manifest_from_proto(reply.buffers, integers=True) != self.buffer_specs
+        ):
+            raise TaskError(
+                "the aggregator's model buffers differ from this node's: run both with the same"
+                " --task"
+            )
         unit = max(self.codec.layout.itemsizes, default=1)
         if unit > self.chunk_bytes:
             raise TaskError(
@@ -241,6 +259,12 @@ class Node:
             with torch.no_grad():
                 for param, received in zip(self.params, staging, strict=True):
                     param.copy_(received)
+        if self.share_buffers and first.header.buffers:
+            try:
+                values = unpack(self.buffer_specs, first.header.buffers, "the broadcast")
+            except InvalidArgument as e:
+                raise TaskError(str(e)) from None
+            load_buffers(self.buffers, values)
         return first.header
 
     def _receiving(self, dtype: int) -> tuple[Layout, list[Any], list[torch.Tensor]]:
@@ -282,6 +306,7 @@ class Node:
             metrics=metrics,
             codec=self.codec.name,
             payload_bytes=layout.total,
+            buffers=pack(self.buffers) if self.share_buffers else b"",
         )
 
         def messages() -> Iterator[bytes]:

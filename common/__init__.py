@@ -2,10 +2,11 @@
 
 The public API::
 
-    from fedgrad import LocalCluster, Task, Update, load_task
+    from fedgrad import LocalCluster, Task, Update, connect, load_task
 
 ``LocalCluster`` runs an aggregator and N nodes in-process over real gRPC;
-``Task`` is what you subclass to train your own model. The services run as
+``Task`` is what you subclass to train your own model; ``connect`` turns your own
+training loop into a node (``fedgrad.client.session``). The services run as
 ``fedgrad aggregator`` and ``fedgrad node`` (see ``fedgrad --help``).
 """
 
@@ -18,6 +19,7 @@ from fedgrad.history import RoundRecord
 from fedgrad.task import RoundContext, Task, Update, load_task
 
 if TYPE_CHECKING:
+    from fedgrad.client.session import connect
     from fedgrad.launch.local import ClusterResult, LocalCluster
 
 __version__ = "0.1.0"
@@ -34,6 +36,7 @@ __all__ = [
     "TaskError",
     "Update",
     "__version__",
+    "connect",
     "load_task",
 ]
 
@@ -44,4 +47,8 @@ def __getattr__(name: str) -> Any:
         from fedgrad.launch import local
 
         return getattr(local, name)
+    if name == "connect":
+        from fedgrad.client.session import connect
+
+        return connect
     raise AttributeError(f"module 'fedgrad' has no attribute {name!r}")

@@ -54,15 +54,19 @@ _PROTO_OF = {v: k for k, v in _TORCH_OF.items()}
 _NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
-def dtype_from_proto(value: int) -> torch.dtype:
-    """Return the torch dtype of a ``DType`` enum value.
+def dtype_from_proto(value: int, integers: bool = False) -> torch.dtype:
+    """Return the torch dtype of a ``DType`` enum value (INT64 only with ``integers``).
 
     Raises:
         InvalidArgument: the value is not a supported dtype.
     """
+    if integers and value == pb.INT64:
+        return torch.int64
     try:
         return _TORCH_OF[value]  # type: ignore[index]
     except KeyError:
+        if value == pb.INT64:
+            raise InvalidArgument("dtype INT64 is for buffers only, not parameters") from None
         raise InvalidArgument(f"unsupported dtype enum value {value}") from None
 
 
@@ -72,6 +76,8 @@ def dtype_to_proto(dtype: torch.dtype) -> int:
     Raises:
         InvalidArgument: the dtype is not float32, float16, bfloat16 or float64.
     """
+    if dtype == torch.int64:
+        return pb.INT64
     try:
         return _PROTO_OF[dtype]
     except KeyError:
@@ -116,12 +122,15 @@ def manifest_to_proto(specs: Sequence[TensorSpec]) -> pb.Manifest:
     )
 
 
-def manifest_from_proto(msg: pb.Manifest, max_bytes: int = 1 << 40) -> list[TensorSpec]:
+def manifest_from_proto(
+    msg: pb.Manifest, max_bytes: int = 1 << 40, integers: bool = False
+) -> list[TensorSpec]:
     """Decode and validate a ``Manifest`` message.
 
     Args:
         msg: the manifest.
         max_bytes: refuse manifests whose flat stream would be larger.
+        integers: a buffer manifest: INT64 entries are allowed.
 
     Raises:
         InvalidArgument: unknown dtype, negative dimension, duplicate name, too large.
@@ -137,7 +146,9 @@ def manifest_from_proto(msg: pb.Manifest, max_bytes: int = 1 << 40) -> list[Tens
             raise InvalidArgument(
                 f"manifest tensor {t.name!r} has a negative dimension {list(t.shape)}"
             )
-        spec = TensorSpec(t.name, dtype_from_proto(t.dtype), tuple(int(d) for d in t.shape))
+        spec = TensorSpec(
+            t.name, dtype_from_proto(t.dtype, integers), tuple(int(d) for d in t.shape)
+        )
         total += spec.nbytes
         if total > max_bytes:
             raise InvalidArgument(f"manifest is larger than the limit of {max_bytes} bytes")

@@ -39,6 +39,7 @@ __all__ = [
     "ACCUMULATORS",
     "ATTACKS",
     "BROADCAST_DTYPES",
+    "BUFFER_MODES",
     "CODEC_FORMS",
     "ERROR_FEEDBACK",
     "MODES",
@@ -67,6 +68,8 @@ ACCUMULATORS = ("auto", "float64", "float32", "reproducible")
 LOG_FORMATS = ("text", "json")
 #: How rounds run: sync (every selected node, or a quorum at the deadline) or async (FedBuff).
 MODES = ("sync", "async")
+#: How buffers are kept: averaged and broadcast (shared), or on each node (local, FedBN).
+BUFFER_MODES = ("shared", "local")
 #: Dtypes the parameter broadcast may be sent in (None: the model's own dtypes).
 BROADCAST_DTYPES = ("float16", "bfloat16", "float32")
 #: Error feedback on the node: auto is on for topk and powersgd, off for the rest.
@@ -284,6 +287,8 @@ class AggregatorConfig:
 
     task: str = "digits"
     task_args: tuple[tuple[str, str], ...] = ()
+    #: Own-loop nodes: the aggregator builds only this model (``package.module:factory``).
+    model: str | None = None
     listen: str = _setting("127.0.0.1:50051", _address)
     nodes: int = _setting(1, _count(1))
     rounds: int = _setting(10, _count(1))
@@ -311,6 +316,8 @@ class AggregatorConfig:
     #: 0: as many as ``staging_mb`` holds uploads of the model's size, 1..64.
     max_inflight: int = _setting(0, _count(0))
     accumulate: str = _setting("auto", _one_of(ACCUMULATORS))
+    #: Buffers (BatchNorm statistics): averaged each round and broadcast, or kept by each node.
+    buffers: str = _setting("shared", _one_of(BUFFER_MODES))
     #: The parameter broadcast's dtype (None: the model's); the master copy keeps its own.
     broadcast_dtype: str | None = _setting(None, _optional(_one_of(BROADCAST_DTYPES)))
     max_rpcs: int = _setting(2048, _count(1))
@@ -324,6 +331,8 @@ class AggregatorConfig:
     tls_client_ca: str | None = None
     tokens: str | None = None
     metrics_port: int | None = _setting(None, _optional(_port))
+    #: Write every round's metrics here for TensorBoard (the ``tensorboard`` extra).
+    tensorboard: str | None = None
     log_format: str = _setting("text", _one_of(LOG_FORMATS))
     reflection: bool = False
     progress: bool = True

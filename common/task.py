@@ -39,6 +39,8 @@ __all__ = [
     "RoundContext",
     "Task",
     "Update",
+    "ModelTask",
+    "load_model_task",
     "load_task",
     "trainable_parameters",
 ]
@@ -204,7 +206,45 @@ class Task:
             opt.step()
             total += float(loss.detach())
         deltas = [s - p.detach() for s, p in zip(start, params, strict=True)]
-        return Update(deltas, n, {"loss": total / self.local_steps})
+        return Update(deltas, n, {"loss": total / local_steps})
+
+
+class ModelTask(Task):
+    """The aggregator's side of own-loop nodes (``fedgrad aggregator --model``): a model and
+    nothing else. No data, no central evaluation; the default optimizer is SGD at lr 0.1
+    (``--lr 1.0`` applies the nodes' pseudo-gradients as FedAvg)."""
+
+    def __init__(self, factory: Any, spec: str) -> None:
+        super().__init__()
+        self.factory, self.spec = factory, spec
+
+    def model(self) -> nn.Module:
+        model = self.factory()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"--model {self.spec} returned {type(model).__name__}, not a torch.nn.Module"
+            )
+        return model
+
+    def shard(self, index: int, count: int) -> Any:
+        raise TaskError("a --model aggregator has no data; its nodes bring their own")
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        raise TaskError("a --model aggregator has no loss; its nodes compute their updates")
+
+
+def load_model_task(spec: str) -> ModelTask:
+    """Return the task of ``--model package.module:factory`` (a callable returning the model).
+
+    Raises:
+        ConfigError: the spec does not import, or is not callable.
+    """
+    if ":" not in spec:
+        raise ConfigError(f"--model must be package.module:factory, got {spec!r}")
+    factory = _resolve(spec)
+    if not callable(factory):
+        raise ConfigError(f"--model {spec} is not callable: name a function that returns the model")
+    return ModelTask(factory, spec)
 
 
 def _resolve(spec: str) -> Any:

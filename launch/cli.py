@@ -62,6 +62,12 @@ def _aggregator_parser(sub: Subparsers) -> None:
     add_task_flags(p, A)
     add_run_flags(p, A)
     add = settings_of(p, A)
+    add(
+        "model",
+        "for own-loop nodes (fedgrad.connect): build only this model, a package.module:factory"
+        " callable, instead of a task (no data, no central evaluation; --task is then unused)",
+        metavar="MODULE:FACTORY",
+    )
     add("listen", "address to serve on (default {default}; port 0 picks one)", metavar="HOST:PORT")
     p.add_argument(
         "--port-file",
@@ -122,6 +128,12 @@ def _aggregator_parser(sub: Subparsers) -> None:
     _limit_flags(add)
     _access_flags(add)
     add("metrics_port", "serve Prometheus metrics on this port (0 picks one)", type=int)
+    add(
+        "tensorboard",
+        "write every round's metrics (central and federated) to DIR for TensorBoard; needs"
+        " pip install 'fedgrad[tensorboard]'",
+        metavar="DIR",
+    )
     add("reflection", "enable gRPC server reflection (grpcurl)", action="store_true")
     p.add_argument(
         "--no-progress",

@@ -27,7 +27,7 @@ from fedgrad.launch.options import Resolved, build_config, resolve
 from fedgrad.launch.tuning import freeze_startup_objects, limit_malloc_arenas
 from fedgrad.logs import setup_logging
 from fedgrad.server.security import check_listen_policy
-from fedgrad.task import load_task
+from fedgrad.task import load_model_task, load_task
 from fedgrad.wire import open_channel
 
 __all__ = ["dispatch"]
@@ -91,7 +91,11 @@ def run_aggregator(values: dict[str, Any]) -> int:
     cfg = aggregator_config(values)
     setup_logging(cfg.log_format, progress=cfg.progress)
     limit_malloc_arenas()
-    task = load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed)
+    task = (
+        load_model_task(cfg.model)
+        if cfg.model
+        else load_task(cfg.task, dict(cfg.task_args), seed=cfg.seed)
+    )
     return asyncio.run(_serve(task, cfg, port_file))
 
 

@@ -71,7 +71,7 @@ class Aggregator:
         self.snapshot: Snapshot | None = None
         self.final_pulled: set[str] = set()
         self.on_round: list[Callable[[RoundRecord], None]] = []
-        self.intake = Intake(cfg, self.layout, self.engine, self.reducer)
+        self.intake = Intake(cfg, self.layout, self.engine, self.reducer, self.model)
         self._background: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.Task[None] | None = None
         self.resumed = bool(cfg.checkpoint_dir) and self._restore()
@@ -168,7 +168,7 @@ class Aggregator:
                 f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})"
             )
         if node is not None:
-            node.check(self.layout.specs, self.cfg)
+            node.check(self.layout.specs, self.cfg, self.model.buffer_specs)
         known = self.engine.node(node_id) is not None
         if self.engine.join(node_id, num_samples, time.monotonic()):
             await self._begin()
@@ -293,6 +293,8 @@ class Aggregator:
                 norm = await asyncio.to_thread(
                     self.reducer.add, staged, ticket.weight, scale, ticket.node_id
                 )
+                if ticket.buffers is not None:
+                    self.model.buffer_mean.add(ticket.buffers, ticket.weight)
                 self.counters.add_seconds += time.perf_counter() - began
                 self.ledger.applied(ticket.node_id, ticket.round, ticket.weight, staleness, norm)
         except Exception:
@@ -381,6 +383,7 @@ class Aggregator:
             self.cfg.broadcast_dtype,
             self.engine.total_rounds,
             self.model.round_config(round_, self.engine.total_rounds),
+            self.model.buffer_bytes(),
         )
         async with self._changed:
             self.snapshot = snapshot

@@ -56,6 +56,7 @@ class AggregatorServer:
         self.port = 0
         self.metrics_server: Any = None
         self.metrics_port = 0
+        self.tensorboard: Any = None
 
     async def start(self) -> int:
         """Start serving on ``cfg.listen``; return the bound port.
@@ -71,10 +72,12 @@ class AggregatorServer:
         self._start_metrics()  # before the core: a taken metrics port fails early too
         try:
             await self.core.start()
+            self._start_tensorboard()
             server = self._build_server()
             self.port = _add_port(server, self.cfg.listen, creds)
         except BaseException:
             self._stop_metrics()
+            self._stop_tracking()
             raise
         await server.start()
         self.server = server
@@ -117,6 +120,22 @@ class AggregatorServer:
             ) from None
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
+    def _start_tensorboard(self) -> None:
+        if not self.cfg.tensorboard:
+            return
+        from fedgrad.server.tracking import open_tensorboard
+
+        # A resumed run rewrites from its round on: TensorBoard hides what an earlier
+        # run wrote there (purge_step), so no round is drawn twice.
+        writer = open_tensorboard(self.cfg.tensorboard, first_round=self.core.round or None)
+        self.tensorboard = writer
+        self.core.on_round.append(lambda record: writer.write(record))
+
+    def _stop_tracking(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
     def _stop_metrics(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -150,6 +169,7 @@ class AggregatorServer:
         await self.health.enter_graceful_shutdown()
         self.core.close()
         self._stop_metrics()
+        self._stop_tracking()
         if self.server is not None:
             await self.server.stop(grace if grace is not None else self.cfg.shutdown_grace)
 

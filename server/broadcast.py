@@ -41,6 +41,7 @@ def make_snapshot(
     broadcast_dtype: str | None = None,
     total_rounds: int = 0,
     config: Mapping[str, str] | None = None,
+    buffers: bytes = b"",
 ) -> Snapshot:
     """Serialize the header and every chunk of ``params`` once (cast to that dtype if set)."""
     dtype = getattr(torch, broadcast_dtype) if broadcast_dtype else None
@@ -55,6 +56,7 @@ def make_snapshot(
             dtype=dtype_to_proto(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,  # type: ignore[arg-type]
             total_rounds=total_rounds,
             config=dict(config or {}),
+            buffers=buffers,
         )
     ).SerializeToString()
     cast = [p.detach().to(dtype) if dtype is not None else p.detach() for p in params]

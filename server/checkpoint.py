@@ -146,6 +146,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     meta: dict[str, Any],
     history: list[RoundRecord],
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint of ``round_`` atomically; return the JSON path.
 
@@ -157,11 +158,14 @@ def save_checkpoint(
         meta: more JSON fields (``session_id``, ``task``, ``reduce``, ``nodes``);
             they cannot replace the fields written here.
         history: the closed rounds.
+        buffers: the model's buffers by name (BatchNorm statistics), saved as ``buffer/NAME``
+            and returned by ``load_checkpoint`` among the parameters under that key.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     tensors = {f"param/{k}": v.detach().contiguous() for k, v in params.items()} | opt_tensors
+    tensors |= {f"buffer/{k}": v.detach().contiguous() for k, v in (buffers or {}).items()}
     tensor_file = directory / f"state-{round_}.safetensors"
     with _locked(directory, exclusive=True):
         _write_atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp)))

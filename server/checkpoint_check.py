@@ -170,12 +170,15 @@ def split_tensors(
     tensors: dict[str, torch.Tensor], indices: set[int]
 ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]]]:
     params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         kind, _, rest = key.partition("/")
         index, _, name = rest.partition("/")
         if kind == "param" and rest:
             params[rest] = value
+        elif kind == "buffer" and rest:
+            buffers[key] = value
         elif kind == "optim" and _INDEX.fullmatch(index) and int(index) in indices and name:
             state.setdefault(int(index), {})[name] = value
         else:
@@ -186,7 +189,7 @@ def split_tensors(
         raise Malformed(
             f"its tensor file holds {len(params)} parameters, its optimizer {len(indices)}"
         )
-    return params, state
+    return params | buffers, state
 
 
 def _kind(value: Any) -> Any:

@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from fedgrad.buffers import MAX_BUFFER_BYTES, buffer_specs, model_buffers, pack
 from fedgrad.codec import Layout, TensorSpec, manifest_mismatch, specs_of
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError, InvalidArgument, TaskError
@@ -76,12 +78,23 @@ class Peer:
     specs: list[TensorSpec] | None = None
     seed: int | None = None
     task: str | None = None
+    buffers: list[TensorSpec] | None = None
 
-    def check(self, ours: list[TensorSpec], cfg: AggregatorConfig) -> None:
+    def check(
+        self,
+        ours: list[TensorSpec],
+        cfg: AggregatorConfig,
+        buffers: list[TensorSpec] = (),  # type: ignore[assignment]
+    ) -> None:
         """Raise InvalidArgument naming what differs from the aggregator's model or run."""
         if self.specs is not None and (diff := manifest_mismatch(ours, self.specs)):
             raise InvalidArgument(
                 f"this node's model differs from the aggregator's: {diff}; run both with the"
+                " same --task and --task-arg"
+            )
+        if self.buffers and (diff := manifest_mismatch(list(buffers), self.buffers)):
+            raise InvalidArgument(
+                f"this node's buffers differ from the aggregator's: {diff}; run both with the"
                 " same --task and --task-arg"
             )
         if self.seed is not None and self.seed != cfg.seed:
@@ -90,11 +103,48 @@ class Peer:
                 " use the same seed on both"
             )
         theirs = task_identity(cfg.task, cfg.task_args)
-        if self.task and self.task != theirs:
+        if self.task and cfg.model is None and self.task != theirs:
             raise InvalidArgument(
                 f"this node runs task {self.task!r}, the aggregator {theirs!r}: use the same"
                 " --task and --task-arg on both"
             )
+
+
+class BufferMean:
+    """A round's buffers: the weighted mean of each float buffer, the largest of each integer
+    one (``num_batches_tracked``), over the counted uploads that carried them."""
+
+    def __init__(self, specs: Sequence[TensorSpec]) -> None:
+        self.specs = list(specs)
+        self.integer = [s.dtype == torch.int64 for s in self.specs]
+        self.sums = [
+            np.zeros(s.numel, np.int64 if i else np.float64)
+            for s, i in zip(self.specs, self.integer, strict=True)
+        ]
+        self.weight = 0
+
+    def add(self, values: Sequence[np.ndarray], weight: int) -> None:
+        """Add one upload's buffers (``fedgrad.buffers.unpack``'s arrays) with its weight."""
+        first = self.weight == 0
+        for total, value, integer in zip(self.sums, values, self.integer, strict=True):
+            if integer and first:
+                np.copyto(total, value)
+            elif integer:
+                np.maximum(total, value, out=total)
+            elif first:
+                np.multiply(value, weight, out=total, dtype=np.float64)
+            else:
+                np.add(total, np.multiply(value, weight, dtype=np.float64), out=total)
+        self.weight += weight
+
+    def apply_into(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Write the round's result into ``buffers`` (unchanged if no upload had any); reset."""
+        if self.weight:
+            with torch.no_grad():
+                for b, total, integer in zip(buffers, self.sums, self.integer, strict=True):
+                    value = total if integer else total / self.weight
+                    b.copy_(torch.from_numpy(value).view(b.shape).to(b.dtype))
+        self.weight = 0
 
 
 class ServerModel:
@@ -108,6 +158,18 @@ class ServerModel:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.layout = Layout(specs_of(named))
+        buffers = model_buffers(self.module)
+        #: The model's buffers (BatchNorm statistics), their manifest and their round mean.
+        self.buffer_names = [n for n, _ in buffers]
+        self.buffers = [b for _, b in buffers]
+        self.buffer_specs = buffer_specs(self.module)
+        self.share_buffers = cfg.buffers == "shared" and bool(self.buffers)
+        if self.share_buffers and sum(s.nbytes for s in self.buffer_specs) > MAX_BUFFER_BYTES:
+            raise ConfigError(
+                f"the model's buffers take {sum(s.nbytes for s in self.buffer_specs)} bytes, more"
+                f" than the {MAX_BUFFER_BYTES} one message carries: run with --buffers local"
+            )
+        self.buffer_mean = BufferMean(self.buffer_specs)
         lr = cfg.lr if cfg.lr is not None else task.lr
         self.optimizer = make_optimizer(
             cfg.optimizer or task.optimizer, self.params, lr, cfg.optimizer_args
@@ -139,6 +201,8 @@ class ServerModel:
             self.optimizer.zero_grad(set_to_none=True)
         if self.schedule is not None:
             self.schedule.step()
+        if self.share_buffers:
+            self.buffer_mean.apply_into(self.buffers)
         with torch.no_grad():
             self.module.eval()
             return self.task.evaluate(self.module) or {}
@@ -178,8 +242,19 @@ class ServerModel:
         """Return the trainable parameters by name (the tensors themselves)."""
         return dict(zip(self.names, self.params, strict=True))
 
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        """Return the buffers by name (the tensors themselves)."""
+        return dict(zip(self.buffer_names, self.buffers, strict=True))
+
+    def buffer_bytes(self) -> bytes:
+        """Return the buffers as a broadcast carries them (empty unless shared)."""
+        return pack(self.buffers) if self.share_buffers else b""
+
     def load(self, params: Mapping[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
-        """Take parameters and optimizer state from a checkpoint.
+        """Take parameters, buffers and optimizer state from a checkpoint.
+
+        Buffers (``buffer/NAME`` entries) are optional: an older checkpoint keeps the
+        model's initial ones.
 
         Raises:
             ConfigError: a tensor is missing or does not match the task's model.
@@ -192,6 +267,15 @@ class ServerModel:
                         f"checkpoint tensor {spec.name!r} does not match the task's model"
                     )
                 p.copy_(saved)
+            for spec, b in zip(self.buffer_specs, self.buffers, strict=True):
+                saved = params.get(f"buffer/{spec.name}")
+                if saved is None:
+                    continue
+                if saved.shape != b.shape or saved.dtype != b.dtype:
+                    raise ConfigError(
+                        f"checkpoint buffer {spec.name!r} does not match the task's model"
+                    )
+                b.copy_(saved)
         self.optimizer.load_state_dict(optim_state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

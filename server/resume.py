@@ -68,7 +68,13 @@ def write_checkpoint(
     if model.schedule is not None:
         meta["schedule"] = {"spec": cfg.lr_schedule, "state": model.schedule.state_dict()}
     save_checkpoint(
-        cfg.checkpoint_dir, round_, model.named_params(), model.optimizer, meta, list(history)
+        cfg.checkpoint_dir,
+        round_,
+        model.named_params(),
+        model.optimizer,
+        meta,
+        list(history),
+        model.named_buffers(),
     )
 
 

@@ -81,6 +81,9 @@ def _peer(request: pb.JoinRequest) -> Peer:
         manifest_from_proto(request.manifest) if request.HasField("manifest") else None,
         request.seed if request.HasField("seed") else None,
         request.task or None,
+        manifest_from_proto(request.buffers, integers=True)
+        if request.HasField("buffers")
+        else None,
     )
 
 
@@ -166,6 +169,8 @@ class AggregatorService:
             round_open=core.engine.phase is Phase.COLLECTING,
             seed=core.cfg.seed,
             contract_version=CONTRACT_VERSION,
+            buffers=manifest_to_proto(core.model.buffer_specs),
+            buffers_local=not core.model.share_buffers,
         )
 
     async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -210,6 +215,7 @@ class AggregatorService:
                 dict(h.metrics),
                 _codec_of(h),
                 h.payload_bytes,
+                h.buffers,
             )
             if not ticket.duplicate:
                 await self._receive(requests, ticket)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fedgrad.codec import ChunkCursor
 from fedgrad.codecs import Codec
 from fedgrad.errors import InvalidArgument
@@ -88,6 +90,8 @@ class UploadTicket:
     metrics: dict[str, float]
     staged: StagedUpload | None  # None for a repeat of an upload already counted
     counted: bool = False  # counted in the round; its add may still be running
+    #: The node's buffers after its computation (``fedgrad.buffers.unpack``), if it sent them.
+    buffers: list[np.ndarray] | None = None
 
     @property
     def duplicate(self) -> bool:

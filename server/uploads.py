@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+from fedgrad.buffers import unpack
 from fedgrad.codec import Layout
 from fedgrad.codecs import Codec, codec_for
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import InvalidArgument, ResourceExhausted
 from fedgrad.server.engine import RoundEngine
+from fedgrad.server.model import ServerModel
 from fedgrad.server.reducers import Reducer
 from fedgrad.server.staging import StagedUpload, UploadTicket, check_metrics
 from fedgrad.wire import check_id
@@ -28,9 +30,15 @@ class Intake:
     """Staging slots and codecs of the uploads in flight."""
 
     def __init__(
-        self, cfg: AggregatorConfig, layout: Layout, engine: RoundEngine, reducer: Reducer
+        self,
+        cfg: AggregatorConfig,
+        layout: Layout,
+        engine: RoundEngine,
+        reducer: Reducer,
+        model: ServerModel,
     ) -> None:
         self.cfg, self.layout, self.engine, self.reducer = cfg, layout, engine, reducer
+        self.model = model
         self.max_inflight = cfg.max_inflight or max(
             1, min(64, cfg.staging_mb * (1 << 20) // max(1, layout.total))
         )
@@ -55,6 +63,7 @@ class Intake:
         metrics: dict[str, float],
         codec: str = "",
         payload_bytes: int = 0,
+        buffers: bytes = b"",
     ) -> UploadTicket:
         """Check an upload header and reserve a staging slot.
 
@@ -64,6 +73,9 @@ class Intake:
         """
         check_id("upload_id", upload_id)
         check_metrics(metrics)
+        values = None
+        if buffers and self.model.share_buffers:  # local mode: nodes keep theirs, ignored
+            values = unpack(self.model.buffer_specs, buffers, "the upload")
         decoder = self._codec(codec)
         if payload_bytes and payload_bytes != decoder.layout.total:
             raise InvalidArgument(
@@ -84,7 +96,7 @@ class Intake:
             self.engine.abandon(node_id)  # refused or cancelled: the node must not stay locked out
             raise
         staged = StagedUpload(decoder, self.cfg.chunk_bytes)
-        ticket = UploadTicket(node_id, round_, upload_id, weight, metrics, staged)
+        ticket = UploadTicket(node_id, round_, upload_id, weight, metrics, staged, buffers=values)
         self.inflight.add(ticket)
         return ticket
 

@@ -189,6 +189,7 @@ class Wire:
         wire_dtype: int = pb.DTYPE_UNSPECIFIED,
         codec: str = "",
         payload_bytes: int = 0,
+        buffers: bytes = b"",
     ) -> pb.UploadHeader:
         """Return an ``UploadHeader``; the upload id defaults to ``NODE.rROUND``."""
         return pb.UploadHeader(
@@ -200,6 +201,7 @@ class Wire:
             wire_dtype=wire_dtype,  # type: ignore[arg-type]
             codec=codec,
             payload_bytes=payload_bytes,
+            buffers=buffers,
         )
 
     @staticmethod

@@ -323,12 +323,21 @@ def test_manifest_rejects_overflow() -> None:
         manifest_from_proto(two, max_bytes=799)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.complex64, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.complex64, torch.bool])
 def test_unsupported_torch_dtypes_are_refused(dtype: torch.dtype) -> None:
     with pytest.raises(InvalidArgument, match="not supported"):
         dtype_to_proto(dtype)
     with pytest.raises(InvalidArgument):
         manifest_to_proto([TensorSpec("w", dtype, (2,))])
+
+
+def test_int64_is_a_buffer_dtype_only() -> None:
+    msg = manifest_to_proto([TensorSpec("num_batches_tracked", torch.int64, ())])
+    assert manifest_from_proto(msg, integers=True) == [
+        TensorSpec("num_batches_tracked", torch.int64, ())
+    ]
+    with pytest.raises(InvalidArgument, match="INT64 is for buffers only"):
+        manifest_from_proto(msg)
 
 
 def test_byte_view_refuses_non_contiguous() -> None:

@@ -26,6 +26,7 @@ PUBLIC_API = {
     "TaskError",
     "Update",
     "__version__",
+    "connect",
     "load_task",
 }
 

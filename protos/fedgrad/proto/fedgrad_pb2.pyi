@@ -14,6 +14,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT16: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT64: _ClassVar[DType]
+    INT64: _ClassVar[DType]
 
 class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ FLOAT32: DType
 FLOAT16: DType
 BFLOAT16: DType
 FLOAT64: DType
+INT64: DType
 REDUCTION_UNSPECIFIED: Reduction
 WEIGHTED_MEAN: Reduction
 MEAN: Reduction
@@ -68,21 +70,23 @@ class Chunk(_message.Message):
     def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_id", "num_samples", "manifest", "seed", "task")
+    __slots__ = ("node_id", "num_samples", "manifest", "seed", "task", "buffers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     num_samples: int
     manifest: Manifest
     seed: int
     task: str
-    def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., seed: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
+    buffers: Manifest
+    def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., seed: _Optional[int] = ..., task: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version", "reduce_rule")
+    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version", "reduce_rule", "buffers", "buffers_local")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +98,8 @@ class JoinReply(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REDUCE_RULE_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_LOCAL_FIELD_NUMBER: _ClassVar[int]
     manifest: Manifest
     reduction: Reduction
     chunk_bytes: int
@@ -105,7 +111,9 @@ class JoinReply(_message.Message):
     seed: int
     contract_version: int
     reduce_rule: str
-    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ..., reduce_rule: _Optional[str] = ...) -> None: ...
+    buffers: Manifest
+    buffers_local: bool
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ..., reduce_rule: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ..., buffers_local: bool = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("node_id", "min_round")
@@ -116,7 +124,7 @@ class PullRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., min_round: _Optional[int] = ...) -> None: ...
 
 class ParameterHeader(_message.Message):
-    __slots__ = ("round", "total_bytes", "finished", "session_id", "dtype", "total_rounds", "config")
+    __slots__ = ("round", "total_bytes", "finished", "session_id", "dtype", "total_rounds", "config", "buffers")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +139,7 @@ class ParameterHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     total_bytes: int
     finished: bool
@@ -138,7 +147,8 @@ class ParameterHeader(_message.Message):
     dtype: DType
     total_rounds: int
     config: _containers.ScalarMap[str, str]
-    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., finished: bool = ..., session_id: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_rounds: _Optional[int] = ..., config: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    buffers: bytes
+    def __init__(self, round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., finished: bool = ..., session_id: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_rounds: _Optional[int] = ..., config: _Optional[_Mapping[str, str]] = ..., buffers: _Optional[bytes] = ...) -> None: ...
 
 class ParameterMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -149,7 +159,7 @@ class ParameterMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[ParameterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype", "codec", "payload_bytes")
+    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype", "codec", "payload_bytes", "buffers")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +175,7 @@ class UploadHeader(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     node_id: str
     upload_id: str
@@ -173,7 +184,8 @@ class UploadHeader(_message.Message):
     wire_dtype: DType
     codec: str
     payload_bytes: int
-    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    buffers: bytes
+    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., buffers: _Optional[bytes] = ...) -> None: ...
 
 class UploadEnd(_message.Message):
     __slots__ = ("total_bytes",)
