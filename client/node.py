@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import random
 import threading
 from collections.abc import Iterator
@@ -41,7 +42,15 @@ from fedgrad.errors import InvalidArgument, RefusedError, TaskError
 from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import derive_seed, round_generator
-from fedgrad.task import RoundContext, Task, check_update, trainable_parameters
+from fedgrad.task import (
+    EVAL_PREFIX,
+    EVAL_SAMPLES,
+    EVALUATE_KEY,
+    RoundContext,
+    Task,
+    check_update,
+    trainable_parameters,
+)
 from fedgrad.wire import task_identity
 
 __all__ = ["Node", "NodeResult", "join_request", "simulated_delay"]
@@ -142,6 +151,7 @@ class Node:
         self.layout = Layout(specs_of(trainable_parameters(self.model)))
         self.views = [byte_view(p.data) for p in self.params]
         self.data = task.shard(*cfg.shard)
+        self.held_out = task.holdout(*cfg.shard)
         self.num_samples = claimed_samples(cfg.simulate_attack, task.num_samples(self.data))
         self.buffers = [b for _, b in model_buffers(self.model)]
         self.buffer_specs = buffer_specs(self.model)
@@ -383,6 +393,7 @@ class Node:
         ``context`` during ``compute_update``, and its ``context=`` argument if it takes one.
         """
         generator = round_generator(self.cfg.seed, self.cfg.node_id, round_)
+        evaluation = self._evaluate(context)  # the pulled parameters, before any local step
         self.task.context = context
         extra = {"context": context} if self._takes_context else {}
         with self.compute:
@@ -393,7 +404,9 @@ class Node:
         # After the compute and outside ``compute``: a waiting straggler holds no worker.
         if self.stop_event.wait(simulated_delay(self.cfg, round_)):
             raise Stopped
-        reply = self.push(round_, update.gradients, update.num_samples, update.metrics)
+        reply = self.push(
+            round_, update.gradients, update.num_samples, {**update.metrics, **evaluation}
+        )
         self.uploads += 0 if reply.duplicate else 1
         log.info(
             "round %d uploaded (loss %.4f)",
@@ -402,6 +415,16 @@ class Node:
             extra={"node": self.cfg.node_id, "round": round_, "event": "upload"},
         )
         return round_ + 1
+
+    def _evaluate(self, context: RoundContext | None) -> dict[str, float]:
+        """Evaluate the round's parameters on the held-out data if the aggregator asks."""
+        if self.held_out is None or context is None or context.config.get(EVALUATE_KEY) != "1":
+            return {}
+        with self.compute:
+            metrics = self.task.evaluate_holdout(self.model, self.held_out)
+        out = {EVAL_PREFIX + k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        out[EVAL_SAMPLES] = float(self.task.num_samples(self.held_out))
+        return out
 
     def _recover(self, failure: Failure, next_round: int) -> int:
         """Return the round to pull after ``failure`` of a pull, a push or a Join."""

@@ -298,6 +298,8 @@ class AggregatorConfig:
     optimizer_args: tuple[tuple[str, str], ...] = ()
     lr: float | None = _setting(None, _optional(_positive))
     lr_schedule: str | None = _setting(None, _optional(_schedule))
+    #: Ask the nodes to evaluate the global model on their held-out data every E rounds.
+    evaluate_every: int = _setting(0, _count(0))
     #: Settings sent to the nodes with every round's parameters (``RoundContext.config``).
     round_config: tuple[tuple[str, str], ...] = ()
     #: Clip the reduced gradient's global L2 norm to this (torch's clip_grad_norm_).

@@ -39,6 +39,10 @@ class RoundRecord:
             upload was computed on and the one it was applied to (0 in sync mode).
         epsilon: differential privacy, the (epsilon, --dp-delta) spent after this round
             (NaN without DP).
+        federated_loss, federated_accuracy: ``--evaluate-every``, the nodes' evaluation of
+            the parameters this round *started from* on their own held-out data, weighted
+            by their held-out sample counts (NaN in other rounds or without such data).
+        federated_samples: the held-out samples behind them (0 if none).
     """
 
     round: int
@@ -52,6 +56,9 @@ class RoundRecord:
     staleness_mean: float = 0.0
     staleness_max: int = 0
     epsilon: float = math.nan
+    federated_loss: float = math.nan
+    federated_accuracy: float = math.nan
+    federated_samples: int = 0
 
 
 _COLUMNS = [f.name for f in fields(RoundRecord)]
@@ -84,6 +91,9 @@ def read_history(path: str | Path) -> list[RoundRecord]:
                 staleness_mean=float(row.get("staleness_mean") or 0.0),
                 staleness_max=int(row.get("staleness_max") or 0),
                 epsilon=float(row.get("epsilon") or math.nan),
+                federated_loss=float(row.get("federated_loss") or math.nan),
+                federated_accuracy=float(row.get("federated_accuracy") or math.nan),
+                federated_samples=int(row.get("federated_samples") or 0),
             )
             for row in csv.DictReader(fh)
         ]

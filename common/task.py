@@ -39,6 +39,9 @@ __all__ = [
     "RoundContext",
     "Task",
     "Update",
+    "EVAL_PREFIX",
+    "EVAL_SAMPLES",
+    "EVALUATE_KEY",
     "ModelTask",
     "load_model_task",
     "load_task",
@@ -67,6 +70,12 @@ class Update:
     gradients: list[torch.Tensor]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+#: Upload metrics of a node's held-out evaluation: ``eval_NAME``, and the samples behind them.
+EVAL_PREFIX, EVAL_SAMPLES = "eval_", "eval_samples"
+#: The round-config key that asks the nodes to evaluate (``--evaluate-every``).
+EVALUATE_KEY = "evaluate"
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,24 @@ class Task:
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
         """Evaluate on held-out data (e.g. ``{"loss": .., "accuracy": ..}``), or None."""
         return None
+
+    def holdout(self, index: int, count: int) -> Any | None:
+        """Return shard ``index`` of ``count``'s held-out data for federated evaluation.
+
+        None (the default): this task's nodes do not evaluate (``--evaluate-every``).
+        """
+        return None
+
+    def evaluate_holdout(self, model: nn.Module, data: Any) -> dict[str, float]:
+        """Evaluate ``model`` on a node's held-out ``data`` (``holdout``'s), in eval mode.
+
+        Default: ``{"loss": self.loss(model, data)}``. The aggregator averages each metric
+        over the nodes weighted by ``num_samples(data)``; ``loss`` and ``accuracy`` go
+        into the history as ``federated_loss`` and ``federated_accuracy``.
+        """
+        model.eval()
+        with torch.no_grad():
+            return {"loss": float(self.loss(model, data))}
 
     def round_config(self, round_: int, total_rounds: int) -> Mapping[str, str]:
         """On the aggregator: settings sent to every node with round ``round_``'s parameters.

@@ -93,6 +93,14 @@ def _aggregator_parser(sub: Subparsers) -> None:
     )
     add("lr", "learning rate (default: the task's)", type=float)
     add(
+        "evaluate_every",
+        "every E rounds the nodes evaluate the round's parameters on their own held-out data"
+        " (a task's holdout); the sample-weighted mean goes into the history, status, metrics"
+        " and TensorBoard beside the central evaluation (default {default}: never)",
+        type=int,
+        metavar="E",
+    )
+    add(
         "round_config",
         "a setting sent to the nodes with every round's parameters, repeatable; the built-in"
         " training honours local_lr and local_steps (a task's round_config can vary them by"

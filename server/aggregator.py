@@ -34,7 +34,7 @@ from fedgrad.server.resume import read_checkpoint, write_checkpoint
 from fedgrad.server.robust import check_fits
 from fedgrad.server.staging import StagedUpload, UploadTicket
 from fedgrad.server.uploads import Intake
-from fedgrad.task import Task
+from fedgrad.task import EVAL_PREFIX, EVAL_SAMPLES, Task
 from fedgrad.wire import check_id
 
 __all__ = ["Aggregator"]
@@ -281,6 +281,16 @@ class Aggregator:
         self.counters.round_bytes += staged.nbytes
         if "loss" in ticket.metrics:
             self.counters.round_losses[ticket.node_id] = (ticket.metrics["loss"], ticket.weight)
+        if ticket.metrics.get(EVAL_SAMPLES, 0) >= 1:
+            held_out = {
+                k.removeprefix(EVAL_PREFIX): v
+                for k, v in ticket.metrics.items()
+                if k.startswith(EVAL_PREFIX) and k != EVAL_SAMPLES
+            }
+            self.counters.round_evals[ticket.node_id] = (
+                held_out,
+                int(ticket.metrics[EVAL_SAMPLES]),
+            )
         self._spawn(self._add(ticket, staged, staleness))
         log.debug("upload counted", extra={"node": ticket.node_id, "round": ticket.round})
         return ticket.round

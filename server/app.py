@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from fedgrad.config import AggregatorConfig, parse_hostport
 from fedgrad.errors import ConfigError
-from fedgrad.history import write_history
+from fedgrad.history import RoundRecord, write_history
 from fedgrad.server.aggregator import Aggregator
 from fedgrad.server.security import Authorizer, check_listen_policy, server_credentials
 from fedgrad.server.service import AggregatorService
@@ -129,7 +129,17 @@ class AggregatorServer:
         # run wrote there (purge_step), so no round is drawn twice.
         writer = open_tensorboard(self.cfg.tensorboard, first_round=self.core.round or None)
         self.tensorboard = writer
-        self.core.on_round.append(lambda record: writer.write(record))
+        ledger = self.core.ledger
+
+        def write(record: RoundRecord) -> None:
+            # Held-out metrics beyond loss and accuracy (those are record fields).
+            others = ledger.federated.get(record.round, {})
+            extra = {
+                f"federated/{k}": v for k, v in others.items() if k not in ("loss", "accuracy")
+            }
+            writer.write(record, extra)
+
+        self.core.on_round.append(write)
 
     def _stop_tracking(self) -> None:
         if self.tensorboard is not None:

@@ -20,12 +20,15 @@ class Counters:
     phase_seconds: dict[str, float] = field(default_factory=dict)  # of the last closed round
     round_bytes: int = 0
     round_losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # node: loss, w
+    #: node -> (its held-out metrics, its held-out samples), ``--evaluate-every`` rounds.
+    round_evals: dict[str, tuple[dict[str, float], int]] = field(default_factory=dict)
     add_seconds: float = 0.0
     round_started: float = field(default_factory=time.monotonic)
 
     def new_round(self) -> None:
         """Start counting a newly opened round."""
         self.round_bytes, self.round_losses, self.add_seconds = 0, {}, 0.0
+        self.round_evals = {}
         self.round_started = time.monotonic()
 
     def elapsed(self) -> float:
@@ -41,6 +44,24 @@ class Counters:
         losses = list(self.round_losses.values())
         weight = sum(w for _, w in losses)
         return math.fsum(loss * w for loss, w in losses) / weight if weight else math.nan
+
+    def federated(self) -> tuple[dict[str, float], int]:
+        """Return the nodes' held-out metrics weighted by their samples, and the samples.
+
+        Like the train loss, an exact sum rounded once (``math.fsum``): arrival order
+        does not matter.
+        """
+        evals = list(self.round_evals.values())
+        samples = sum(n for _, n in evals)
+        if not samples:
+            return {}, 0
+        names = sorted({name for metrics, _ in evals for name in metrics})
+        means = {}
+        for name in names:
+            having = [(m[name], n) for m, n in evals if name in m]
+            weight = sum(n for _, n in having)
+            means[name] = math.fsum(v * n for v, n in having) / weight
+        return means, samples
 
     def refused(self, code: str) -> None:
         """Count a call refused with gRPC status ``code``."""

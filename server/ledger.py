@@ -39,6 +39,8 @@ class Ledger:
         self.journal: list[dict[str, Any]] = []
         self.node_stats: dict[str, dict[str, float]] = {}
         self._applied: list[dict[str, Any]] = []  # the open round's, in add order
+        #: round -> every held-out metric the nodes reported (``--evaluate-every``).
+        self.federated: dict[int, dict[str, float]] = {}
 
     def applied(
         self, node_id: str, computed_on: int, weight: int, staleness: int, norm: float
@@ -84,6 +86,8 @@ class Ledger:
                 entry["selected"] = sorted(selected)
             self.journal.append(entry)
         stale = [a["staleness"] for a in applied] or [0]
+        federated, held_out = counters.federated()
+        self.federated[round_] = federated
         record = RoundRecord(
             round=round_,
             train_loss=counters.train_loss(),
@@ -96,6 +100,9 @@ class Ledger:
             staleness_mean=sum(stale) / len(stale),
             staleness_max=max(stale),
             epsilon=self.epsilon(len(self.history) + 1),
+            federated_loss=federated.get("loss", math.nan),
+            federated_accuracy=federated.get("accuracy", math.nan),
+            federated_samples=held_out,
         )
         self.history.append(record)
         return record

@@ -125,6 +125,12 @@ class AggregatorCollector(Collector):
         )
         last = history[-1].train_loss if history else float("nan")
         yield GaugeMetricFamily("fedgrad_last_loss", "Train loss of the last round.", value=last)
+        evaluated = [r for r in history if r.federated_samples]
+        yield GaugeMetricFamily(
+            "fedgrad_federated_accuracy",
+            "The nodes' held-out accuracy of the last --evaluate-every round (NaN before).",
+            value=evaluated[-1].federated_accuracy if evaluated else float("nan"),
+        )
 
     def _histogram(self) -> HistogramMetricFamily:
         buckets = [

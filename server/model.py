@@ -16,7 +16,7 @@ from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError, InvalidArgument, TaskError
 from fedgrad.optimizers import build_optimizer, build_schedule
 from fedgrad.server.reducers import Reducer
-from fedgrad.task import Task, trainable_parameters
+from fedgrad.task import EVALUATE_KEY, Task, trainable_parameters
 from fedgrad.wire import task_identity
 
 __all__ = ["STEP_BATCH_BYTES", "Peer", "ServerModel", "make_optimizer"]
@@ -235,6 +235,9 @@ class ServerModel:
             **dict(self.cfg.round_config),
             **dict(self.task.round_config(round_, total_rounds)),
         }
+        every = self.cfg.evaluate_every
+        if every and round_ % every == 0 and round_ < total_rounds:
+            config[EVALUATE_KEY] = "1"
         check_round_config(config)
         return config
 

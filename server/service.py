@@ -337,6 +337,8 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
                 # Payload throughput of the last round, both directions.
                 ("throughput_mb_per_s", last.bytes / 1e6 / last.seconds if last.seconds else 0.0),
                 ("epsilon", last.epsilon),
+                ("federated_loss", last.federated_loss),
+                ("federated_accuracy", last.federated_accuracy),
             )
             if v == v
         }

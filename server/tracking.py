@@ -39,6 +39,9 @@ RECORD_TAGS: Mapping[str, str] = MappingProxyType(
         "staleness_mean": "staleness/mean",
         "staleness_max": "staleness/max",
         "epsilon": "privacy/epsilon",
+        "federated_loss": "federated/loss",
+        "federated_accuracy": "federated/accuracy",
+        "federated_samples": "federated/samples",
     }
 )
 

@@ -202,11 +202,27 @@ class DigitsTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Return the test cross-entropy ``loss`` and ``accuracy`` (fraction correct)."""
+        return self.evaluate_holdout(model, (self.x_test, self.y_test))
+
+    def holdout(self, index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return node ``index`` of ``count``'s part of the test set (an IID split of it).
+
+        The parts cover the test set once, so the federated accuracy (weighted by these
+        sizes) is the central one of the same parameters.
+        """
+        idx = partition.iid(len(self.y_test), index, count, self.seed)
+        return self.x_test[idx], self.y_test[idx]
+
+    def evaluate_holdout(
+        self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]
+    ) -> dict[str, float]:
+        """Return the cross-entropy ``loss`` and ``accuracy`` of ``model`` on ``data``."""
+        x, y = data
         model.eval()
         with torch.no_grad():
-            logits = model(self.x_test)
-            loss = F.cross_entropy(logits, self.y_test)
-            accuracy = (logits.argmax(dim=1) == self.y_test).float().mean()
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            accuracy = (logits.argmax(dim=1) == y).float().mean()
         return {"loss": float(loss), "accuracy": float(accuracy)}
 
 

@@ -30,7 +30,7 @@ RECORDS = [
     RoundRecord(1, 1.75, math.nan, math.nan, 1.25, 1_000, 3, selected=4, epsilon=0.3),
     RoundRecord(2, 1.1, 0.9, 0.7, 0.1, 2_048, 2, staleness_mean=0.5, staleness_max=1),
 ]
-EXTRA = [{"federated/accuracy": 0.5}, {"federated/accuracy": math.nan}, {"federated/loss": 0.25}]
+EXTRA = [{"federated/f1": 0.5}, {"federated/f1": math.nan}, {"federated/recall": 0.25}]
 
 
 def read_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
@@ -78,8 +78,8 @@ def test_records_and_extras_are_read_back_with_the_round_as_step(tmp_path: Path)
     assert scalars["test/accuracy"] == [(0, 0.125), (2, float(np.float32(0.7)))]
     assert scalars["round/bytes"][0] == (0, 123_456_792.0)
     assert scalars["privacy/epsilon"] == [(1, float(np.float32(0.3)))]
-    assert scalars["federated/accuracy"] == [(0, 0.5)]
-    assert scalars["federated/loss"] == [(2, 0.25)]
+    assert scalars["federated/f1"] == [(0, 0.5)]
+    assert scalars["federated/recall"] == [(2, 0.25)]
 
 
 def test_write_without_extra_writes_the_record_only(tmp_path: Path) -> None:
