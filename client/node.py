@@ -49,6 +49,8 @@ from fedgrad.task import (
     RoundContext,
     Task,
     check_update,
+    resolve_device,
+    to_device,
     trainable_parameters,
 )
 from fedgrad.wire import task_identity
@@ -85,6 +87,11 @@ def join_request(
         task=task_identity(cfg.task, cfg.task_args),
         buffers=manifest_to_proto(buffers) if buffers else None,
     )
+
+
+def _pinned(like: torch.Tensor) -> torch.Tensor:
+    """A page-locked host tensor shaped like ``like`` (fast, asynchronous device copies)."""
+    return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
 
 
 def simulated_delay(cfg: NodeConfig, round_: int) -> float:
@@ -143,15 +150,22 @@ class Node:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model = task.model()
+        #: Where the model and its computation live (``--device``).
+        self.device = resolve_device(cfg.device)
+        self.model = task.model().to(self.device)
         # The first torch.optim optimizer of a process imports torch._dynamo (~1 s here):
         # pay it at start-up, not inside the first round a task builds one in.
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.params = [p for _, p in trainable_parameters(self.model)]
         self.layout = Layout(specs_of(trainable_parameters(self.model)))
-        self.views = [byte_view(p.data) for p in self.params]
-        self.data = task.shard(*cfg.shard)
-        self.held_out = task.holdout(*cfg.shard)
+        # On a GPU the wire reads and writes pinned host copies, moved in one batch of
+        # asynchronous copies per round; on the CPU it reads the parameters themselves.
+        on_cpu = self.device.type == "cpu"
+        self.host = self.params if on_cpu else [_pinned(p) for p in self.params]
+        self.grad_host = None if on_cpu else [_pinned(p) for p in self.params]
+        self.views = [byte_view(t.data) for t in self.host]
+        self.data = to_device(task.shard(*cfg.shard), self.model)
+        self.held_out = to_device(task.holdout(*cfg.shard), self.model)
         self.num_samples = claimed_samples(cfg.simulate_attack, task.num_samples(self.data))
         self.buffers = [b for _, b in model_buffers(self.model)]
         self.buffer_specs = buffer_specs(self.model)
@@ -269,6 +283,11 @@ class Node:
             with torch.no_grad():
                 for param, received in zip(self.params, staging, strict=True):
                     param.copy_(received)
+        elif self.host is not self.params:  # pinned host copies -> the device, in one batch
+            with torch.no_grad():
+                for param, host in zip(self.params, self.host, strict=True):
+                    param.copy_(host, non_blocking=True)
+            torch.cuda.synchronize(self.device)
         if self.share_buffers and first.header.buffers:
             try:
                 values = unpack(self.buffer_specs, first.header.buffers, "the broadcast")
@@ -306,6 +325,12 @@ class Node:
         generator = torch.Generator().manual_seed(
             derive_seed(self.cfg.seed, f"{self.cfg.node_id}\x00codec", round_)
         )
+        if self.grad_host is not None:  # device -> pinned host copies, in one batch
+            with torch.no_grad():
+                for host, g in zip(self.grad_host, gradients, strict=True):
+                    host.copy_(g.detach(), non_blocking=True)
+            torch.cuda.synchronize(self.device)
+            gradients = self.grad_host
         views = self.feedback.encode(round_, gradients, generator)
         layout = self.codec.layout
         header = pb.UploadHeader(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from fedgrad.client.node import Node
 from fedgrad.client.transport import Action, Failure
 from fedgrad.config import NodeConfig
 from fedgrad.errors import FedgradError, RefusedError
-from fedgrad.task import RoundContext, Task, trainable_parameters
+from fedgrad.task import RoundContext, Task, device_of, trainable_parameters
 
 __all__ = ["Connection", "DistributedOptimizer", "connect"]
 
@@ -70,8 +71,10 @@ class Connection:
         finished: the model holds the final parameters; training is over.
     """
 
-    def __init__(self, cfg: NodeConfig, num_samples: int, seeded: bool = False) -> None:
-        self.cfg, self.num_samples, self.seeded = cfg, num_samples, seeded
+    def __init__(
+        self, cfg: NodeConfig, num_samples: int, seeded: bool = False, placed: bool = False
+    ) -> None:
+        self.cfg, self.num_samples, self.seeded, self.placed = cfg, num_samples, seeded, placed
         self.node: Node | None = None
         self.current_round = 0
         self.context: RoundContext | None = None
@@ -91,6 +94,8 @@ class Connection:
             return
         # Node seeds torch for a task's model; this model is the user's: keep their RNG.
         rng = torch.random.get_rng_state()
+        if not self.placed:  # the model stays where the user put it
+            self.cfg = replace(self.cfg, device=str(device_of(model)))
         try:
             self.node = Node(_OwnLoop(model, self.num_samples), self.cfg)
         finally:
@@ -329,4 +334,4 @@ def connect(
         task="",
         **options,
     )
-    return Connection(cfg, num_samples, seeded="seed" in options)
+    return Connection(cfg, num_samples, seeded="seed" in options, placed="device" in options)

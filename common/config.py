@@ -9,6 +9,7 @@ refuse exactly the same values with exactly the same ``ConfigError`` message.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -222,6 +223,11 @@ def _schedule(name: str, value: Any) -> None:
         raise ConfigError(f"{name}: {e}") from None
 
 
+def _device(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"{name} must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
 def _codec(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a codec ({', '.join(CODEC_FORMS)}), got {value!r}")
@@ -318,6 +324,8 @@ class AggregatorConfig:
     #: 0: as many as ``staging_mb`` holds uploads of the model's size, 1..64.
     max_inflight: int = _setting(0, _count(0))
     accumulate: str = _setting("auto", _one_of(ACCUMULATORS))
+    #: Where the parameters and the optimizer's step live (the reduce stays on the CPU).
+    device: str = _setting("cpu", _device)
     #: Buffers (BatchNorm statistics): averaged each round and broadcast, or kept by each node.
     buffers: str = _setting("shared", _one_of(BUFFER_MODES))
     #: The parameter broadcast's dtype (None: the model's); the master copy keeps its own.
@@ -486,6 +494,8 @@ class NodeConfig:
     rounding: str = _setting("nearest", _one_of(ROUNDINGS))
     #: Where the node keeps state across restarts (error feedback); None: in memory.
     state_dir: str | None = None
+    #: Where the model and its computation live (auto: CUDA if torch sees it).
+    device: str = _setting("cpu", _device)
     #: 0: torch's own choice.
     threads: int = _setting(0, _count(0))
     log_format: str = _setting("text", _one_of(LOG_FORMATS))

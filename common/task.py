@@ -44,7 +44,10 @@ __all__ = [
     "EVALUATE_KEY",
     "ModelTask",
     "load_model_task",
+    "device_of",
+    "resolve_device",
     "load_task",
+    "to_device",
     "trainable_parameters",
 ]
 
@@ -92,6 +95,49 @@ class RoundContext:
     round: int
     total_rounds: int
     config: Mapping[str, str] = field(default_factory=dict)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Return the device ``--device`` names: ``cpu``, ``cuda``, ``cuda:N``, or ``auto``
+    (the first CUDA device if torch sees one, else the CPU).
+
+    Raises:
+        ConfigError: CUDA asked for where torch sees none, or an index beyond its devices.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {spec}: torch sees no CUDA device here (torch.cuda.is_available() is"
+                " False); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {spec}: torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Return the device of ``model``'s first parameter (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def to_device(data: Any, model: nn.Module) -> Any:
+    """Return ``data`` (a tensor, or a tuple or list of them) on ``model``'s device.
+
+    Tensors already there are returned as they are (no copy); anything else unchanged.
+    """
+    device = device_of(model)
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, tuple | list):
+        return type(data)(to_device(d, model) if isinstance(d, torch.Tensor) else d for d in data)
+    return data
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

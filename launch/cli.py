@@ -15,6 +15,7 @@ from fedgrad.certs import DEFAULT_HOSTS, init_federation
 from fedgrad.config import (
     ACCUMULATORS,
     BROADCAST_DTYPES,
+    BUFFER_MODES,
     ERROR_FEEDBACK,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
@@ -176,6 +177,18 @@ def _limit_flags(add: Add) -> None:
         metavar=choices(ACCUMULATORS),
     )
     add(
+        "device",
+        "where the parameters and the optimizer's step live: cpu, cuda, cuda:N or auto; the"
+        " reduce stays in host memory (default {default})",
+        metavar="auto|cpu|cuda[:N]",
+    )
+    add(
+        "buffers",
+        "model buffers (BatchNorm statistics): shared (averaged each round and broadcast) or"
+        " local (each node keeps its own, FedBN) (default {default})",
+        metavar=choices(BUFFER_MODES),
+    )
+    add(
         "broadcast_dtype",
         "send the parameters to the nodes in this dtype (the aggregator keeps its master copy"
         " in the model's dtype; nodes train on the rounded parameters) (default: the model's)",
@@ -287,6 +300,12 @@ def _node_parser(sub: Subparsers) -> None:
         "how int8 rounds: to nearest, or stochastically, seeded from (seed, node id, round)"
         " (default {default})",
         metavar=choices(ROUNDINGS),
+    )
+    add(
+        "device",
+        "where the model and its training live: cpu, cuda, cuda:N, or auto (CUDA if torch sees"
+        " it); the wire goes through pinned host memory (default {default})",
+        metavar="auto|cpu|cuda[:N]",
     )
     add(
         "state_dir",

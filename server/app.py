@@ -161,7 +161,7 @@ class AggregatorServer:
         """Write the final parameters and the history, if asked to."""
         if self.cfg.save:
             Path(self.cfg.save).parent.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v.contiguous() for k, v in self.core.state_dict().items()}
+            tensors = {k: v.cpu().contiguous() for k, v in self.core.state_dict().items()}
             save_file(tensors, self.cfg.save, metadata={"round": str(self.core.round)})
         if self.cfg.history:
             write_history(self.cfg.history, self.core.history)

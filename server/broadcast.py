@@ -59,7 +59,8 @@ def make_snapshot(
             buffers=buffers,
         )
     ).SerializeToString()
-    cast = [p.detach().to(dtype) if dtype is not None else p.detach() for p in params]
+    # A no-op for CPU parameters in their own dtype; a device's are copied to the host.
+    cast = [p.detach().to(device="cpu", dtype=dtype or p.dtype) for p in params]
     views = [byte_view(p) for p in cast]
     chunks = [
         encode_chunk(t, o, pieces) for t, o, pieces in iter_chunk_pieces(views, layout, chunk_bytes)

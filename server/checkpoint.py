@@ -164,8 +164,9 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    tensors = {f"param/{k}": v.detach().contiguous() for k, v in params.items()} | opt_tensors
-    tensors |= {f"buffer/{k}": v.detach().contiguous() for k, v in (buffers or {}).items()}
+    tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in params.items()}
+    tensors |= {k: v.cpu() for k, v in opt_tensors.items()}
+    tensors |= {f"buffer/{k}": v.detach().cpu().contiguous() for k, v in (buffers or {}).items()}
     tensor_file = directory / f"state-{round_}.safetensors"
     with _locked(directory, exclusive=True):
         _write_atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp)))

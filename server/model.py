@@ -16,7 +16,7 @@ from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError, InvalidArgument, TaskError
 from fedgrad.optimizers import build_optimizer, build_schedule
 from fedgrad.server.reducers import Reducer
-from fedgrad.task import EVALUATE_KEY, Task, trainable_parameters
+from fedgrad.task import EVALUATE_KEY, Task, resolve_device, trainable_parameters
 from fedgrad.wire import task_identity
 
 __all__ = ["STEP_BATCH_BYTES", "Peer", "ServerModel", "make_optimizer"]
@@ -153,7 +153,9 @@ class ServerModel:
     def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
         self.task, self.cfg = task, cfg
         torch.manual_seed(cfg.seed)
-        self.module = task.model()
+        #: Where the parameters, buffers and optimizer state live (``--device``).
+        self.device = resolve_device(cfg.device)
+        self.module = task.model().to(self.device)
         named = trainable_parameters(self.module)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -190,12 +192,12 @@ class ServerModel:
         # batch by batch gives the same parameters as one step over all of them.
         scale = self._clip_scale(reducer) if self.clip_grad_norm is not None else None
         for batch in self.step_batches:
-            grads = [torch.empty_like(self.params[i]) for i in batch]
-            reducer.result_into(grads, batch)
+            grads = [torch.empty_like(self.params[i], device="cpu") for i in batch]
+            reducer.result_into(grads, batch)  # the reducers' sums live in host memory
             for i, g in zip(batch, grads, strict=True):
                 if scale is not None:
                     g.mul_(scale)
-                self.params[i].grad = g
+                self.params[i].grad = g.to(self.device, non_blocking=True)
             del grads
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -217,7 +219,7 @@ class ServerModel:
         assert self.clip_grad_norm is not None
         norms = []
         for batch in self.step_batches:
-            grads = [torch.empty_like(self.params[i]) for i in batch]
+            grads = [torch.empty_like(self.params[i], device="cpu") for i in batch]
             reducer.result_into(grads, batch)
             norms += [torch.linalg.vector_norm(g, 2.0) for g in grads]
             del grads

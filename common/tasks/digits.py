@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from fedgrad import partition
 from fedgrad.errors import ConfigError
-from fedgrad.task import Task
+from fedgrad.task import Task, to_device
 from fedgrad.tasks._options import (
     check_shard,
     choice,
@@ -197,7 +197,7 @@ class DigitsTask(Task):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Return the mean cross-entropy of ``model`` on ``batch``."""
-        x, y = batch
+        x, y = to_device(batch, model)
         return F.cross_entropy(model(x), y)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -217,7 +217,7 @@ class DigitsTask(Task):
         self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]
     ) -> dict[str, float]:
         """Return the cross-entropy ``loss`` and ``accuracy`` of ``model`` on ``data``."""
-        x, y = data
+        x, y = to_device(data, model)
         model.eval()
         with torch.no_grad():
             logits = model(x)

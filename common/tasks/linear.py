@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedgrad.task import Task
+from fedgrad.task import Task, to_device
 from fedgrad.tasks._options import check_shard, float_at_least, int_at_least, parse_options
 
 __all__ = ["LinearTask"]
@@ -97,12 +97,13 @@ class LinearTask(Task):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Return the mean squared error of ``model`` on ``batch``."""
-        x, y = batch
+        x, y = to_device(batch, model)
         return F.mse_loss(model(x), y)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Return the mean squared error ``loss`` on the held-out samples."""
         model.eval()
         with torch.no_grad():
-            loss = F.mse_loss(model(self._x_test), self._y_test)
+            x, y = to_device((self._x_test, self._y_test), model)
+            loss = F.mse_loss(model(x), y)
         return {"loss": float(loss)}
