@@ -25,6 +25,7 @@ from fedgrad.task import Task, to_device
 from fedgrad.tasks._options import (
     check_shard,
     choice,
+    float_at_least,
     int_at_least,
     parse_options,
     positive_float,
@@ -76,6 +77,8 @@ class DigitsTask(Task):
       most ``K`` classes. Needs ``count * K >= 10`` (e.g. ``K=2`` from 5 nodes).
     * ``dirichlet=ALPHA`` (number > 0): per class, node proportions drawn from
       Dirichlet(ALPHA); 0.1 is strongly skewed, 100 nearly IID. Sizes vary.
+    * ``unbalanced=SIGMA`` (number >= 0): IID labels, node sizes log-normal with
+      standard deviation SIGMA (``fedgrad.partition.unbalanced``; 0 is equal sizes).
 
     Every split covers the training set exactly, gives every node at least one
     sample and depends only on the task seed and the number of nodes.
@@ -116,7 +119,7 @@ class DigitsTask(Task):
         Raises:
             ConfigError: an unknown option, a bad value (an unknown ``model`` names
                 the valid ones), ``hidden`` with ``model=cnn``, or more than one of
-                ``split=non-iid``, ``classes_per_node`` and ``dirichlet``.
+                ``split=non-iid``, ``classes_per_node``, ``dirichlet`` and ``unbalanced``.
         """
         super().__init__(seed)
         opts = parse_options(
@@ -127,6 +130,7 @@ class DigitsTask(Task):
                 "split": choice("iid", "non-iid"),
                 "classes_per_node": int_at_least(1),
                 "dirichlet": positive_float,
+                "unbalanced": float_at_least(0.0),
                 "hidden": int_at_least(1),
                 "local_steps": int_at_least(0),
                 "batch_size": int_at_least(0),
@@ -136,8 +140,11 @@ class DigitsTask(Task):
         self.split: str = opts.get("split", "iid")
         self.classes_per_node: int | None = opts.get("classes_per_node")
         self.dirichlet: float | None = opts.get("dirichlet")
+        self.unbalanced: float | None = opts.get("unbalanced")
         chosen = [
-            f"{key}={options[key]}" for key in ("classes_per_node", "dirichlet") if key in opts
+            f"{key}={options[key]}"
+            for key in ("classes_per_node", "dirichlet", "unbalanced")
+            if key in opts
         ]
         if self.split == "non-iid":
             chosen.insert(0, "split=non-iid")
@@ -186,6 +193,8 @@ class DigitsTask(Task):
             )
         elif self.dirichlet is not None:
             idx = partition.dirichlet(self.y_train, index, count, self.dirichlet, self.seed)
+        elif self.unbalanced is not None:
+            idx = partition.unbalanced(n, index, count, self.unbalanced, self.seed)
         elif self.split == "iid":
             idx = partition.iid(n, index, count, self.seed)
         else:

@@ -418,3 +418,17 @@ def test_synthetic_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
     for r in range(3):
         small.compute_update(model, small.shard(0, 2), _generator(r))
     assert len(calls) == 4, "the base is drawn once per shard, not per round"
+
+
+def test_digits_unbalanced_split_covers_the_training_set_in_unequal_parts() -> None:
+    from fedgrad.errors import ConfigError as _ConfigError
+    from fedgrad.task import load_task as _load
+
+    task = _load("digits", {"unbalanced": "1.0"}, seed=3)
+    sizes = [len(task.shard(i, 4)[1]) for i in range(4)]
+    assert sum(sizes) == len(task.y_train) and len(set(sizes)) > 1
+    assert sizes == [
+        len(_load("digits", {"unbalanced": "1.0"}, seed=3).shard(i, 4)[1]) for i in range(4)
+    ]
+    with pytest.raises(_ConfigError, match="mutually exclusive"):
+        _load("digits", {"unbalanced": "1.0", "dirichlet": "0.5"})
