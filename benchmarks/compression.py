@@ -461,7 +461,7 @@ def wire_table(result: dict) -> str:
     for label, r in result["configs"].items():
         if "unavailable" in r or "error" in r:
             why = r.get("unavailable") or r["error"].splitlines()[0]
-            lines.append(f"| {label} | {why} |" + " |" * 10)
+            lines.append(f"| {label} | {why} |" + " |" * 9)
             continue
         p = r.get("phases", {})
         phases = " / ".join(_s(p.get(k)) for k in ("collect", "reduce", "step", "broadcast"))
