@@ -113,6 +113,9 @@ def test_a_selected_node_killed_mid_run_is_replaced_and_training_finishes(
     address, ckpt = f"127.0.0.1:{closed_port}", tmp_path / "ckpt"
     aggregator = spawn(*cli.argv, "aggregator", *DIGITS, "--listen", address, "--nodes", "4",
                        "--sample", "2", "--rounds", "8", "--round-timeout", "2",
+                       # All four join before round 0, however slowly their processes start
+                       # (without it a late starter could find the run already over).
+                       "--start-timeout", "120",
                        "--checkpoint-dir", ckpt, "--finish-grace", "5", "--no-progress",
                        "--port-file", tmp_path / "port")  # fmt: skip
     cli.wait_port(tmp_path / "port", aggregator, timeout=PROC_TIMEOUT)
@@ -135,10 +138,11 @@ def test_a_selected_node_killed_mid_run_is_replaced_and_training_finishes(
     wait_until(lambda: read_checkpoint_round(ckpt) >= 2, "round 2", PROC_TIMEOUT)
     nodes[0].send_signal(signal.SIGKILL)  # no Leave: the aggregator finds out by the deadline
     killed_at = read_checkpoint_round(ckpt)
-    code, _, err = finish(aggregator)
-    assert code == 0, err
+    code, _, aggregator_err = finish(aggregator)
+    assert code == 0, aggregator_err
     for proc in nodes[1:]:
-        assert finish(proc)[0] == 0
+        code, _, err = finish(proc)
+        assert code == 0, f"{err[-3000:]}\nthe aggregator's log:\n{aggregator_err[-3000:]}"
     doc = load_checkpoint(str(ckpt))
     assert doc is not None
     journal = doc[0]["journal"]

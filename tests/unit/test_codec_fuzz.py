@@ -166,9 +166,11 @@ def _values(raw: bytes, at: int, count: int, dtype: torch.dtype) -> np.ndarray:
     """``count`` consecutive values of ``dtype`` from byte ``at``, as float64."""
     if dtype == torch.bfloat16:
         bits = np.frombuffer(raw, "<u2", count, at).astype(np.uint32) << 16
-        return bits.view(np.float32).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            return bits.view(np.float32).astype(np.float64)
     kind = {torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8"}[dtype]
-    return np.frombuffer(raw, kind, count, at).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN's cast; NaNs are faults anyway
+        return np.frombuffer(raw, kind, count, at).astype(np.float64)
 
 
 def _largest(dtype: torch.dtype) -> float:
