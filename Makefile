@@ -29,7 +29,7 @@ run: install
 	$(BIN)/fedgrad demo --out runs/demo
 
 test: install-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 lint: install-dev
 	$(BIN)/ruff check common server client launch tests benchmarks examples
