@@ -247,4 +247,5 @@ def test_a_stream_its_reader_abandons_is_cancelled(scripted, transport) -> None:
         with transport.pull(0, timeout=60.0) as stream:
             next(stream)
             raise RuntimeError("the reader gives up")
-    assert script.pull_ended.wait(10), "the abandoned stream stayed open on the server"
+    # Generous: the cancel is immediate, but a loaded CI worker may take a while to see it.
+    assert script.pull_ended.wait(60), "the abandoned stream stayed open on the server"

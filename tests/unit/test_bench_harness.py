@@ -67,6 +67,7 @@ def test_statistics_helpers() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # every suite, each starting its processes: minutes, not seconds
 def test_every_suite_runs_on_a_tiny_size(tmp_path: Path) -> None:
     names = [n for n in run.SUITES if not (FLOWER_MISSING and n.startswith("flower"))]
     results = run.execute(TINY, tmp_path, names, mode="tiny", command="pytest")
