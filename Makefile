@@ -29,7 +29,8 @@ run: install
 	$(BIN)/fedgrad demo --out runs/demo
 
 test: install-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not serial" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m serial tests
 
 lint: install-dev
 	$(BIN)/ruff check common server client launch tests benchmarks examples
