@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ChunkView", "decode_chunk", "encode_chunk"]
+__all__ = ["ChunkView", "chunk_message_size", "decode_chunk", "encode_chunk"]
 
 _CHUNK_FIELD = 0x12  # field 2, length-delimited
 _TENSOR, _OFFSET, _DATA = 0x08, 0x10, 0x1A
@@ -41,6 +41,12 @@ def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
             return value, pos
         shift += 7
     raise ValueError("truncated or overlong varint")
+
+
+def chunk_message_size(tensor: int, offset: int, size: int) -> int:
+    """Return ``len(encode_chunk(tensor, offset, pieces))`` for ``size`` data bytes."""
+    body = 3 + len(_varint(tensor)) + len(_varint(offset)) + len(_varint(size)) + size
+    return 1 + len(_varint(body)) + body
 
 
 def encode_chunk(tensor: int, offset: int, pieces: Sequence[Any]) -> bytes:

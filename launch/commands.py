@@ -24,7 +24,11 @@ from fedgrad.config import AggregatorConfig, NodeConfig
 from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
 from fedgrad.launch.options import Resolved, build_config, resolve
-from fedgrad.launch.tuning import freeze_startup_objects, limit_malloc_arenas
+from fedgrad.launch.tuning import (
+    freeze_startup_objects,
+    limit_malloc_arenas,
+    pin_mmap_threshold,
+)
 from fedgrad.logs import setup_logging
 from fedgrad.server.security import check_listen_policy
 from fedgrad.task import load_model_task, load_task
@@ -91,6 +95,7 @@ def run_aggregator(values: dict[str, Any]) -> int:
     cfg = aggregator_config(values)
     setup_logging(cfg.log_format, progress=cfg.progress)
     limit_malloc_arenas()
+    pin_mmap_threshold()
     task = (
         load_model_task(cfg.model)
         if cfg.model

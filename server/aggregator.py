@@ -241,13 +241,17 @@ class Aggregator:
             async with self._changed:
                 await self._changed.wait_for(ready)
                 assert self.snapshot is not None
+                # Registered on the loop with the check: ``freeze`` sees every reader.
+                self.snapshot.readers += 1
                 return self.snapshot
         except BaseException:
             self.engine.close_pull(node_id)
             raise
 
-    def pull_done(self, node_id: str) -> None:
-        """Release a parameter stream slot of ``node_id``."""
+    def pull_done(self, node_id: str, snapshot: Snapshot | None = None) -> None:
+        """Release a parameter stream slot of ``node_id`` (and its read of ``snapshot``)."""
+        if snapshot is not None:
+            snapshot.readers -= 1
         self.engine.close_pull(node_id)
 
     def sent(self, node_id: str, snapshot: Snapshot) -> None:
@@ -351,6 +355,7 @@ class Aggregator:
             prepare = getattr(self.reducer, "prepare", None)
             if prepare is not None:
                 prepare(self.round)  # seeded DP test noise is keyed to the round
+            await self._retire()
             metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
             selected = self.engine.selected
@@ -376,6 +381,17 @@ class Aggregator:
             c.phase_seconds = phases
         for callback in self.on_round:
             callback(record)
+
+    async def _retire(self) -> None:
+        """Before the step writes the parameters: streams still reading them get a copy.
+
+        New pulls wait for the next round's snapshot (their upload of this round would be
+        stale anyway); the streams already reading finish from a frozen copy, made only
+        if there are any (``fedgrad.server.broadcast``).
+        """
+        snapshot, self.snapshot = self.snapshot, None
+        if snapshot is not None:
+            await asyncio.to_thread(snapshot.freeze)
 
     async def _publish(self) -> None:
         """Serialize the parameters of the round about to open, then open it."""

@@ -1,34 +1,88 @@
-"""The parameter broadcast: serialized once per round, the same bytes to every node.
+"""The parameter broadcast: one round's messages, read from the parameters as they are sent.
 
-With ``--broadcast-dtype`` the chunks carry the parameters rounded to that dtype (the
-header says which); the optimizer's master copy is never rounded.
+A ``Snapshot`` holds the serialized header and, per chunk, views of the parameter bytes
+it carries; each stream encodes a chunk when it sends it (one memcpy, ~11 GB/s here), so
+the aggregator keeps no serialized copy of the model. The reader/writer rule: before the
+optimizer writes the parameters the shell calls ``freeze``, which copies the chunks into
+bytes only if a stream is still reading them (a straggler, an asynchronous round), and
+stops handing this snapshot to new pulls.
+
+With ``--broadcast-dtype``, or parameters that live on a device, the snapshot is
+serialized once at publish time (the chunks of a cast or host copy): the optimizer's
+master copy is never rounded and never read by a stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from fedgrad.codec import Layout, byte_view, dtype_to_proto, iter_chunk_pieces
-from fedgrad.framing import encode_chunk
+from fedgrad.framing import chunk_message_size, encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 
 __all__ = ["Snapshot", "make_snapshot"]
 
 
-@dataclass(frozen=True)
 class Snapshot:
-    """The serialized ``ParameterMessage``s of one published round."""
+    """The ``ParameterMessage``s of one published round: a header, then chunks."""
 
-    round: int
-    finished: bool
-    messages: tuple[bytes, ...]
+    def __init__(
+        self,
+        round_: int,
+        finished: bool,
+        header: bytes,
+        pieces: list[tuple[int, int, list[np.ndarray]]],
+        serialized: bool,
+    ) -> None:
+        self.round, self.finished = round_, finished
+        self._header = header
+        self._pieces: list[tuple[int, int, list[np.ndarray]]] | None = pieces
+        self._frozen: tuple[bytes, ...] | None = None
+        if serialized:
+            self._frozen = tuple(encode_chunk(t, o, p) for t, o, p in pieces)
+            self._pieces = None
+        self.wire_bytes = len(header) + sum(
+            chunk_message_size(t, o, sum(len(x) for x in p)) for t, o, p in pieces
+        )
+        #: Streams that were handed this snapshot and have not finished (loop only).
+        self.readers = 0
+        self._lock = threading.Lock()
 
     @property
-    def wire_bytes(self) -> int:
-        return sum(len(m) for m in self.messages)
+    def serialized(self) -> bool:
+        """True once the chunks are bytes of their own (``freeze`` or a cast/device copy)."""
+        return self._frozen is not None
+
+    def messages(self) -> Iterator[bytes]:
+        """Yield the header, then each chunk (encoded from the parameters, or the frozen bytes)."""
+        yield self._header
+        index = 0
+        while True:
+            frozen = self._frozen
+            if frozen is not None:
+                yield from frozen[index:]
+                return
+            pieces = self._pieces
+            if pieces is None or index >= len(pieces):
+                return
+            tensor, offset, views = pieces[index]
+            index += 1
+            yield encode_chunk(tensor, offset, views)
+
+    def freeze(self) -> None:
+        """Before the parameters change: copy the chunks if a stream is still reading them.
+
+        Called in a worker thread while the loop keeps streaming (the parameters do not
+        change until it returns); streams that start after it read the copy.
+        """
+        with self._lock:
+            if self._frozen is None and self._pieces is not None and self.readers:
+                self._frozen = tuple(encode_chunk(t, o, p) for t, o, p in self._pieces)
+            self._pieces = None  # no new reads of the parameters through this snapshot
 
 
 def make_snapshot(
@@ -43,7 +97,7 @@ def make_snapshot(
     config: Mapping[str, str] | None = None,
     buffers: bytes = b"",
 ) -> Snapshot:
-    """Serialize the header and every chunk of ``params`` once (cast to that dtype if set)."""
+    """Describe the broadcast of ``params`` (serialized now only if cast or on a device)."""
     dtype = getattr(torch, broadcast_dtype) if broadcast_dtype else None
     if dtype is not None:
         layout = Layout(layout.specs, dtype)
@@ -61,8 +115,7 @@ def make_snapshot(
     ).SerializeToString()
     # A no-op for CPU parameters in their own dtype; a device's are copied to the host.
     cast = [p.detach().to(device="cpu", dtype=dtype or p.dtype) for p in params]
+    copied = any(c.data_ptr() != p.data_ptr() for c, p in zip(cast, params, strict=True))
     views = [byte_view(p) for p in cast]
-    chunks = [
-        encode_chunk(t, o, pieces) for t, o, pieces in iter_chunk_pieces(views, layout, chunk_bytes)
-    ]
-    return Snapshot(round_, finished, (header, *chunks))
+    pieces = list(iter_chunk_pieces(views, layout, chunk_bytes))
+    return Snapshot(round_, finished, header, pieces, serialized=copied)

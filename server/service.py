@@ -184,11 +184,11 @@ class AggregatorService:
             await _fail(context, exc, node, self.core.round, self.core)
             return
         try:
-            for message in snapshot.messages:
+            for message in snapshot.messages():
                 yield message
             self.core.sent(node, snapshot)
         finally:
-            self.core.pull_done(node)
+            self.core.pull_done(node, snapshot)
 
     async def push(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext

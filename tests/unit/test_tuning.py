@@ -7,7 +7,7 @@ import platform
 
 import pytest
 
-from fedgrad.launch.tuning import freeze_startup_objects, limit_malloc_arenas
+from fedgrad.launch.tuning import freeze_startup_objects, limit_malloc_arenas, pin_mmap_threshold
 
 
 def test_arena_cap_leaves_an_operators_setting_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -20,6 +20,18 @@ def test_arena_cap_applies_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     on_glibc = platform.libc_ver()[0] == "glibc"
     # Capping this test process's arenas at 8 (glibc's default for 1 core) changes nothing visible.
     assert limit_malloc_arenas(8) is on_glibc
+
+
+def test_mmap_threshold_leaves_an_operators_setting_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert pin_mmap_threshold() is False
+
+
+def test_mmap_threshold_applies_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    on_glibc = platform.libc_ver()[0] == "glibc"
+    # 32 MiB, glibc's own ceiling for the dynamic threshold: nothing visible changes.
+    assert pin_mmap_threshold(32 << 20) is on_glibc
 
 
 def test_freeze_moves_live_objects_out_of_the_collectors_sight() -> None:
