@@ -23,7 +23,8 @@ round (history ``bytes``) and every aggregator's and relay's peak RSS (``VmHWM``
 ``loopback=True`` the same processes share 127.0.0.1, unshaped, for comparison.
 
 Run: ``python -m benchmarks.shaped --params 50000000 --nodes 4 --shards 1 --rate-mbit 1000``
-(``--relays R``, ``--rate-mbit 0`` for unshaped veths, ``--loopback``); prints JSON.
+(``--relays R``, ``--rate-mbit 0`` for unshaped veths, ``--loopback``, ``--cli`` another
+build's ``fedgrad``); prints JSON.
 Needs root, ``ip`` and ``tc`` (iproute2) unless ``--loopback``.
 """
 
@@ -517,7 +518,7 @@ def shaped_rounds(
             run.aggregators(shards, relays or nodes, rounds, extra)
             run.start_nodes(run.relays(relays, nodes), call_timeout)
             rss = run.watch(time.monotonic() + timeout)
-            rows = _history(work / "history.csv")
+            rows = _history(work / "history.csv", rounds)
     finally:
         if own:
             procs.close()
@@ -533,13 +534,17 @@ def shaped_rounds(
     }  # fmt: skip
 
 
-def _history(path: Path) -> list[dict]:
+def _history(path: Path, rounds: int) -> list[dict]:
+    """Return shard 0's history rows; BenchError unless it holds every round.
+
+    An aggregator that was sent SIGTERM exits 0 after a graceful shutdown, with fewer rounds.
+    """
     if not path.exists():
         raise BenchError(f"shard 0 wrote no history at {path}")
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if not rows:
-        raise BenchError(f"shard 0's history {path} has no rounds")
+    if len(rows) < rounds:
+        raise BenchError(f"shard 0 exited after {len(rows)} of {rounds} rounds ({path})")
     return rows
 
 
@@ -572,15 +577,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loopback", action="store_true", help="127.0.0.1, no namespaces")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--logs", type=Path, help="children's logs here (default a temp dir)")
+    parser.add_argument("--cli", help="a fedgrad executable to run (default: this venv's)")
     args = parser.parse_args(argv)
     # SIGTERM too unwinds through the teardown, as KeyboardInterrupt does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rate = None if args.loopback or not args.rate_mbit else args.rate_mbit
+    cli = [args.cli] if args.cli else None
     with Procs(args.logs) as procs:
         try:
             result = shaped_rounds(args.params, args.tensors, args.nodes, args.rounds, procs,
                                    args.shards, args.relays, rate, loopback=args.loopback,
-                                   timeout=args.timeout)  # fmt: skip
+                                   timeout=args.timeout, cli=cli)  # fmt: skip
         except BenchError as err:
             raise SystemExit(f"shaped benchmark failed: {err}") from err
     print(json.dumps({k: v for k, v in result.items() if k != "values"}, default=str))
