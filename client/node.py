@@ -23,6 +23,7 @@ import torch
 from fedgrad.buffers import buffer_specs, load_buffers, model_buffers, pack, unpack
 from fedgrad.client.attacks import attack_generator, attacked, claimed_samples, warn_attack
 from fedgrad.client.feedback import ErrorFeedback
+from fedgrad.client.sharded import ShardLinks
 from fedgrad.client.transport import Action, Backoff, Failure, Stopped, Transport
 from fedgrad.codec import (
     ChunkCursor,
@@ -183,6 +184,8 @@ class Node:
         self.chunk_bytes = 0
         self.uploads = 0
         self._staging: tuple[torch.dtype, Layout, list[torch.Tensor]] | None = None
+        #: A sharded aggregator's other shards (set at Join), None for one aggregator.
+        self.links: ShardLinks | None = None
         self._takes_context = "context" in inspect.signature(task.compute_update).parameters
 
     @property
@@ -196,7 +199,9 @@ class Node:
         return self.transport.backoff
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel (the channels, to a sharded aggregator)."""
+        if self.links is not None:
+            self.links.close()
         self.transport.close()
 
     def stop(self, reason: str = "stop requested") -> None:
@@ -213,6 +218,8 @@ class Node:
             reason: logged as "REASON: leaving the federation"; the first one wins.
         """
         self.transport.stop(reason)
+        if self.links is not None:
+            self.links.stop(reason)
 
     # -- calls -------------------------------------------------------------------
     def join(self, after: Failure | None = None) -> pb.JoinReply:
@@ -248,6 +255,12 @@ class Node:
                 f" aggregator's --chunk-bytes {self.chunk_bytes}: use a smaller int8 block"
             )
         self.session_id = reply.session_id
+        if len(reply.shard_map.shards) > 1 and (
+            self.links is None or self.links.map_id != reply.shard_map.map_id
+        ):
+            if self.links is not None:
+                self.links.close()
+            self.links = ShardLinks(self.cfg, reply.shard_map, self.layout.specs, self.transport)
         log.info(
             "joined at round %d of %d",
             reply.round,
@@ -261,6 +274,9 @@ class Node:
         timeout = (
             self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
         )
+        if self.links is not None:
+            header = self.links.pull(min_round, timeout, self.host, self.chunk_bytes)
+            return self._loaded(header, [])
         with self.transport.pull(min_round, timeout) as stream:
             first = pb.ParameterMessage.FromString(next(stream))
             if first.WhichOneof("kind") != "header":
@@ -279,6 +295,12 @@ class Node:
             raise TaskError(
                 f"parameter stream ended after {cursor.position} of {layout.total} bytes"
             )
+        return self._loaded(first.header, staging)
+
+    def _loaded(
+        self, header: pb.ParameterHeader, staging: list[torch.Tensor]
+    ) -> pb.ParameterHeader:
+        """Move a received broadcast into the model (widened, or host -> device); buffers."""
         if staging:  # a --broadcast-dtype stream: widen into the model only once it is whole
             with torch.no_grad():
                 for param, received in zip(self.params, staging, strict=True):
@@ -288,13 +310,13 @@ class Node:
                 for param, host in zip(self.params, self.host, strict=True):
                     param.copy_(host, non_blocking=True)
             torch.cuda.synchronize(self.device)
-        if self.share_buffers and first.header.buffers:
+        if self.share_buffers and header.buffers:
             try:
-                values = unpack(self.buffer_specs, first.header.buffers, "the broadcast")
+                values = unpack(self.buffer_specs, header.buffers, "the broadcast")
             except InvalidArgument as e:
                 raise TaskError(str(e)) from None
             load_buffers(self.buffers, values)
-        return first.header
+        return header
 
     def _receiving(self, dtype: int) -> tuple[Layout, list[Any], list[torch.Tensor]]:
         """Return where a broadcast in wire ``dtype`` lands: the model, or staging tensors."""
@@ -331,6 +353,18 @@ class Node:
                     host.copy_(g.detach(), non_blocking=True)
             torch.cuda.synchronize(self.device)
             gradients = self.grad_host
+        if self.links is not None:
+            header = pb.UploadHeader(
+                round=round_,
+                node_id=self.cfg.node_id,
+                upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
+                num_samples=num_samples,
+                metrics=metrics,
+                buffers=pack(self.buffers) if self.share_buffers else b"",
+            )
+            total = self.layout.total
+            timeout = self.cfg.call_timeout + total / self.cfg.min_bandwidth
+            return self.links.push(header, gradients, self.chunk_bytes, timeout)
         views = self.feedback.encode(round_, gradients, generator)
         layout = self.codec.layout
         header = pb.UploadHeader(

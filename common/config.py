@@ -371,11 +371,16 @@ class AggregatorConfig:
     dp_target_epsilon: float | None = _setting(None, _optional(_positive))
     #: Tests only: draw the DP noise from this seed instead of the OS's CSPRNG (not private).
     dp_test_seed: int | None = _setting(None, _optional(_count(0)))
+    #: A sharded aggregator: this process is shard ``I/K`` (``fedgrad.shards``); "" unsharded.
+    shard: str = ""
+    #: Every shard's HOST:PORT, in shard order (this one's included), for ``shard``.
+    peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_fields(self)
         self._check_rounds()
         self._check_privacy()
+        self._check_shards()
         if self.optimizer is not None:
             try:
                 check_optimizer(self.optimizer, self.optimizer_args)
@@ -415,6 +420,48 @@ class AggregatorConfig:
             raise ConfigError(
                 "differential privacy is for sync rounds (the accountant counts rounds)"
             )
+
+    def _check_shards(self) -> None:
+        if not self.shard:
+            if self.peers:
+                raise ConfigError("peers needs shard I/K (the index of this shard among them)")
+            return
+        from fedgrad.shards import parse_shard
+
+        _, k = parse_shard(self.shard)
+        if len(self.peers) != k:
+            raise ConfigError(
+                f"shard {self.shard} needs peers: the {k} shards' HOST:PORT in shard order,"
+                f" got {len(self.peers)}"
+            )
+        for peer in self.peers:
+            _address("peers", peer)
+        if k > 1:
+            unsupported = [
+                (self.mode == "async", "mode async"),
+                (self.sampled, "sampled rounds"),
+                (self.reduce not in ("weighted-mean", "mean", "sum"), f"reduce {self.reduce}"),
+                (self.clip_grad_norm is not None, "clip_grad_norm (a global norm)"),
+                (self.clip_update_norm is not None, "clip_update_norm (a global norm)"),
+                (self.private, "differential privacy"),
+                (self.broadcast_dtype is not None, "broadcast_dtype"),
+                (self.device != "cpu", "device"),
+            ]
+            named = [what for bad, what in unsupported if bad]
+            if named:
+                raise ConfigError(
+                    f"a sharded aggregator (shard {self.shard}) does not support {named[0]} yet"
+                    " (README, 'Sharded aggregator')"
+                )
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        """(I, K) of ``shard``; (0, 1) unsharded."""
+        if not self.shard:
+            return 0, 1
+        from fedgrad.shards import parse_shard
+
+        return parse_shard(self.shard)
 
     @property
     def private(self) -> bool:

@@ -135,6 +135,7 @@ def _aggregator_parser(sub: Subparsers) -> None:
     add_sampling_flags(add)
     add_privacy_flags(add)
     _limit_flags(add)
+    _shard_flags(add)
     _access_flags(add)
     add("metrics_port", "serve Prometheus metrics on this port (0 picks one)", type=int)
     add(
@@ -211,6 +212,20 @@ def _limit_flags(add: Add) -> None:
         " (default {default})",
         type=float,
         metavar="SEC",
+    )
+
+
+def _shard_flags(add: Add) -> None:
+    add(
+        "shard",
+        "run as shard I of a K-shard aggregator (README, 'Sharded aggregator'); shard 0"
+        " coordinates and is the address nodes are given",
+        metavar="I/K",
+    )
+    add(
+        "peers",
+        "every shard's address, in shard order, this one's included (with --shard)",
+        metavar="HOST:PORT,...",
     )
 
 

@@ -84,6 +84,9 @@ def aggregator_config(values: Mapping[str, Any]) -> AggregatorConfig:
     settings["progress"] = not settings.pop("no_progress", False)
     allow = settings.get("allow_nodes", "")
     settings["allow_nodes"] = tuple(n for n in allow.split(",") if n)
+    peers = settings.get("peers") or ""
+    settings["peers"] = tuple(p.strip() for p in peers.split(",") if p.strip())
+    settings["shard"] = settings.get("shard") or ""
     cfg = build_config(AggregatorConfig, settings, origin)
     check_listen_policy(cfg, warn=False)  # refuse early; the server warns once it logs
     return cfg
@@ -112,17 +115,18 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     freeze_startup_objects()
     if port_file:
         Path(port_file).write_text(f"{port}\n")
-    server.core.on_round.append(
-        lambda r: _log_round(
-            r, server.core.engine.total_rounds, server.core.counters.phase_seconds, cfg
+    if server.core is not None:  # shard 0 or an unsharded aggregator: it closes rounds
+        server.core.on_round.append(
+            lambda r: _log_round(
+                r, server.core.engine.total_rounds, server.core.counters.phase_seconds, cfg
+            )
         )
-    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     progress = None
-    if cfg.progress and sys.stderr.isatty():
+    if cfg.progress and sys.stderr.isatty() and server.core is not None:
         from fedgrad.launch.progress import run_progress
 
         progress = asyncio.ensure_future(run_progress(server.core))
@@ -139,7 +143,8 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     else:
         stopped.cancel()
         await server.stop(grace=1.0)
-    log.info("aggregator finished at round %d", server.core.round, extra={"event": "exit"})
+    where = server.core or server.follower
+    log.info("aggregator finished at round %d", where.round, extra={"event": "exit"})  # type: ignore[union-attr]
     return 0
 
 

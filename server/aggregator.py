@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedgrad.config import AggregatorConfig
-from fedgrad.errors import InvalidArgument, OutOfRange
+from fedgrad.errors import ConfigError, InvalidArgument, OutOfRange, RpcError, Unavailable
 from fedgrad.history import RoundRecord
 from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
@@ -32,6 +32,7 @@ from fedgrad.server.privacy import privacy_accountant, private_reducer
 from fedgrad.server.reducers import MAX_EXACT_WEIGHT, accumulate_for, make_reducer
 from fedgrad.server.resume import read_checkpoint, write_checkpoint
 from fedgrad.server.robust import check_fits
+from fedgrad.server.sharding import PeerClients, ShardSetup
 from fedgrad.server.staging import StagedUpload, UploadTicket
 from fedgrad.server.uploads import Intake
 from fedgrad.task import EVAL_PREFIX, EVAL_SAMPLES, Task
@@ -47,8 +48,19 @@ class Aggregator:
 
     def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
         self.cfg = cfg
+        #: Shard 0 of a sharded aggregator: the shard plan and the calls to the others.
+        self.shards: ShardSetup | None = None
+        self.peers: PeerClients | None = None
+        if cfg.shard_index[1] > 1:
+            self.shards = ShardSetup(task, cfg)
+            self.peers = PeerClients(self.shards, cfg)
+            task = self.shards.task
         self.model = ServerModel(task, cfg)
         self.layout = self.model.layout
+        #: The whole model's manifest (nodes join with it; a shard holds only its pieces).
+        self.full_specs = self.shards.full_specs if self.shards else self.layout.specs
+        #: Why the federation cannot go on (a shard unreachable or refusing), "" if it can.
+        self.failed = ""
         self.policy = make_policy(cfg)
         self.engine = RoundEngine(Rules(cfg.nodes, cfg.rounds, cfg.min_nodes), self.policy)
         # Two add threads pay off once uploads are large; small models stay single-threaded.
@@ -82,11 +94,38 @@ class Aggregator:
         self._adding = asyncio.Lock()  # one add at a time
         self._closing = asyncio.Lock()  # held from a close decision to the next publish
         self.intake.start()
+        self._peers_ready = asyncio.Event()
+        if self.peers is None:
+            self._peers_ready.set()
+            await self._open_first()
+        else:  # serve at once; the first round opens once every shard agrees
+            self._spawn(self._sync_then_open())
+
+    async def _sync_then_open(self) -> None:
+        assert self.peers is not None
+        patience = self.cfg.start_timeout or self.cfg.round_timeout
+        try:
+            await self.peers.wait_synced(self.engine.round, self.session_id, patience)
+        except RpcError as exc:
+            self.failed = f"the shards cannot form a federation: {exc}"
+            log.error(self.failed, extra={"event": "shards"})
+            async with self._changed:
+                self._changed.notify_all()
+            return
+        self._peers_ready.set()
+        await self._open_first()
+
+    async def _open_first(self) -> None:
         if self.resumed:
             await self._publish()
         else:
             wait = self.cfg.start_timeout or self.cfg.round_timeout
             self._timer = self._spawn(self._start_deadline(wait))
+
+    @property
+    def blocked(self) -> str:
+        """Why rounds cannot go on now (a shard unreachable), "" if nothing blocks them."""
+        return self.failed or (self.peers.blocked if self.peers is not None else "")
 
     # -- read-only state ----------------------------------------------------------------
     @property
@@ -168,7 +207,7 @@ class Aggregator:
                 f"num_samples {num_samples} is absurd (limit {MAX_EXACT_WEIGHT - 1})"
             )
         if node is not None:
-            node.check(self.layout.specs, self.cfg, self.model.buffer_specs)
+            node.check(self.full_specs, self.cfg, self.model.buffer_specs)
         known = self.engine.node(node_id) is not None
         if self.engine.join(node_id, num_samples, time.monotonic()):
             await self._begin()
@@ -192,6 +231,7 @@ class Aggregator:
             )
 
     async def _begin(self) -> None:
+        await self._peers_ready.wait()
         async with self._closing:
             await asyncio.to_thread(self.checkpoint)
             await self._publish()
@@ -299,6 +339,27 @@ class Aggregator:
         log.debug("upload counted", extra={"node": ticket.node_id, "round": ticket.round})
         return ticket.round
 
+    async def count_everywhere(self, ticket: UploadTicket) -> int:
+        """``count``, on every shard: only once every shard holds its complete part.
+
+        Unsharded, this is ``count``. Sharded, shard 0 first asks the others whether they
+        hold the upload's part (waiting up to ``--idle-timeout``); if one does not, nothing
+        counts anywhere (Unavailable: send every part again). Otherwise shard 0 counts it
+        and tells the others to add their parts.
+        """
+        if self.peers is None or ticket.staged is None:
+            return self.count(ticket)
+        ticket.staged.complete()
+        why = await self.peers.hold(
+            ticket.node_id, ticket.round, ticket.upload_id, self.cfg.idle_timeout
+        )
+        if why:
+            raise Unavailable(f"not counted on any shard: {why}; push every shard its part again")
+        counted = self.count(ticket)
+        if ticket.counted:
+            await self.peers.commit(ticket.node_id, ticket.round, ticket.upload_id, ticket.weight)
+        return counted
+
     async def _add(self, ticket: UploadTicket, staged: StagedUpload, staleness: int) -> None:
         scale = self.policy.scale(staleness)
         try:
@@ -356,7 +417,15 @@ class Aggregator:
             if prepare is not None:
                 prepare(self.round)  # seeded DP test noise is keyed to the round
             await self._retire()
-            metrics = await asyncio.to_thread(self.model.step, self.reducer)
+            if self.peers is not None:
+                # Every shard steps exactly the uploads counted here, the others first done.
+                uploads = self.engine.reported
+                finished = self.round + 1 >= self.engine.total_rounds
+                step = asyncio.to_thread(self.model.step, self.reducer)
+                closing = self.peers.close(self.round, uploads, finished, self.cfg.round_timeout)
+                metrics, _ = await asyncio.gather(step, closing)
+            else:
+                metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
             selected = self.engine.selected
             record = self.ledger.close(
@@ -450,7 +519,9 @@ class Aggregator:
     async def wait_finished(self) -> None:
         """Return once training is over and every active node pulled the final parameters."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self.finished)
+            await self._changed.wait_for(lambda: self.finished or bool(self.failed))
+        if self.failed:
+            raise ConfigError(self.failed)
         deadline = time.monotonic() + self.cfg.finish_grace
         while time.monotonic() < deadline:
             active = {r.node_id for r in self.engine.nodes if r.state is NodeState.ACTIVE}

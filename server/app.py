@@ -19,8 +19,11 @@ from fedgrad.config import AggregatorConfig, parse_hostport
 from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord, write_history
 from fedgrad.server.aggregator import Aggregator
+from fedgrad.server.follower import ShardFollower
+from fedgrad.server.follower_service import FollowerService
 from fedgrad.server.security import Authorizer, check_listen_policy, server_credentials
 from fedgrad.server.service import AggregatorService
+from fedgrad.server.sharding import ShardSetup
 from fedgrad.task import Task
 from fedgrad.wire import MAX_MESSAGE_BYTES, SERVICE_NAME
 
@@ -50,7 +53,13 @@ class AggregatorServer:
 
     def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
         self.cfg = cfg
-        self.core = Aggregator(task, cfg)
+        index, count = cfg.shard_index
+        #: Shard I > 0 of a sharded aggregator runs a follower instead of the round engine.
+        self.follower: ShardFollower | None = None
+        if index > 0:
+            self.follower = ShardFollower(task, cfg, ShardSetup(task, cfg))
+        # None on a follower (typed as the shard-0 case every caller outside this file sees).
+        self.core: Aggregator = Aggregator(task, cfg) if index == 0 else None  # type: ignore[assignment]
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -69,6 +78,8 @@ class AggregatorServer:
         # Every mistake of the operator's is found before anything starts.
         creds = server_credentials(self.cfg)
         _check_bindable(self.cfg.listen)
+        if self.follower is not None:
+            return await self._start_follower(creds)
         self._start_metrics()  # before the core: a taken metrics port fails early too
         try:
             await self.core.start()
@@ -84,6 +95,30 @@ class AggregatorServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("aggregator listening on port %d", self.port, extra={"event": "listen"})
+        return self.port
+
+    async def _start_follower(self, creds: grpc.ServerCredentials | None) -> int:
+        assert self.follower is not None
+        await self.follower.start()
+        server = grpc.aio.server(
+            options=server_options(), maximum_concurrent_rpcs=self.cfg.max_rpcs
+        )
+        service = FollowerService(
+            self.follower, self.cfg.idle_timeout, Authorizer.from_config(self.cfg)
+        )
+        server.add_generic_rpc_handlers(service.handlers())
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.port = _add_port(server, self.cfg.listen, creds)
+        await server.start()
+        self.server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "aggregator shard %s listening on port %d",
+            self.cfg.shard,
+            self.port,
+            extra={"event": "listen"},
+        )
         return self.port
 
     def _build_server(self) -> grpc.aio.Server:
@@ -154,20 +189,29 @@ class AggregatorServer:
 
     async def wait_finished(self) -> None:
         """Wait for the end of training, then save the results."""
+        if self.follower is not None:
+            await self.follower.wait_finished()
+            return
         await self.core.wait_finished()
+        if self.core.peers is not None and self.cfg.save:
+            self._gathered = await self.core.peers.gather(self.core)
         self.save()
 
     def save(self) -> None:
         """Write the final parameters and the history, if asked to."""
         if self.cfg.save:
             Path(self.cfg.save).parent.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v.cpu().contiguous() for k, v in self.core.state_dict().items()}
+            state = getattr(self, "_gathered", None) or self.core.state_dict()
+            tensors = {k: v.cpu().contiguous() for k, v in state.items()}
             save_file(tensors, self.cfg.save, metadata={"round": str(self.core.round)})
         if self.cfg.history:
             write_history(self.cfg.history, self.core.history)
 
     async def shutdown(self) -> None:
         """Graceful stop on SIGTERM/SIGINT: NOT_SERVING, finish in-flight work, checkpoint."""
+        if self.follower is not None:
+            await self.stop(grace=self.cfg.shutdown_grace)
+            return
         self.core.shut_down()
         await self.stop(grace=self.cfg.shutdown_grace)
         await self.core.final_checkpoint()
@@ -177,7 +221,8 @@ class AggregatorServer:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, then stop the server after ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
-        self.core.close()
+        if self.core is not None:
+            self.core.close()
         self._stop_metrics()
         self._stop_tracking()
         if self.server is not None:

@@ -18,7 +18,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedgrad.codec import manifest_from_proto, manifest_to_proto
-from fedgrad.errors import InvalidArgument, ResourceExhausted, RpcError, StaleRound
+from fedgrad.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    RpcError,
+    StaleRound,
+)
 from fedgrad.framing import decode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.aggregator import Aggregator
@@ -107,6 +113,21 @@ def _parse(raw: bytes, cls: Any = pb.GradientMessage) -> Any:
         raise InvalidArgument(f"malformed {cls.__name__} (not valid protobuf)") from None
 
 
+def _check_shard(core: Aggregator, header: pb.UploadHeader) -> None:
+    """Shard 0 of a sharded aggregator takes only shard 0's part, of the current map."""
+    if core.shards is None:
+        if header.shard or header.shard_map:
+            raise InvalidArgument("this aggregator is not sharded: send the whole model, shard 0")
+        return
+    if header.shard_map != core.shards.plan.map_id:
+        raise FailedPrecondition(
+            f"upload for shard map {header.shard_map!r}; this federation's is"
+            f" {core.shards.plan.map_id!r}: Join shard 0 again"
+        )
+    if header.shard != 0:
+        raise InvalidArgument(f"this is shard 0; the upload is for shard {header.shard}'s pieces")
+
+
 class AggregatorService:
     """The ``fedgrad.v1.Aggregator`` service over an ``Aggregator`` core."""
 
@@ -158,7 +179,8 @@ class AggregatorService:
         except RpcError as exc:
             await _fail(context, exc, node, core.round, self.core)
         return pb.JoinReply(
-            manifest=manifest_to_proto(core.layout.specs),
+            manifest=manifest_to_proto(core.full_specs),
+            shard_map=core.shards.shard_map() if core.shards is not None else None,
             reduction=_REDUCTION[core.cfg.reduce.partition(":")[0]],  # type: ignore[arg-type]
             reduce_rule=core.cfg.reduce,
             chunk_bytes=core.cfg.chunk_bytes,
@@ -207,6 +229,7 @@ class AggregatorService:
             h = first.header
             node, round_ = h.node_id, h.round
             self.auth.check(context, h.node_id)
+            _check_shard(self.core, h)
             ticket = await self.core.intake.open(
                 h.node_id,
                 h.round,
@@ -217,10 +240,11 @@ class AggregatorService:
                 h.payload_bytes,
                 h.buffers,
             )
-            if not ticket.duplicate:
+            duplicate = ticket.duplicate  # read now: the add (after the count) lets the slot go
+            if not duplicate:
                 await self._receive(requests, ticket)
-            counted = self.core.count(ticket)
-            return pb.PushReply(duplicate=ticket.duplicate, round=counted)
+            counted = await self.core.count_everywhere(ticket)
+            return pb.PushReply(duplicate=duplicate, round=counted)
         except RpcError as exc:
             await _fail(context, exc, node, round_, self.core)
             return pb.PushReply()  # only reached when the call had already ended
@@ -352,7 +376,7 @@ def status_reply(core: Aggregator) -> pb.StatusReply:
         bytes_received=core.counters.bytes_received,
         bytes_sent=core.counters.bytes_sent,
         session_id=core.session_id,
-        phase=view.shown_phase,
+        phase=f"blocked: {core.blocked}" if core.blocked else view.shown_phase,
         mode=core.cfg.mode,
         selected=core.selected_count,
     )

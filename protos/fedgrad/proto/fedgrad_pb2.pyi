@@ -86,7 +86,7 @@ class JoinRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., seed: _Optional[int] = ..., task: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version", "reduce_rule", "buffers", "buffers_local")
+    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version", "reduce_rule", "buffers", "buffers_local", "shard_map")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class JoinReply(_message.Message):
     REDUCE_RULE_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
     manifest: Manifest
     reduction: Reduction
     chunk_bytes: int
@@ -113,7 +114,34 @@ class JoinReply(_message.Message):
     reduce_rule: str
     buffers: Manifest
     buffers_local: bool
-    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ..., reduce_rule: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ..., buffers_local: bool = ...) -> None: ...
+    shard_map: ShardMap
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ..., reduce_rule: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ..., buffers_local: bool = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ...) -> None: ...
+
+class Piece(_message.Message):
+    __slots__ = ("tensor", "first", "count")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    first: int
+    count: int
+    def __init__(self, tensor: _Optional[int] = ..., first: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class Shard(_message.Message):
+    __slots__ = ("address", "pieces")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    pieces: _containers.RepeatedCompositeFieldContainer[Piece]
+    def __init__(self, address: _Optional[str] = ..., pieces: _Optional[_Iterable[_Union[Piece, _Mapping]]] = ...) -> None: ...
+
+class ShardMap(_message.Message):
+    __slots__ = ("shards", "map_id")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MAP_ID_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[Shard]
+    map_id: str
+    def __init__(self, shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., map_id: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("node_id", "min_round")
@@ -159,7 +187,7 @@ class ParameterMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[ParameterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype", "codec", "payload_bytes", "buffers")
+    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype", "codec", "payload_bytes", "buffers", "shard", "shard_map")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +204,8 @@ class UploadHeader(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
     round: int
     node_id: str
     upload_id: str
@@ -185,7 +215,9 @@ class UploadHeader(_message.Message):
     codec: str
     payload_bytes: int
     buffers: bytes
-    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., buffers: _Optional[bytes] = ...) -> None: ...
+    shard: int
+    shard_map: str
+    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., buffers: _Optional[bytes] = ..., shard: _Optional[int] = ..., shard_map: _Optional[str] = ...) -> None: ...
 
 class UploadEnd(_message.Message):
     __slots__ = ("total_bytes",)
@@ -284,3 +316,91 @@ class StatusReply(_message.Message):
     mode: str
     selected: int
     def __init__(self, round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., finished: bool = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., reported: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., session_id: _Optional[str] = ..., phase: _Optional[str] = ..., mode: _Optional[str] = ..., selected: _Optional[int] = ...) -> None: ...
+
+class ShardSyncRequest(_message.Message):
+    __slots__ = ("shard", "shards", "settings", "round", "session_id")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    shards: int
+    settings: _containers.ScalarMap[str, str]
+    round: int
+    session_id: str
+    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., settings: _Optional[_Mapping[str, str]] = ..., round: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ShardSyncReply(_message.Message):
+    __slots__ = ("round", "incarnation")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    incarnation: str
+    def __init__(self, round: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
+class ShardHoldRequest(_message.Message):
+    __slots__ = ("node_id", "round", "upload_id", "wait_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    round: int
+    upload_id: str
+    wait_s: float
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., upload_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class ShardHoldReply(_message.Message):
+    __slots__ = ("held", "reason")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    held: bool
+    reason: str
+    def __init__(self, held: bool = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ShardCommitRequest(_message.Message):
+    __slots__ = ("node_id", "round", "upload_id", "weight")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    round: int
+    upload_id: str
+    weight: int
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., upload_id: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class ShardCommitReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardCloseRequest(_message.Message):
+    __slots__ = ("round", "uploads", "finished")
+    class UploadsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    uploads: _containers.ScalarMap[str, str]
+    finished: bool
+    def __init__(self, round: _Optional[int] = ..., uploads: _Optional[_Mapping[str, str]] = ..., finished: bool = ...) -> None: ...
+
+class ShardCloseReply(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...

@@ -25,6 +25,207 @@ if _version_not_supported:
     )
 
 
+class ShardPeerStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Sync = channel.unary_unary(
+                '/fedgrad.v1.ShardPeer/Sync',
+                request_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardSyncRequest.SerializeToString,
+                response_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardSyncReply.FromString,
+                _registered_method=True)
+        self.Hold = channel.unary_unary(
+                '/fedgrad.v1.ShardPeer/Hold',
+                request_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardHoldRequest.SerializeToString,
+                response_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardHoldReply.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/fedgrad.v1.ShardPeer/Commit',
+                request_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCommitRequest.SerializeToString,
+                response_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCommitReply.FromString,
+                _registered_method=True)
+        self.Close = channel.unary_unary(
+                '/fedgrad.v1.ShardPeer/Close',
+                request_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCloseRequest.SerializeToString,
+                response_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCloseReply.FromString,
+                _registered_method=True)
+
+
+class ShardPeerServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def Sync(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Hold(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Close(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShardPeerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Sync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sync,
+                    request_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardSyncRequest.FromString,
+                    response_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardSyncReply.SerializeToString,
+            ),
+            'Hold': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hold,
+                    request_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardHoldRequest.FromString,
+                    response_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardHoldReply.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCommitRequest.FromString,
+                    response_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCommitReply.SerializeToString,
+            ),
+            'Close': grpc.unary_unary_rpc_method_handler(
+                    servicer.Close,
+                    request_deserializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCloseRequest.FromString,
+                    response_serializer=fedgrad_dot_proto_dot_fedgrad__pb2.ShardCloseReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedgrad.v1.ShardPeer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedgrad.v1.ShardPeer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ShardPeer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Sync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrad.v1.ShardPeer/Sync',
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardSyncRequest.SerializeToString,
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardSyncReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrad.v1.ShardPeer/Hold',
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardHoldRequest.SerializeToString,
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardHoldReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrad.v1.ShardPeer/Commit',
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardCommitRequest.SerializeToString,
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardCommitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Close(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrad.v1.ShardPeer/Close',
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardCloseRequest.SerializeToString,
+            fedgrad_dot_proto_dot_fedgrad__pb2.ShardCloseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AggregatorStub(object):
     """The aggregator. Every call should carry a deadline; see docs/protocol.md.
     """

@@ -1,0 +1,304 @@
+"""A sharded aggregator's parts: the pieces as a model, the settings shards compare,
+and shard 0's calls to the other shards.
+
+Shard I of K holds only its pieces (``fedgrad.shards``) and their optimizer state: a
+``PieceTask`` makes them a model of their own, so ``ServerModel`` steps them as it
+steps a whole model. Shard 0 (the coordinator) keeps the round engine; before it counts
+an upload it asks every other shard whether it holds that upload's complete part
+(``Hold``), then tells them to add it (``Commit``); a round closes on every shard with
+exactly the uploads shard 0 counted (``Close``), the others first, so that a node's pull
+from shard 0 completes only once every shard has published the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from fedgrad.codec import ChunkCursor, Layout, TensorSpec, byte_view, specs_of, write_chunk
+from fedgrad.config import AggregatorConfig
+from fedgrad.errors import ConfigError, FailedPrecondition, Unavailable
+from fedgrad.framing import decode_chunk
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.shards import Piece, ShardPlan, piece_specs, piece_views, plan_shards
+from fedgrad.task import Task, trainable_parameters
+from fedgrad.wire import SERVICE_NAME
+
+__all__ = ["PEER_SERVICE", "PeerClients", "PieceTask", "ShardSetup", "shard_settings"]
+
+log = logging.getLogger("fedgrad.shards")
+PEER_SERVICE = "fedgrad.v1.ShardPeer"
+#: Seconds a Sync, Commit or Hold call may take beyond its own wait.
+PEER_CALL = 30.0
+
+#: Settings every shard must share (AggregatorConfig fields).
+_SHARED = (
+    "task", "task_args", "model", "seed", "nodes", "rounds", "optimizer", "optimizer_args",
+    "lr", "lr_schedule", "reduce", "accumulate", "chunk_bytes", "mode", "min_nodes",
+    "max_samples_per_node", "peers",
+)  # fmt: skip
+
+
+def shard_settings(cfg: AggregatorConfig) -> dict[str, str]:
+    """The settings that must agree across shards, as text."""
+    return {name: repr(getattr(cfg, name)) for name in _SHARED}
+
+
+class _Pieces(nn.Module):
+    def __init__(self, values: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        for i, v in enumerate(values):
+            self.register_parameter(f"p{i}", nn.Parameter(v))
+
+
+class PieceTask(Task):
+    """The task's model restricted to one shard's pieces (same initial values)."""
+
+    def __init__(self, task: Task, pieces: Sequence[Piece]) -> None:
+        self.inner, self.pieces = task, list(pieces)
+        self.optimizer, self.lr = task.optimizer, task.lr
+
+    def model(self) -> nn.Module:
+        # The whole model is built once, with the RNG state the caller seeded, so every
+        # shard's pieces start as the unsharded model's elements; then it is let go.
+        full = [p.detach() for _, p in trainable_parameters(self.inner.model())]
+        values = [
+            full[p.tensor].reshape(-1)[p.first : p.first + p.count].clone() for p in self.pieces
+        ]
+        del full
+        return _Pieces(values)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        return None
+
+    def round_config(self, round_: int, total_rounds: int) -> Mapping[str, str]:
+        return self.inner.round_config(round_, total_rounds)
+
+
+class ShardSetup:
+    """This process's place among the shards: the plan, its index, its pieces' task."""
+
+    def __init__(self, task: Task, cfg: AggregatorConfig) -> None:
+        self.index, self.count = cfg.shard_index
+        torch.manual_seed(cfg.seed)
+        model = task.model()
+        named = trainable_parameters(model)
+        self.full_specs: list[TensorSpec] = specs_of(named)
+        if any(True for _ in model.buffers()) and cfg.buffers == "shared":
+            raise ConfigError(
+                "a sharded aggregator does not aggregate buffers yet: run with --buffers local"
+            )
+        del model, named
+        self.plan: ShardPlan = plan_shards(self.full_specs, cfg.peers)
+        self.pieces = self.plan.pieces[self.index]
+        self.task = PieceTask(task, self.pieces)
+
+    def shard_map(self) -> pb.ShardMap:
+        return pb.ShardMap(
+            shards=[
+                pb.Shard(
+                    address=address,
+                    pieces=[pb.Piece(tensor=p.tensor, first=p.first, count=p.count) for p in ps],
+                )
+                for address, ps in zip(self.plan.addresses, self.plan.pieces, strict=True)
+            ],
+            map_id=self.plan.map_id,
+        )
+
+
+def _call_error(shard: int, address: str, exc: grpc.RpcError) -> Exception:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(f"shard {shard} ({address}) refuses: {details}")
+    return Unavailable(f"shard {shard} unreachable ({address}): {details}")
+
+
+class PeerClients:
+    """Shard 0's channels to shards 1..K-1 and the four calls it makes."""
+
+    def __init__(self, setup: ShardSetup, cfg: AggregatorConfig, credentials: Any = None) -> None:
+        self.setup, self.cfg = setup, cfg
+        self.settings = shard_settings(cfg)
+        self.credentials = credentials
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[dict[str, Any]] = []
+        self.incarnations: list[str] = [""] * (setup.count - 1)
+        #: Why rounds cannot go on ("shard 2 unreachable ..."), "" while every shard answers.
+        self.blocked = ""
+
+    def _open(self) -> None:
+        """Open the channels on the serving loop (grpc.aio binds them to the running loop)."""
+        credentials = self.credentials
+        for address in self.setup.plan.addresses[1:]:
+            channel = (
+                grpc.aio.secure_channel(address, credentials)
+                if credentials is not None
+                else grpc.aio.insecure_channel(address)
+            )
+            self._channels.append(channel)
+            self._stubs.append(
+                {
+                    name: channel.unary_unary(
+                        f"/{PEER_SERVICE}/{name}",
+                        request_serializer=req.SerializeToString,
+                        response_deserializer=rep.FromString,
+                    )
+                    for name, req, rep in (
+                        ("Sync", pb.ShardSyncRequest, pb.ShardSyncReply),
+                        ("Hold", pb.ShardHoldRequest, pb.ShardHoldReply),
+                        ("Commit", pb.ShardCommitRequest, pb.ShardCommitReply),
+                        ("Close", pb.ShardCloseRequest, pb.ShardCloseReply),
+                    )
+                }
+            )
+
+    async def _each(self, name: str, make: Any, timeout: float) -> list[Any]:
+        if not self._channels:
+            self._open()
+
+        async def one(i: int) -> Any:
+            shard, address = i + 1, self.setup.plan.addresses[i + 1]
+            try:
+                return await self._stubs[i][name](make(shard), timeout=timeout)
+            except grpc.RpcError as exc:
+                raise _call_error(shard, address, exc) from None
+
+        try:
+            replies = await asyncio.gather(*(one(i) for i in range(len(self._stubs))))
+        except (Unavailable, FailedPrecondition) as exc:
+            self.blocked = str(exc)
+            raise
+        self.blocked = ""
+        return list(replies)
+
+    async def sync(self, round_: int, session_id: str) -> None:
+        """Check every shard's settings and round (raises FailedPrecondition, Unavailable)."""
+        replies = await self._each(
+            "Sync",
+            lambda shard: pb.ShardSyncRequest(
+                shard=shard,
+                shards=self.setup.count,
+                settings=self.settings,
+                round=round_,
+                session_id=session_id,
+            ),
+            PEER_CALL,
+        )
+        for i, reply in enumerate(replies):
+            if reply.round != round_:
+                raise FailedPrecondition(
+                    f"shard {i + 1} has published round {reply.round}, shard 0 round {round_}:"
+                    " restart every shard with the same --checkpoint-dir history"
+                )
+            self.incarnations[i] = reply.incarnation
+
+    async def wait_synced(self, round_: int, session_id: str, patience: float) -> None:
+        """``sync`` until every shard answers (for up to ``patience`` seconds)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        said = False
+        while True:
+            try:
+                await self.sync(round_, session_id)
+                return
+            except Unavailable as exc:
+                if loop.time() > deadline:
+                    raise
+                if not said:
+                    log.info("waiting for the other shards: %s", exc, extra={"event": "shards"})
+                    said = True
+                await asyncio.sleep(0.5)
+
+    async def hold(self, node_id: str, round_: int, upload_id: str, wait: float) -> str:
+        """Return "" if every shard holds the upload's complete part, else why not."""
+        replies = await self._each(
+            "Hold",
+            lambda shard: pb.ShardHoldRequest(
+                node_id=node_id, round=round_, upload_id=upload_id, wait_s=wait
+            ),
+            wait + PEER_CALL,
+        )
+        for i, reply in enumerate(replies):
+            if not reply.held:
+                return f"shard {i + 1}: {reply.reason}"
+        return ""
+
+    async def commit(self, node_id: str, round_: int, upload_id: str, weight: int) -> None:
+        await self._each(
+            "Commit",
+            lambda shard: pb.ShardCommitRequest(
+                node_id=node_id, round=round_, upload_id=upload_id, weight=weight
+            ),
+            PEER_CALL,
+        )
+
+    async def close(
+        self, round_: int, uploads: Mapping[str, str], finished: bool, timeout: float
+    ) -> None:
+        await self._each(
+            "Close",
+            lambda shard: pb.ShardCloseRequest(
+                round=round_, uploads=dict(uploads), finished=finished
+            ),
+            timeout,
+        )
+
+    async def gather(self, core: Any) -> dict[str, torch.Tensor]:
+        """Pull every shard's final pieces: the whole model's state_dict (for ``--save``)."""
+        specs = self.setup.full_specs
+        full = [torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+        with torch.no_grad():
+            for view, own in zip(
+                piece_views(full, self.setup.pieces), core.model.params, strict=True
+            ):
+                view.copy_(own.detach().reshape(-1))
+        if not self._channels:
+            self._open()
+        for i, channel in enumerate(self._channels):
+            pieces = self.setup.plan.pieces[i + 1]
+            await _pull_into(channel, piece_views(full, pieces), piece_specs(specs, pieces),
+                             self.cfg.rounds, self.cfg.chunk_bytes)  # fmt: skip
+        names = [s.name for s in specs]
+        return dict(zip(names, full, strict=True))
+
+    async def aclose(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+async def _pull_into(
+    channel: grpc.aio.Channel,
+    views: Sequence[torch.Tensor],
+    specs: Sequence[TensorSpec],
+    min_round: int,
+    chunk_bytes: int,
+) -> None:
+    """Stream one shard's parameters (its pieces) into ``views``."""
+    layout = Layout(specs)
+    targets = [byte_view(v) for v in views]
+    cursor = ChunkCursor(layout, chunk_bytes)
+    call = channel.unary_stream(
+        f"/{SERVICE_NAME}/PullParameters",
+        request_serializer=pb.PullRequest.SerializeToString,
+        response_deserializer=None,
+    )
+    stream = call(pb.PullRequest(node_id="shard-0", min_round=min_round), timeout=PEER_CALL * 4)
+    first = True
+    async for raw in stream:
+        if first:
+            first = False
+            continue
+        view = decode_chunk(raw)
+        if view is None:
+            raise Unavailable("a shard sent a malformed chunk")
+        start = cursor.advance(view.tensor, view.offset, view.data_len)
+        write_chunk(targets, layout, start, view.raw, view.data_start, view.data_len)
+    if not cursor.complete:
+        raise Unavailable(f"a shard's parameters ended after {cursor.position} bytes")

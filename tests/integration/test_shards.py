@@ -1,0 +1,224 @@
+"""A sharded aggregator (issue 15): K shards equal one, all or nothing, bad input refused.
+
+Every shard is a real grpc.aio server on 127.0.0.1; the nodes are fedgrad nodes
+(``LocalCluster(shards=K)``) or hand-driven streams that stop where a killed node would.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from fedgrad import LocalCluster
+from fedgrad.codec import Layout, byte_view, iter_chunk_pieces, manifest_from_proto
+from fedgrad.config import AggregatorConfig
+from fedgrad.errors import ConfigError
+from fedgrad.framing import encode_chunk
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
+from fedgrad.server.app import ServerThread
+from fedgrad.shards import Piece, piece_specs, piece_views
+from fedgrad.task import load_task
+
+CALL = 30.0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_k_shards_step_bitwise_like_one_aggregator(optimizer: str) -> None:
+    runs = {}
+    for k in (1, 2, 4):
+        with LocalCluster(
+            "linear", nodes=3, shards=k, optimizer=optimizer, accumulate="reproducible"
+        ) as cluster:
+            runs[k] = cluster.run(3)
+    for k in (2, 4):
+        assert runs[k].params.keys() == runs[1].params.keys()
+        for name, value in runs[1].params.items():
+            assert torch.equal(runs[k].params[name], value), (k, name)
+        assert [r.train_loss for r in runs[k].history] == [r.train_loss for r in runs[1].history]
+
+
+def test_slices_of_tensors_across_shards_step_like_one_aggregator() -> None:
+    # 3 tensors of 333 elements over 4 shards: every boundary cuts a tensor.
+    args = {"params": "999", "tensors": "3"}
+    runs = {}
+    for k in (1, 4):
+        with LocalCluster("synthetic", nodes=2, task_args=args, shards=k, optimizer="adam") as c:
+            runs[k] = c.run(3)
+    for name, value in runs[1].params.items():
+        assert torch.equal(runs[4].params[name], value), name
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Shards:
+    threads: list[ServerThread]
+    peers: tuple[str, ...]
+
+    @property
+    def core(self) -> Any:
+        return self.threads[0].server.core
+
+    def stub(self, i: int) -> pb_grpc.AggregatorStub:
+        return pb_grpc.AggregatorStub(grpc.insecure_channel(self.peers[i]))
+
+
+@pytest.fixture
+def shards() -> Iterator[Any]:
+    started: list[ServerThread] = []
+
+    def start(k: int, per_shard: dict[int, dict[str, Any]] | None = None, **cfg: Any) -> Shards:
+        peers = tuple(f"127.0.0.1:{_port()}" for _ in range(k))
+        task = load_task("linear")
+        for i in reversed(range(k)):
+            options = {**cfg, **(per_shard or {}).get(i, {})}
+            shard_cfg = AggregatorConfig(
+                task="linear", shard=f"{i}/{k}", peers=peers, listen=peers[i], progress=False,
+                **options,
+            )  # fmt: skip
+            thread = ServerThread(task, shard_cfg)
+            thread.start()
+            started.append(thread)
+        return Shards(list(reversed(started[-k:])), peers)
+
+    yield start
+    for thread in started:
+        thread.stop()
+
+
+class Driven:
+    """A node pushing its parts by hand: to the shards it chooses, ended or not."""
+
+    def __init__(self, shards: Shards, node_id: str) -> None:
+        self.shards, self.node_id = shards, node_id
+        self.reply = shards.stub(0).Join(
+            pb.JoinRequest(node_id=node_id, num_samples=1), timeout=CALL
+        )
+        self.specs = manifest_from_proto(self.reply.manifest)
+        self.pieces = [
+            [Piece(p.tensor, p.first, p.count) for p in s.pieces]
+            for s in self.reply.shard_map.shards
+        ]
+
+    def messages(self, i: int, grads: list[torch.Tensor], round_: int = 0, end: bool = True,
+                 **header: Any) -> list[pb.GradientMessage]:  # fmt: skip
+        specs = piece_specs(self.specs, self.pieces[i])
+        layout = Layout(specs)
+        views = [byte_view(v.contiguous()) for v in piece_views(grads, self.pieces[i])]
+        fields = {
+            "round": round_, "node_id": self.node_id, "upload_id": f"{self.node_id}.r{round_}",
+            "num_samples": 1, "shard": i, "shard_map": self.reply.shard_map.map_id, **header,
+        }  # fmt: skip
+        out = [pb.GradientMessage(header=pb.UploadHeader(**fields))]
+        for t, o, p in iter_chunk_pieces(views, layout, 1 << 20):
+            out.append(pb.GradientMessage.FromString(encode_chunk(t, o, p)))
+        if end:
+            out.append(pb.GradientMessage(end=pb.UploadEnd(total_bytes=layout.total)))
+        return out
+
+    def push(self, i: int, grads: list[torch.Tensor], **kw: Any) -> Any:
+        return self.shards.stub(i).PushGradients.future(
+            iter(self.messages(i, grads, **kw)), timeout=CALL
+        )
+
+
+def _grads(specs: list[Any], value: float) -> list[torch.Tensor]:
+    return [torch.full(s.shape, value, dtype=s.dtype) for s in specs]
+
+
+def _pull_all(sh: Shards, driven: Driven, min_round: int) -> list[torch.Tensor]:
+    out = [torch.zeros(s.shape, dtype=s.dtype) for s in driven.specs]
+    for i in range(len(sh.peers)):
+        stream = sh.stub(i).PullParameters(
+            pb.PullRequest(node_id=driven.node_id, min_round=min_round), timeout=CALL
+        )
+        messages = list(stream)
+        assert messages[0].header.round == min_round
+        data = bytearray(b"".join(m.chunk.data for m in messages[1:]))
+        start = 0
+        for view in piece_views(out, driven.pieces[i]):
+            size = view.numel() * view.element_size()
+            view.copy_(torch.frombuffer(data[start : start + size], dtype=view.dtype))
+            start += size
+    return out
+
+
+@pytest.mark.parametrize(
+    "sent", ["1 of 3", "2 of 3", "all but shard 0's UploadEnd", "all but shard 2's UploadEnd"]
+)
+def test_a_node_that_dies_mid_upload_counts_on_no_shard(shards: Any, sent: str) -> None:
+    sh = shards(3, nodes=3, min_nodes=2, round_timeout=4.0, rounds=2, idle_timeout=2.0, lr=1.0)
+    a, b, c = (Driven(sh, n) for n in ("a", "b", "c"))
+    theta0 = _pull_all(sh, a, 0)
+    # c dies part-way: only some shards get its complete part.
+    doomed = _grads(c.specs, 100.0)
+    if sent == "1 of 3":
+        calls = [c.push(2, doomed)]
+    elif sent == "2 of 3":
+        calls = [c.push(1, doomed), c.push(2, doomed)]
+    elif sent == "all but shard 0's UploadEnd":
+        calls = [c.push(1, doomed), c.push(2, doomed), c.push(0, doomed, end=False)]
+    else:
+        calls = [c.push(0, doomed), c.push(1, doomed), c.push(2, doomed, end=False)]
+    for call in calls:
+        try:
+            call.result(timeout=CALL)
+        except grpc.RpcError:
+            pass  # the parts that did not complete, and shard 0's refusal
+    for node, value in ((a, 1.0), (b, 3.0)):
+        replies = [node.push(i, _grads(node.specs, value)) for i in range(3)]
+        for r in replies:
+            r.result(timeout=CALL)
+    theta1 = _pull_all(sh, a, 1)
+    # lr 1, weighted mean of a (1.0) and b (3.0) with one sample each: theta0 - 2.
+    for before, after in zip(theta0, theta1, strict=True):
+        assert torch.equal(after, before - 2.0)
+    assert sh.core.history[0].nodes == 2
+
+
+def test_uploads_for_another_shard_map_or_round_are_refused_and_leave_no_trace(shards: Any) -> None:
+    sh = shards(2, nodes=1, rounds=2)
+    a = Driven(sh, "a")
+    _pull_all(sh, a, 0)
+    grads = _grads(a.specs, 1.0)
+    cases = [
+        (1, {"shard": 0}, grpc.StatusCode.INVALID_ARGUMENT, "shard 0's pieces"),
+        (0, {"shard": 1}, grpc.StatusCode.INVALID_ARGUMENT, "shard 1's pieces"),
+        (1, {"shard_map": "0123456789abcdef"}, grpc.StatusCode.FAILED_PRECONDITION, "shard map"),
+        (0, {"shard_map": "0123456789abcdef"}, grpc.StatusCode.FAILED_PRECONDITION, "shard map"),
+        (1, {"round": 1, "upload_id": "a.r1"}, grpc.StatusCode.FAILED_PRECONDITION, "not open"),
+    ]
+    for i, header, code, words in cases:
+        fields = dict(header)
+        round_ = fields.pop("round", 0)
+        msgs = a.messages(i, grads, round_=round_, **fields)
+        with pytest.raises(grpc.RpcError) as err:
+            sh.stub(i).PushGradients(iter(msgs), timeout=CALL)
+        assert err.value.code() == code, (i, header, err.value.details())
+        assert words in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        sh.stub(1).Join(pb.JoinRequest(node_id="z"), timeout=CALL)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert sh.peers[0] in err.value.details()
+    # Nothing counted anywhere: a correct upload still closes round 0 with a alone.
+    for r in [a.push(i, grads) for i in range(2)]:
+        r.result(timeout=CALL)
+    theta1 = _pull_all(sh, a, 1)
+    assert len(theta1) == len(a.specs)
+
+
+def test_shards_with_different_settings_refuse_to_form_a_federation(shards: Any) -> None:
+    sh = shards(2, per_shard={1: {"seed": 7}}, nodes=1, rounds=1, start_timeout=5.0)
+    with pytest.raises(ConfigError, match=r"seed: '7' here, '0' on shard 0"):
+        sh.threads[0].call(sh.core.wait_finished(), timeout=CALL)
