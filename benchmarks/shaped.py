@@ -400,40 +400,39 @@ class _Run:
     def log(self, host: str) -> str:
         return f"{host}-{self.work.name}"
 
-    def serve(self, host: str, argv: Sequence[object]) -> None:
-        """Start a server on ``host`` and wait until it listens."""
-        proc = self.servers[host] = self.topo.spawn(self.procs, self.log(host), host, argv)
-        try:
-            self.topo.wait_listening(host, 120, proc)
-        except BenchError as err:
-            raise BenchError(f"{err}\n{self.procs.log_tail(self.log(host))}") from err
+    def serve(self, hosts: Sequence[str], argvs: Sequence[Sequence[object]]) -> None:
+        """Start a server on each host, then wait until all listen (peers may wait on peers)."""
+        for host, argv in zip(hosts, argvs, strict=True):
+            self.servers[host] = self.topo.spawn(self.procs, self.log(host), host, argv)
+        for host in hosts:
+            try:
+                self.topo.wait_listening(host, 120, self.servers[host])
+            except BenchError as err:
+                raise BenchError(f"{err}\n{self.procs.log_tail(self.log(host))}") from err
 
     def aggregators(self, shards: int, downstream: int, rounds: int, extra: Sequence[str]) -> None:
         """Start shard 0..K-1 (the plain aggregator when K = 1); shard 0 writes the history."""
         hosts = [f"agg{i}" for i in range(shards)]
         peers = ["--peers", ",".join(self.topo.endpoint(h) for h in hosts)]
-        for i, host in enumerate(hosts):
-            self.serve(host, [
-                *self.cli, "aggregator", *self.task, "--listen", self.topo.endpoint(host),
-                "--nodes", downstream, "--rounds", rounds, "--lr", "0.1", "--insecure",
-                "--finish-grace", "10", "--no-progress",
-                *(["--shard", f"{i}/{shards}", *peers] if shards > 1 else []),
-                *(["--history", self.work / "history.csv"] if i == 0 else []), *extra,
-            ])  # fmt: skip
+        self.serve(hosts, [[
+            *self.cli, "aggregator", *self.task, "--listen", self.topo.endpoint(host),
+            "--nodes", downstream, "--rounds", rounds, "--lr", "0.1", "--insecure",
+            "--finish-grace", "10", "--no-progress",
+            *(["--shard", f"{i}/{shards}", *peers] if shards > 1 else []),
+            *(["--history", self.work / "history.csv"] if i == 0 else []), *extra,
+        ] for i, host in enumerate(hosts)])  # fmt: skip
 
     def relays(self, count: int, nodes: int) -> list[str]:
         """Start ``count`` relays under shard 0; return each node's upstream host."""
-        upstreams = ["agg0"] * nodes
+        hosts = [f"relay{j}" for j in range(count)]
+        behind = [range(j * nodes // count, (j + 1) * nodes // count) for j in range(count)]
         insecure = ["--insecure"] if "--insecure" in (_help_text(self.cli, "relay") or "") else []
-        for j in range(count):
-            behind = range(j * nodes // count, (j + 1) * nodes // count)  # contiguous, even
-            self.serve(f"relay{j}", [
-                *self.cli, "relay", "--upstream", self.topo.endpoint("agg0"), "--listen",
-                self.topo.endpoint(f"relay{j}"), "--nodes", len(behind), *insecure,
-            ])  # fmt: skip
-            for i in behind:
-                upstreams[i] = f"relay{j}"
-        return upstreams
+        self.serve(hosts, [[
+            *self.cli, "relay", "--upstream", self.topo.endpoint("agg0"), "--listen",
+            self.topo.endpoint(host), "--nodes", len(ids), *insecure,
+        ] for host, ids in zip(hosts, behind, strict=True)])  # fmt: skip
+        return [next((h for h, ids in zip(hosts, behind, strict=True) if i in ids), "agg0")
+                for i in range(nodes)]  # fmt: skip
 
     def start_nodes(self, upstreams: list[str], call_timeout: float) -> None:
         """Start node I of N (data shard I/N) on host nodeI, talking to ``upstreams[I]``."""

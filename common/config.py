@@ -446,6 +446,8 @@ class AggregatorConfig:
                 (self.private, "differential privacy"),
                 (self.broadcast_dtype is not None, "broadcast_dtype"),
                 (self.device != "cpu", "device"),
+                (self.tls_cert is not None, "TLS between the shards"),
+                (self.tokens is not None, "tokens"),
             ]
             named = [what for bad, what in unsupported if bad]
             if named:
