@@ -20,7 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from fedgrad.config import AggregatorConfig
-from fedgrad.errors import ConfigError, InvalidArgument, OutOfRange, RpcError, Unavailable
+from fedgrad.errors import (
+    ConfigError,
+    InvalidArgument,
+    OutOfRange,
+    RpcError,
+    StaleRound,
+    Unavailable,
+)
 from fedgrad.history import RoundRecord
 from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
@@ -61,6 +68,8 @@ class Aggregator:
         self.full_specs = self.shards.full_specs if self.shards else self.layout.specs
         #: Why the federation cannot go on (a shard unreachable or refusing), "" if it can.
         self.failed = ""
+        #: Counts the open round's restarts on every shard (a shard lost its part of it).
+        self.redo_epoch = 0
         self.policy = make_policy(cfg)
         self.engine = RoundEngine(Rules(cfg.nodes, cfg.rounds, cfg.min_nodes), self.policy)
         # Two add threads pay off once uploads are large; small models stay single-threaded.
@@ -93,6 +102,7 @@ class Aggregator:
         self._changed = asyncio.Condition()
         self._adding = asyncio.Lock()  # one add at a time
         self._closing = asyncio.Lock()  # held from a close decision to the next publish
+        self._recovering = False
         self.intake.start()
         self._peers_ready = asyncio.Event()
         if self.peers is None:
@@ -264,8 +274,14 @@ class Aggregator:
                 f" the final parameters are round {last})"
             )
         self.engine.open_pull(node_id, time.monotonic())
+        epoch = self.redo_epoch
+
+        def redone() -> bool:  # the round this node uploaded to restarted: it must redo it
+            return self.redo_epoch != epoch and min_round > self.round and not self.finished
 
         def ready() -> bool:
+            if redone():
+                return True
             # A sampled round hands its parameters only to the nodes it selected: the
             # others wait here, without polling, until a round selects them or the end.
             s = self.snapshot
@@ -280,6 +296,11 @@ class Aggregator:
         try:
             async with self._changed:
                 await self._changed.wait_for(ready)
+                if redone():
+                    raise StaleRound(
+                        f"round {self.round} restarted on every shard: pull it and upload again",
+                        self.round,
+                    )
                 assert self.snapshot is not None
                 # Registered on the loop with the check: ``freeze`` sees every reader.
                 self.snapshot.readers += 1
@@ -350,15 +371,74 @@ class Aggregator:
         if self.peers is None or ticket.staged is None:
             return self.count(ticket)
         ticket.staged.complete()
-        why = await self.peers.hold(
-            ticket.node_id, ticket.round, ticket.upload_id, self.cfg.idle_timeout
-        )
+        epoch = self.redo_epoch
+        try:
+            why = await self.peers.hold(
+                ticket.node_id, ticket.round, ticket.upload_id, self.cfg.idle_timeout
+            )
+        except RpcError as exc:
+            self._recover(str(exc))
+            raise Unavailable(f"not counted on any shard: {exc}") from None
+        if self.redo_epoch != epoch:
+            raise StaleRound(
+                f"round {self.round} restarted on every shard during the upload", self.round
+            )
         if why:
             raise Unavailable(f"not counted on any shard: {why}; push every shard its part again")
         counted = self.count(ticket)
         if ticket.counted:
-            await self.peers.commit(ticket.node_id, ticket.round, ticket.upload_id, ticket.weight)
+            try:
+                await self.peers.commit(
+                    ticket.node_id, ticket.round, ticket.upload_id, ticket.weight
+                )
+            except RpcError as exc:
+                self._recover(str(exc))  # counted here, not there: the round restarts
+                raise Unavailable(f"not counted on every shard: {exc}") from None
         return counted
+
+    def _recover(self, reason: str) -> None:
+        """Restart the open round on every shard once the failed shard answers again."""
+        epoch = self.redo_epoch
+
+        async def recover() -> None:
+            async with self._closing:
+                if self.redo_epoch == epoch and not self.finished:
+                    await self._redo(reason)
+
+        if not self._recovering:
+            self._recovering = True
+            task = self._spawn(recover())
+            task.add_done_callback(lambda _: setattr(self, "_recovering", False))
+
+    async def _redo(self, reason: str) -> None:
+        """Every shard forgets the open round and it opens again (hold ``_closing``).
+
+        Waits, with the status saying why, until every shard answers; a shard that
+        restarted resumes from its checkpoint of this round (one a round ahead goes back).
+        """
+        assert self.peers is not None
+        log.warning(
+            "round %d restarts on every shard: %s", self.round, reason,
+            extra={"round": self.round, "event": "redo"},
+        )  # fmt: skip
+        while self.engine.pending_adds:
+            await asyncio.sleep(0.01)
+        while True:
+            try:
+                await self.peers.wait_synced(self.round, self.session_id, self.cfg.round_timeout)
+                break
+            except Unavailable as exc:
+                log.warning("rounds wait: %s", exc, extra={"event": "shards"})
+            except RpcError as exc:
+                self.failed = f"the shards cannot go on: {exc}"
+                log.error(self.failed, extra={"event": "shards"})
+                async with self._changed:
+                    self._changed.notify_all()
+                return
+        self.reducer.reset()
+        self.engine.redo()
+        self.redo_epoch += 1
+        await self._publish()
 
     async def _add(self, ticket: UploadTicket, staged: StagedUpload, staleness: int) -> None:
         scale = self.policy.scale(staleness)
@@ -409,7 +489,10 @@ class Aggregator:
                 "node missed the round deadline",
                 extra={"node": node, "round": self.round, "event": "dropped"},
             )
+        epoch = self.redo_epoch
         async with self._closing:
+            if self.redo_epoch != epoch:
+                return  # the round restarted on every shard while this close waited
             c = self.counters
             collected = time.perf_counter()
             phases = {"collect": time.monotonic() - c.round_started, "reduce": c.add_seconds}
@@ -418,14 +501,17 @@ class Aggregator:
                 prepare(self.round)  # seeded DP test noise is keyed to the round
             await self._retire()
             if self.peers is not None:
-                # Every shard steps exactly the uploads counted here, the others first done.
-                uploads = self.engine.reported
+                # Every shard steps exactly the uploads counted here; the others first, so
+                # that a failure leaves this shard's round as it was, and it restarts.
                 finished = self.round + 1 >= self.engine.total_rounds
-                step = asyncio.to_thread(self.model.step, self.reducer)
-                closing = self.peers.close(self.round, uploads, finished, self.cfg.round_timeout)
-                metrics, _ = await asyncio.gather(step, closing)
-            else:
-                metrics = await asyncio.to_thread(self.model.step, self.reducer)
+                try:
+                    await self.peers.close(
+                        self.round, self.engine.reported, finished, self.cfg.round_timeout
+                    )
+                except RpcError as exc:
+                    await self._redo(str(exc))
+                    return
+            metrics = await asyncio.to_thread(self.model.step, self.reducer)
             phases["step"] = time.perf_counter() - collected
             selected = self.engine.selected
             record = self.ledger.close(

@@ -175,6 +175,21 @@ class RoundEngine:
             )
         self._starting = True
 
+    def redo(self) -> None:
+        """Forget the open round's counted uploads: a shard lost its part of them.
+
+        The round stays the same; the shell republishes its parameters (``opened``) and
+        every node uploads it again. Call with no add pending (``pending_adds`` 0).
+        """
+        if self._pending:
+            raise RuntimeError("redo() while counted uploads are being added")
+        self._reported.clear()
+        self._closing = False
+        self._starting = True
+        self.deadline_passed = False
+        for record in self._nodes.values():
+            record.uploading = False
+
     # -- membership --------------------------------------------------------------------
     def join(self, node_id: str, num_samples: int, now: float) -> bool:
         """Register or re-register a node; return True if the federation starts now.

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from fedgrad.codecs import Codec, codec_for
 from fedgrad.config import AggregatorConfig
@@ -29,6 +31,7 @@ from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.model import ServerModel
 from fedgrad.server.reducers import accumulate_for, make_reducer
+from fedgrad.server.resume import read_checkpoint, write_checkpoint
 from fedgrad.server.sharding import PEER_CALL, ShardSetup, shard_settings
 from fedgrad.server.staging import StagedUpload
 from fedgrad.shards import settings_differ
@@ -48,6 +51,7 @@ class _Part:
     staged: StagedUpload
     complete: bool = False
     failed: str = ""
+    released: bool = False  # its staging slot was given back
 
 
 class ShardFollower:
@@ -81,11 +85,52 @@ class ShardFollower:
         self._changed = asyncio.Condition()
         self._slots = asyncio.Semaphore(self.max_inflight)
         self._adding = asyncio.Lock()
-        await self._publish(0, False)
+        saved = self._saved_rounds()
+        if saved:
+            self._load(saved[-1])
+            log.info("resumed from checkpoint at round %d", self.round, extra={"event": "resume"})
+        await self._publish(self.round, False)
+
+    # -- checkpoints: one folder per round, the last two kept (shard 0 may roll back one) --
+    def _folder(self, round_: int) -> Path:
+        assert self.cfg.checkpoint_dir
+        return Path(self.cfg.checkpoint_dir) / f"round-{round_}"
+
+    def _saved_rounds(self) -> list[int]:
+        if not self.cfg.checkpoint_dir or not Path(self.cfg.checkpoint_dir).is_dir():
+            return []
+        rounds = []
+        for path in Path(self.cfg.checkpoint_dir).glob("round-*"):
+            suffix = path.name.removeprefix("round-")
+            if suffix.isdigit() and (path / "checkpoint.json").exists():
+                rounds.append(int(suffix))
+        return sorted(rounds)
+
+    def _load(self, round_: int) -> None:
+        cfg = replace(self.cfg, checkpoint_dir=str(self._folder(round_)))
+        resumed = read_checkpoint(cfg, self.model)
+        assert resumed is not None
+        self.round, self.session_id = resumed.round, resumed.session_id
+
+    def _checkpoint(self) -> None:
+        """Write this round's pieces and optimizer state; keep the round before it."""
+        if not self.cfg.checkpoint_dir:
+            return
+        cfg = replace(self.cfg, checkpoint_dir=str(self._folder(self.round)))
+        write_checkpoint(cfg, self.round, self.model, (), self.session_id, ())
+        for old in self._saved_rounds():
+            if old < self.round - 1:
+                shutil.rmtree(self._folder(old), ignore_errors=True)
 
     # -- shard 0's calls ---------------------------------------------------------------
-    def sync(self, shard: int, shards: int, settings: dict[str, str], round_: int, session: str):
-        """Check shard 0's settings against ours; take its session; return our round."""
+    async def sync(
+        self, shard: int, shards: int, settings: dict[str, str], round_: int, session: str
+    ) -> int:
+        """Check shard 0's settings; drop the open round's parts; take shard 0's round.
+
+        A shard one round ahead (it closed a round shard 0 then lost) goes back to its
+        checkpoint of shard 0's round. Returns the round now published here.
+        """
         index, count = self.setup.index, self.setup.count
         if shard != index or shards != count:
             raise FailedPrecondition(
@@ -97,11 +142,50 @@ class ShardFollower:
             message = "the shards' settings differ: " + "; ".join(differ)
             log.error(message, extra={"event": "shards"})
             raise FailedPrecondition(message)
-        if self.session_id != session:
-            self.session_id = session
-            self.round = round_  # a fresh federation or a resumed one: shard 0's round
-        self.synced = True
+        if self.session_id and self.session_id != session:
+            raise FailedPrecondition(
+                f"shard {index} resumed another federation (round {self.round}) than shard 0's"
+                f" (round {round_}): start every shard from its own checkpoints of one run, or"
+                " all from empty --checkpoint-dirs"
+            )
+        if self.round != round_ and not (
+            self.round == round_ + 1 and round_ in self._saved_rounds()
+        ):
+            raise FailedPrecondition(
+                f"shard {index} is at round {self.round}, shard 0 at round {round_}: give every"
+                " shard its own --checkpoint-dir of the same run"
+            )
+        await self._discard_open_round()
+        if self.round != round_:
+            snapshot, self.snapshot = self.snapshot, None
+            if snapshot is not None:
+                await asyncio.to_thread(snapshot.freeze)
+            await asyncio.to_thread(self._load, round_)
+            log.warning(
+                "back to round %d: shard 0 did not close round %d", round_, round_,
+                extra={"event": "rollback"},
+            )  # fmt: skip
+        first = not self.session_id
+        self.session_id, self.synced = session, True
+        if first:
+            await asyncio.to_thread(self._checkpoint)
+        await self._publish(self.round, False)
         return self.round
+
+    async def _discard_open_round(self) -> None:
+        """Forget every part and add of the open round (shard 0 redoes it)."""
+        while self._adds:
+            await asyncio.gather(*list(self._adds), return_exceptions=True)
+        for part in list(self.parts.values()):
+            self._release(part)
+        self.parts.clear()
+        self.added.clear()
+        self.reducer.reset()
+
+    def _release(self, part: _Part) -> None:
+        if not part.released:
+            part.released = True
+            self._slots.release()
 
     async def hold(
         self, node_id: str, round_: int, upload_id: str, wait: float
@@ -145,7 +229,7 @@ class ShardFollower:
                 await asyncio.to_thread(self.reducer.add, part.staged, weight, 1.0, part.node_id)
             self.counters.uploads_accepted += 1
         finally:
-            self._slots.release()
+            self._release(part)
 
     async def close(self, round_: int, uploads: dict[str, str], finished: bool) -> int:
         """Step exactly ``uploads`` (node id -> upload id) of ``round_``; publish the next."""
@@ -169,8 +253,8 @@ class ShardFollower:
             )
         while self._adds:
             await asyncio.gather(*list(self._adds))
-        for _ in self.parts.values():  # parts shard 0 never counted: no trace
-            self._slots.release()
+        for part in list(self.parts.values()):  # parts shard 0 never counted: no trace
+            self._release(part)
         self.parts.clear()
         snapshot, self.snapshot = self.snapshot, None
         if snapshot is not None:
@@ -180,6 +264,8 @@ class ShardFollower:
         self.reducer.reset()
         self.last_uploads = len(uploads)
         self.added.clear()
+        self.round = round_ + 1
+        await asyncio.to_thread(self._checkpoint)
         await self._publish(round_ + 1, finished)
         return self.round
 
@@ -245,7 +331,7 @@ class ShardFollower:
             ) from None
         old = self.parts.pop(node_id, None)
         if old is not None:
-            self._slots.release()  # a retry replaces what the node sent before
+            self._release(old)  # a retry replaces what the node sent before
         part = _Part(node_id, round_, upload_id, StagedUpload(decoder, self.cfg.chunk_bytes))
         self.parts[node_id] = part
         return part
@@ -257,10 +343,12 @@ class ShardFollower:
                 if error:
                     part.failed = error
                     del self.parts[part.node_id]
-                    self._slots.release()
+                    self._release(part)
                 else:
                     part.complete = True
                     self.counters.bytes_received += part.staged.nbytes
+            elif error:
+                self._release(part)  # dropped (a redo) while it streamed
             self._changed.notify_all()
 
     async def wait_snapshot(self, min_round: int) -> Snapshot:

@@ -178,7 +178,7 @@ class FollowerService:
     # -- shard 0 -----------------------------------------------------------------------
     async def sync(self, request: pb.ShardSyncRequest, context: Any) -> pb.ShardSyncReply:
         try:
-            round_ = self.core.sync(
+            round_ = await self.core.sync(
                 request.shard, request.shards, dict(request.settings), request.round,
                 request.session_id,
             )  # fmt: skip
