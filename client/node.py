@@ -23,10 +23,10 @@ import torch
 from fedgrad.buffers import buffer_specs, load_buffers, model_buffers, pack, unpack
 from fedgrad.client.attacks import attack_generator, attacked, claimed_samples, warn_attack
 from fedgrad.client.feedback import ErrorFeedback
+from fedgrad.client.receive import read_header, receive_chunks
 from fedgrad.client.sharded import ShardLinks
 from fedgrad.client.transport import Action, Backoff, Failure, Stopped, Transport
 from fedgrad.codec import (
-    ChunkCursor,
     Layout,
     TensorSpec,
     byte_view,
@@ -35,12 +35,11 @@ from fedgrad.codec import (
     manifest_from_proto,
     manifest_to_proto,
     specs_of,
-    write_chunk,
 )
 from fedgrad.codecs import codec_for
 from fedgrad.config import NodeConfig
 from fedgrad.errors import InvalidArgument, RefusedError, TaskError
-from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
+from fedgrad.framing import encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import derive_seed, round_generator
 from fedgrad.task import (
@@ -278,24 +277,10 @@ class Node:
             header = self.links.pull(min_round, timeout, self.host, self.chunk_bytes)
             return self._loaded(header, [])
         with self.transport.pull(min_round, timeout) as stream:
-            first = pb.ParameterMessage.FromString(next(stream))
-            if first.WhichOneof("kind") != "header":
-                raise TaskError("aggregator sent a chunk before the ParameterHeader")
-            layout, views, staging = self._receiving(first.header.dtype)
-            cursor = ChunkCursor(layout, max(self.chunk_bytes, 1))
-            with torch.no_grad():
-                for raw in stream:
-                    view = decode_chunk(raw)
-                    if view is None:
-                        c = pb.ParameterMessage.FromString(raw).chunk
-                        view = ChunkView(c.data, c.tensor, c.offset, 0, len(c.data))
-                    start = cursor.advance(view.tensor, view.offset, view.data_len)
-                    write_chunk(views, layout, start, view.raw, view.data_start, view.data_len)
-        if not cursor.complete:
-            raise TaskError(
-                f"parameter stream ended after {cursor.position} of {layout.total} bytes"
-            )
-        return self._loaded(first.header, staging)
+            header = read_header(stream)
+            layout, views, staging = self._receiving(header.dtype)
+            receive_chunks(stream, layout, views, self.chunk_bytes, "parameter stream")
+        return self._loaded(header, staging)
 
     def _loaded(
         self, header: pb.ParameterHeader, staging: list[torch.Tensor]

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from fedgrad.client.receive import read_header, receive_chunks
 from fedgrad.client.transport import Transport
-from fedgrad.codec import ChunkCursor, Layout, TensorSpec, byte_view, iter_chunk_pieces, write_chunk
+from fedgrad.codec import Layout, TensorSpec, byte_view, iter_chunk_pieces
 from fedgrad.codecs import codec_for
 from fedgrad.config import NodeConfig
 from fedgrad.errors import TaskError
-from fedgrad.framing import ChunkView, decode_chunk, encode_chunk
+from fedgrad.framing import encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.shards import Piece, piece_specs, piece_views
 
@@ -74,24 +75,10 @@ class ShardLinks:
         def one(i: int) -> pb.ParameterHeader:
             layout = Layout(self.specs[i])
             views = [byte_view(v) for v in piece_views(targets, self.pieces[i])]
-            cursor = ChunkCursor(layout, max(chunk_bytes, 1))
             with self.transports[i].pull(min_round, timeout) as stream:
-                first = pb.ParameterMessage.FromString(next(stream))
-                if first.WhichOneof("kind") != "header":
-                    raise TaskError(f"shard {i} sent a chunk before the ParameterHeader")
-                with torch.no_grad():
-                    for raw in stream:
-                        view = decode_chunk(raw)
-                        if view is None:
-                            c = pb.ParameterMessage.FromString(raw).chunk
-                            view = ChunkView(c.data, c.tensor, c.offset, 0, len(c.data))
-                        start = cursor.advance(view.tensor, view.offset, view.data_len)
-                        write_chunk(views, layout, start, view.raw, view.data_start, view.data_len)
-            if not cursor.complete:
-                raise TaskError(
-                    f"shard {i}'s parameters ended after {cursor.position} of {layout.total} bytes"
-                )
-            return first.header
+                header = read_header(stream, f"shard {i}")
+                receive_chunks(stream, layout, views, chunk_bytes, f"shard {i}'s parameters")
+            return header
 
         headers = self._all(one)
         rounds = {h.round for h in headers}

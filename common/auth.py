@@ -75,6 +75,9 @@ OPERATOR_NAME = "operator"
 #: aggregator's "credentials belong to X, not to node Y" check refuses each of them
 #: (PERMISSION_DENIED), while GetStatus, which names no node, is served.
 OPERATOR_IDENTITY = "operator (status only)"
+#: The identity shard 0 of a sharded aggregator presents to the other shards (its client
+#: certificate's node id, or its token's entry in --tokens).
+SHARD_IDENTITY = "shard-0"
 
 _NODE_ID_RE = ID_PATTERN  # the wire's rule, defined once (fedgrad.wire)
 # Printable ASCII without space: what a non-binary gRPC metadata value may carry

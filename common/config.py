@@ -371,10 +371,16 @@ class AggregatorConfig:
     dp_target_epsilon: float | None = _setting(None, _optional(_positive))
     #: Tests only: draw the DP noise from this seed instead of the OS's CSPRNG (not private).
     dp_test_seed: int | None = _setting(None, _optional(_count(0)))
-    #: A sharded aggregator: this process is shard ``I/K`` (``fedgrad.shards``); "" unsharded.
-    shard: str = ""
+    #: A sharded aggregator: this process is shard ``I/K`` (``fedgrad.shards``); None unsharded.
+    shard: str | None = None
     #: Every shard's HOST:PORT, in shard order (this one's included), for ``shard``.
     peers: tuple[str, ...] = ()
+    #: Shard 0's calls to the other shards: the CA of their server certificates (TLS),
+    #: its client certificate and key, identity "shard-0" (mutual TLS), its token (tokens).
+    peer_ca: str | None = None
+    peer_cert: str | None = None
+    peer_key: str | None = None
+    peer_token: str | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -425,6 +431,8 @@ class AggregatorConfig:
         if not self.shard:
             if self.peers:
                 raise ConfigError("peers needs shard I/K (the index of this shard among them)")
+            if any((self.peer_ca, self.peer_cert, self.peer_key, self.peer_token)):
+                raise ConfigError("peer_ca, peer_cert, peer_key and peer_token need shard I/K")
             return
         from fedgrad.shards import parse_shard
 
@@ -446,8 +454,6 @@ class AggregatorConfig:
                 (self.private, "differential privacy"),
                 (self.broadcast_dtype is not None, "broadcast_dtype"),
                 (self.device != "cpu", "device"),
-                (self.tls_cert is not None, "TLS between the shards"),
-                (self.tokens is not None, "tokens"),
             ]
             named = [what for bad, what in unsupported if bad]
             if named:
@@ -455,6 +461,17 @@ class AggregatorConfig:
                     f"a sharded aggregator (shard {self.shard}) does not support {named[0]} yet"
                     " (README, 'Sharded aggregator')"
                 )
+            needs = [
+                (self.tls_cert is not None and not self.peer_ca, "peer_ca (the CA of the"
+                 " shards' server certificates: shard 0 calls them over TLS)"),
+                (bool(self.tls_client_ca) and not (self.peer_cert and self.peer_key),
+                 "peer_cert and peer_key (shard 0's client certificate, identity shard-0)"),
+                (self.tokens is not None and not self.peer_token,
+                 "peer_token (a file with shard 0's token, listed as shard-0 in --tokens)"),
+            ]  # fmt: skip
+            missing = [what for bad, what in needs if bad]
+            if missing:
+                raise ConfigError(f"shard {self.shard} needs {missing[0]}")
 
     @property
     def shard_index(self) -> tuple[int, int]:

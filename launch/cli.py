@@ -219,13 +219,29 @@ def _shard_flags(add: Add) -> None:
     add(
         "shard",
         "run as shard I of a K-shard aggregator (README, 'Sharded aggregator'); shard 0"
-        " coordinates and is the address nodes are given",
+        " coordinates and is the address nodes are given (default: unsharded)",
         metavar="I/K",
     )
     add(
         "peers",
         "every shard's address, in shard order, this one's included (with --shard)",
         metavar="HOST:PORT,...",
+    )
+    add(
+        "peer_ca",
+        "with --shard and --tls-cert: the CA of the shards' server certificates",
+        metavar="PEM",
+    )
+    add(
+        "peer_cert",
+        "with --shard and mutual TLS: shard 0's client certificate (node id shard-0)",
+        metavar="PEM",
+    )
+    add("peer_key", "the key of --peer-cert", metavar="PEM")
+    add(
+        "peer_token",
+        "with --shard and --tokens: a file holding shard 0's token (listed as shard-0)",
+        metavar="FILE",
     )
 
 

@@ -86,7 +86,7 @@ def aggregator_config(values: Mapping[str, Any]) -> AggregatorConfig:
     settings["allow_nodes"] = tuple(n for n in allow.split(",") if n)
     peers = settings.get("peers") or ""
     settings["peers"] = tuple(p.strip() for p in peers.split(",") if p.strip())
-    settings["shard"] = settings.get("shard") or ""
+    settings["shard"] = settings.get("shard") or None
     cfg = build_config(AggregatorConfig, settings, origin)
     check_listen_policy(cfg, warn=False)  # refuse early; the server warns once it logs
     return cfg

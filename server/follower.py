@@ -74,7 +74,7 @@ class ShardFollower:
         self.parts: dict[str, _Part] = {}  # node id -> its part of the open round
         self.added: dict[str, str] = {}  # node id -> upload id added this round
         self.final_pulled: set[str] = set()
-        self.last_uploads = 0
+        self.final_readers: set[str] = set()
         self.max_inflight = cfg.max_inflight or max(
             1, min(64, cfg.staging_mb * (1 << 20) // max(1, self.layout.total))
         )
@@ -231,7 +231,9 @@ class ShardFollower:
         finally:
             self._release(part)
 
-    async def close(self, round_: int, uploads: dict[str, str], finished: bool) -> int:
+    async def close(
+        self, round_: int, uploads: dict[str, str], finished: bool, gather: bool = False
+    ) -> int:
         """Step exactly ``uploads`` (node id -> upload id) of ``round_``; publish the next."""
         if round_ != self.round:
             if round_ + 1 == self.round:
@@ -262,7 +264,9 @@ class ShardFollower:
         if uploads:
             await asyncio.to_thread(self.model.step, self.reducer)
         self.reducer.reset()
-        self.last_uploads = len(uploads)
+        # Who pulls the final pieces before this shard exits: the last round's nodes,
+        # and shard 0 if it saves the model.
+        self.final_readers = set(uploads) | ({"shard-0"} if gather else set())
         self.added.clear()
         self.round = round_ + 1
         await asyncio.to_thread(self._checkpoint)
@@ -374,7 +378,7 @@ class ShardFollower:
         async with self._changed:
             await self._changed.wait_for(lambda: self.finished)
         deadline = time.monotonic() + self.cfg.finish_grace
-        while time.monotonic() < deadline and len(self.final_pulled) < self.last_uploads + 1:
+        while time.monotonic() < deadline and not self.final_readers <= self.final_pulled:
             await asyncio.sleep(0.05)
 
     def unavailable(self) -> Unavailable:

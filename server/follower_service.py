@@ -9,11 +9,10 @@ from typing import Any
 import grpc
 
 from fedgrad.errors import FailedPrecondition, InvalidArgument, RpcError
-from fedgrad.framing import decode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server.follower import ShardFollower
 from fedgrad.server.security import Authorizer
-from fedgrad.server.service import _codec_of, _fail, _parse
+from fedgrad.server.service import _codec_of, _fail, _parse, next_message, receive_upload
 from fedgrad.server.sharding import PEER_SERVICE
 from fedgrad.wire import SERVICE_NAME
 
@@ -95,7 +94,7 @@ class FollowerService:
         part = None
         error = "the stream ended early"
         try:
-            raw = await anext(requests, None)
+            raw = await next_message(requests, self.idle_timeout)
             first = _parse(raw) if raw is not None else None
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
@@ -111,7 +110,7 @@ class FollowerService:
                 if str(exc) == "already counted":
                     return pb.PushReply(duplicate=True, round=h.round)
                 raise
-            await self._receive(requests, part.staged)
+            await receive_upload(requests, part.staged, self.idle_timeout)
             error = ""
             return pb.PushReply(round=h.round)
         except RpcError as exc:
@@ -121,42 +120,6 @@ class FollowerService:
         finally:
             if part is not None:
                 await self.core.part_done(part, error)
-
-    async def _receive(self, requests: AsyncIterator[bytes], staged: Any) -> None:
-        import asyncio
-
-        ended = False
-        while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    raw = await anext(requests)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise InvalidArgument(
-                    f"no message for {self.idle_timeout:.0f} s: upload abandoned"
-                ) from None
-            view = decode_chunk(raw)
-            if view is not None and not ended:
-                staged.add(view.tensor, view.offset, raw, view.data_start, view.data_len)
-                continue
-            message = _parse(raw)
-            if ended:
-                raise InvalidArgument("a message followed the UploadEnd")
-            kind = message.WhichOneof("kind")
-            if kind == "end":
-                staged.complete()
-                if message.end.total_bytes != staged.nbytes:
-                    raise InvalidArgument(
-                        f"UploadEnd says {message.end.total_bytes} bytes, {staged.nbytes} arrived"
-                    )
-                ended = True
-            else:
-                raise InvalidArgument("only chunks and one UploadEnd may follow the UploadHeader")
-        if not ended:
-            raise InvalidArgument(
-                "the stream ended without an UploadEnd (node cancelled or died?): nothing counted"
-            )
 
     async def leave(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
         return pb.LeaveReply()  # membership is shard 0's
@@ -178,6 +141,7 @@ class FollowerService:
     # -- shard 0 -----------------------------------------------------------------------
     async def sync(self, request: pb.ShardSyncRequest, context: Any) -> pb.ShardSyncReply:
         try:
+            self.auth.check_peer(context)
             round_ = await self.core.sync(
                 request.shard, request.shards, dict(request.settings), request.round,
                 request.session_id,
@@ -187,6 +151,10 @@ class FollowerService:
         return pb.ShardSyncReply(round=round_, incarnation=self.core.incarnation)
 
     async def hold(self, request: pb.ShardHoldRequest, context: Any) -> pb.ShardHoldReply:
+        try:
+            self.auth.check_peer(context)
+        except RpcError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
         held, reason = await self.core.hold(
             request.node_id, request.round, request.upload_id, request.wait_s
         )
@@ -194,6 +162,7 @@ class FollowerService:
 
     async def commit(self, request: pb.ShardCommitRequest, context: Any) -> pb.ShardCommitReply:
         try:
+            self.auth.check_peer(context)
             await self.core.commit(
                 request.node_id, request.round, request.upload_id, request.weight
             )
@@ -203,7 +172,10 @@ class FollowerService:
 
     async def close(self, request: pb.ShardCloseRequest, context: Any) -> pb.ShardCloseReply:
         try:
-            round_ = await self.core.close(request.round, dict(request.uploads), request.finished)
+            self.auth.check_peer(context)
+            round_ = await self.core.close(
+                request.round, dict(request.uploads), request.finished, request.gather
+            )
         except RpcError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
         return pb.ShardCloseReply(round=round_)

@@ -15,6 +15,7 @@ import grpc
 
 from fedgrad.auth import (
     OPERATOR_IDENTITY,
+    SHARD_IDENTITY,
     TokenStore,
     identity_from_auth_context,
     load_token_file,
@@ -133,10 +134,19 @@ class Authorizer:
             who is not None
             and self.allowed
             and who not in self.allowed
-            and who != OPERATOR_IDENTITY
+            and who not in (OPERATOR_IDENTITY, SHARD_IDENTITY)
         ):
             raise PermissionDenied(f"node {who!r} is not in the aggregator's --allow-nodes list")
         return who
+
+    def check_peer(self, context: grpc.aio.ServicerContext) -> None:
+        """Raise unless the caller is shard 0 (``SHARD_IDENTITY``), or auth is off."""
+        who = self.identify(context)
+        if who is not None and who != SHARD_IDENTITY:
+            raise PermissionDenied(
+                f"only shard 0 (identity {SHARD_IDENTITY!r}) may call the shards; these"
+                f" credentials are {who!r}'s"
+            )
 
     def check(self, context: grpc.aio.ServicerContext, node_id: str) -> None:
         """Raise unless the caller may act as ``node_id``."""

@@ -31,7 +31,7 @@ from fedgrad.server.aggregator import Aggregator
 from fedgrad.server.engine import Phase
 from fedgrad.server.model import Peer
 from fedgrad.server.security import Authorizer
-from fedgrad.server.staging import UploadTicket
+from fedgrad.server.staging import StagedUpload, UploadTicket
 from fedgrad.wire import CONTRACT_VERSION, CURRENT_ROUND_KEY, SERVICE_NAME
 
 __all__ = ["AggregatorService", "status_reply"]
@@ -128,6 +128,63 @@ def _check_shard(core: Aggregator, header: pb.UploadHeader) -> None:
         raise InvalidArgument(f"this is shard 0; the upload is for shard {header.shard}'s pieces")
 
 
+async def next_message(requests: AsyncIterator[bytes], idle_timeout: float) -> bytes | None:
+    """The next raw message of a client stream; None at its end.
+
+    Raises:
+        InvalidArgument: nothing arrived for ``idle_timeout`` seconds.
+    """
+    try:
+        # asyncio.timeout, not wait_for: no Task per message (measured 3 vs 11 us).
+        async with asyncio.timeout(idle_timeout):
+            return await anext(requests)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise InvalidArgument(
+            f"no message for {idle_timeout:.0f} s: upload abandoned (per-chunk idle deadline)"
+        ) from None
+
+
+async def receive_upload(
+    requests: AsyncIterator[bytes], staged: StagedUpload, idle_timeout: float
+) -> None:
+    """Stage the chunks after an UploadHeader and check the UploadEnd.
+
+    Raises:
+        InvalidArgument: a chunk ``staged`` refuses, a message out of place, a wrong or
+            missing UploadEnd, or an idle stream.
+    """
+    ended = False
+    while (raw := await next_message(requests, idle_timeout)) is not None:
+        view = decode_chunk(raw)
+        if view is not None and not ended:
+            staged.add(view.tensor, view.offset, raw, view.data_start, view.data_len)
+            continue
+        message = _parse(raw)
+        kind = message.WhichOneof("kind")
+        if ended:
+            raise InvalidArgument("a message followed the UploadEnd")
+        if kind == "chunk":
+            staged.add(message.chunk.tensor, message.chunk.offset, message.chunk.data)
+        elif kind == "end":
+            staged.complete()
+            if message.end.total_bytes != staged.nbytes:
+                raise InvalidArgument(
+                    f"UploadEnd says {message.end.total_bytes} bytes, {staged.nbytes} arrived"
+                )
+            ended = True
+        else:
+            raise InvalidArgument(
+                "only chunks and one UploadEnd may follow the UploadHeader (header repeated?)"
+            )
+    if not ended:
+        staged.complete()
+        raise InvalidArgument(
+            "the stream ended without an UploadEnd (node cancelled or died?): nothing counted"
+        )
+
+
 class AggregatorService:
     """The ``fedgrad.v1.Aggregator`` service over an ``Aggregator`` core."""
 
@@ -222,7 +279,7 @@ class AggregatorService:
             # Authenticate before reading anything: strangers must not hold a stream open,
             # and one identity may not hold more than a few (header-less calls included).
             who = self._enter(self.auth.identify(context))
-            raw = await self._next(requests)
+            raw = await next_message(requests, self.idle_timeout)
             first = _parse(raw) if raw is not None else None
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
@@ -254,48 +311,8 @@ class AggregatorService:
                 self.core.intake.release(ticket)
 
     async def _receive(self, requests: AsyncIterator[bytes], ticket: UploadTicket) -> None:
-        staged = ticket.staged
-        assert staged is not None
-        ended = False
-        while (raw := await self._next(requests)) is not None:
-            view = decode_chunk(raw)
-            if view is not None and not ended:
-                staged.add(view.tensor, view.offset, raw, view.data_start, view.data_len)
-                continue
-            message = _parse(raw)
-            kind = message.WhichOneof("kind")
-            if ended:
-                raise InvalidArgument("a message followed the UploadEnd")
-            if kind == "chunk":
-                staged.add(message.chunk.tensor, message.chunk.offset, message.chunk.data)
-            elif kind == "end":
-                staged.complete()
-                if message.end.total_bytes != staged.nbytes:
-                    raise InvalidArgument(
-                        f"UploadEnd says {message.end.total_bytes} bytes, {staged.nbytes} arrived"
-                    )
-                ended = True
-            else:
-                raise InvalidArgument(
-                    "only chunks and one UploadEnd may follow the UploadHeader (header repeated?)"
-                )
-        if not ended:
-            staged.complete()
-            raise InvalidArgument(
-                "the stream ended without an UploadEnd (node cancelled or died?): nothing counted"
-            )
-
-    async def _next(self, requests: AsyncIterator[bytes]) -> bytes | None:
-        try:
-            # asyncio.timeout, not wait_for: no Task per message (measured 3 vs 11 us).
-            async with asyncio.timeout(self.idle_timeout):
-                return await anext(requests)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            raise InvalidArgument(
-                f"no message for {self.idle_timeout:.0f} s: upload abandoned (per-chunk idle deadline)"
-            ) from None
+        assert ticket.staged is not None
+        await receive_upload(requests, ticket.staged, self.idle_timeout)
 
     def _enter(self, who: str | None) -> str | None:
         if who is not None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
 from torch import nn
 
+from fedgrad.auth import SHARD_IDENTITY, bearer_metadata
 from fedgrad.codec import ChunkCursor, Layout, TensorSpec, byte_view, specs_of, write_chunk
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError, FailedPrecondition, Unavailable
@@ -28,7 +30,7 @@ from fedgrad.framing import decode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.shards import Piece, ShardPlan, piece_specs, piece_views, plan_shards
 from fedgrad.task import Task, trainable_parameters
-from fedgrad.wire import SERVICE_NAME
+from fedgrad.wire import SERVICE_NAME, channel_credentials
 
 __all__ = ["PEER_SERVICE", "PeerClients", "PieceTask", "ShardSetup", "shard_settings"]
 
@@ -123,10 +125,14 @@ def _call_error(shard: int, address: str, exc: grpc.RpcError) -> Exception:
 class PeerClients:
     """Shard 0's channels to shards 1..K-1 and the four calls it makes."""
 
-    def __init__(self, setup: ShardSetup, cfg: AggregatorConfig, credentials: Any = None) -> None:
+    def __init__(self, setup: ShardSetup, cfg: AggregatorConfig) -> None:
         self.setup, self.cfg = setup, cfg
         self.settings = shard_settings(cfg)
-        self.credentials = credentials
+        self.credentials = (
+            channel_credentials(cfg.peer_ca, cfg.peer_cert, cfg.peer_key) if cfg.peer_ca else None
+        )
+        token = Path(cfg.peer_token).read_text().strip() if cfg.peer_token else ""
+        self.metadata = bearer_metadata(token) if token else ()
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[dict[str, Any]] = []
         self.incarnations: list[str] = [""] * (setup.count - 1)
@@ -166,7 +172,9 @@ class PeerClients:
         async def one(i: int) -> Any:
             shard, address = i + 1, self.setup.plan.addresses[i + 1]
             try:
-                return await self._stubs[i][name](make(shard), timeout=timeout)
+                return await self._stubs[i][name](
+                    make(shard), timeout=timeout, metadata=self.metadata
+                )
             except grpc.RpcError as exc:
                 raise _call_error(shard, address, exc) from None
 
@@ -245,7 +253,7 @@ class PeerClients:
         await self._each(
             "Close",
             lambda shard: pb.ShardCloseRequest(
-                round=round_, uploads=dict(uploads), finished=finished
+                round=round_, uploads=dict(uploads), finished=finished, gather=bool(self.cfg.save)
             ),
             timeout,
         )
@@ -264,7 +272,7 @@ class PeerClients:
         for i, channel in enumerate(self._channels):
             pieces = self.setup.plan.pieces[i + 1]
             await _pull_into(channel, piece_views(full, pieces), piece_specs(specs, pieces),
-                             self.cfg.rounds, self.cfg.chunk_bytes)  # fmt: skip
+                             self.cfg.rounds, self.cfg.chunk_bytes, self.metadata)  # fmt: skip
         names = [s.name for s in specs]
         return dict(zip(names, full, strict=True))
 
@@ -279,6 +287,7 @@ async def _pull_into(
     specs: Sequence[TensorSpec],
     min_round: int,
     chunk_bytes: int,
+    metadata: Any = (),
 ) -> None:
     """Stream one shard's parameters (its pieces) into ``views``."""
     layout = Layout(specs)
@@ -289,7 +298,8 @@ async def _pull_into(
         request_serializer=pb.PullRequest.SerializeToString,
         response_deserializer=None,
     )
-    stream = call(pb.PullRequest(node_id="shard-0", min_round=min_round), timeout=PEER_CALL * 4)
+    request = pb.PullRequest(node_id=SHARD_IDENTITY, min_round=min_round)
+    stream = call(request, timeout=PEER_CALL * 4, metadata=metadata)
     first = True
     async for raw in stream:
         if first:

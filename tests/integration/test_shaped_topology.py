@@ -162,4 +162,6 @@ def test_shards_and_relays_get_the_planned_flags(
     relay_at = [value(c, "--listen") for c in relays]
     nodes = sorted((c for c in calls if c[0] == "node"), key=lambda c: value(c, "--shard"))
     upstreams = [value(c, "--aggregator") for c in nodes]
-    assert upstreams == [relay_at[0], relay_at[0], relay_at[1], relay_at[1]]
+    # Nodes 0-1 on one relay, 2-3 on the other (the relays log their calls in any order).
+    assert upstreams[0] == upstreams[1] != upstreams[2] == upstreams[3]
+    assert set(upstreams) == set(relay_at)

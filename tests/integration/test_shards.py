@@ -7,8 +7,10 @@ Every shard is a real grpc.aio server on 127.0.0.1; the nodes are fedgrad nodes
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -222,3 +224,81 @@ def test_shards_with_different_settings_refuse_to_form_a_federation(shards: Any)
     sh = shards(2, per_shard={1: {"seed": 7}}, nodes=1, rounds=1, start_timeout=5.0)
     with pytest.raises(ConfigError, match=r"seed: '7' here, '0' on shard 0"):
         sh.threads[0].call(sh.core.wait_finished(), timeout=CALL)
+
+
+def test_mutual_tls_between_shards_and_nodes(shards: Any, tmp_path: Path) -> None:
+    from fedgrad.certs import init_federation
+    from fedgrad.client.node import Node
+    from fedgrad.config import NodeConfig
+
+    init_federation(tmp_path, ["n0", "n1", "shard-0"])
+    ca, node_dir = str(tmp_path / "ca.pem"), tmp_path / "nodes"
+    mtls = {
+        "tls_cert": str(tmp_path / "server.pem"), "tls_key": str(tmp_path / "server.key"),
+        "tls_client_ca": ca, "peer_ca": ca, "peer_cert": str(node_dir / "shard-0.pem"),
+        "peer_key": str(node_dir / "shard-0.key"),
+    }  # fmt: skip
+    sh = shards(2, nodes=2, rounds=3, accumulate="reproducible", **mtls)
+    results: dict[str, Any] = {}
+
+    def run(i: int) -> None:
+        cfg = NodeConfig(
+            task="linear", aggregator=sh.peers[0], node_id=f"n{i}", shard=(i, 2), tls_ca=ca,
+            tls_cert=str(node_dir / f"n{i}.pem"), tls_key=str(node_dir / f"n{i}.key"),
+            give_up_after=30.0,
+        )  # fmt: skip
+        node = Node(load_task("linear"), cfg)
+        try:
+            results[cfg.node_id] = node.run()
+        finally:
+            node.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == ["n0", "n1"] and all(r.uploads == 3 for r in results.values())
+    gathered = sh.threads[0].call(sh.core.peers.gather(sh.core))
+    with LocalCluster("linear", nodes=2, accumulate="reproducible") as cluster:
+        want = cluster.run(3).params
+    for name, value in want.items():
+        assert torch.equal(gathered[name], value), name
+    # Only shard 0's certificate may give the other shards orders; plaintext gets nowhere.
+    creds = grpc.ssl_channel_credentials(
+        Path(ca).read_bytes(),
+        (node_dir / "n0.key").read_bytes(),
+        (node_dir / "n0.pem").read_bytes(),
+    )
+    sync = pb.ShardSyncRequest(shard=1, shards=2)
+    with grpc.secure_channel(sh.peers[1], creds) as channel:
+        call = channel.unary_unary(
+            "/fedgrad.v1.ShardPeer/Sync",
+            request_serializer=pb.ShardSyncRequest.SerializeToString,
+            response_deserializer=pb.ShardSyncReply.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            call(sync, timeout=CALL)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "only shard 0" in err.value.details()
+    with grpc.insecure_channel(sh.peers[1]) as channel:
+        call = channel.unary_unary(
+            "/fedgrad.v1.ShardPeer/Sync",
+            request_serializer=pb.ShardSyncRequest.SerializeToString,
+            response_deserializer=pb.ShardSyncReply.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            call(sync, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_shards_need_the_peer_credentials() -> None:
+    base = {"task": "linear", "shard": "0/2", "peers": ("127.0.0.1:1", "127.0.0.1:2")}
+    with pytest.raises(ConfigError, match="peer_ca"):
+        AggregatorConfig(**base, tls_cert="c.pem", tls_key="k.pem")
+    with pytest.raises(ConfigError, match="peer_cert and peer_key"):
+        AggregatorConfig(
+            **base, tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem", peer_ca="ca.pem"
+        )
+    with pytest.raises(ConfigError, match="need shard"):
+        AggregatorConfig(task="linear", peer_ca="ca.pem")

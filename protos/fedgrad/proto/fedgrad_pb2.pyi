@@ -383,7 +383,7 @@ class ShardCommitReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardCloseRequest(_message.Message):
-    __slots__ = ("round", "uploads", "finished")
+    __slots__ = ("round", "uploads", "finished", "gather")
     class UploadsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -394,10 +394,12 @@ class ShardCloseRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UPLOADS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    GATHER_FIELD_NUMBER: _ClassVar[int]
     round: int
     uploads: _containers.ScalarMap[str, str]
     finished: bool
-    def __init__(self, round: _Optional[int] = ..., uploads: _Optional[_Mapping[str, str]] = ..., finished: bool = ...) -> None: ...
+    gather: bool
+    def __init__(self, round: _Optional[int] = ..., uploads: _Optional[_Mapping[str, str]] = ..., finished: bool = ..., gather: bool = ...) -> None: ...
 
 class ShardCloseReply(_message.Message):
     __slots__ = ("round",)
