@@ -45,6 +45,7 @@ from benchmarks import (
     raw_grpc,
     report,
     robustness,
+    shaped,
     stragglers,
 )
 from benchmarks.common import BenchError, MiB, Procs
@@ -195,9 +196,23 @@ SUITES: dict[str, Suite] = {
     "compress_tta": _once(lambda p, pr: compression.compress_tta(
         {"fedsgd": p.noniid_caps[0], "fedavg": min(p.noniid_caps[1], 30)},
         target=p.target_accuracy)),
+    # Past one aggregator process, issue 15 (benchmarks/shaped.py): every process in its
+    # own network namespace, 1 Gbit/s links (tbf on both ends of each veth), K shards; then
+    # the same on 127.0.0.1. Relays are not built yet (no suite for them).
+    "shaped_k1": lambda p, pr: shaped.shaped_rounds(
+        p.params, p.tensors, p.nodes, p.rounds, pr, shards=1),
+    "shaped_k2": lambda p, pr: shaped.shaped_rounds(
+        p.params, p.tensors, p.nodes, p.rounds, pr, shards=2),
+    "shaped_k4": lambda p, pr: shaped.shaped_rounds(
+        p.params, p.tensors, p.nodes, p.rounds, pr, shards=4),
+    "unshaped_k1": lambda p, pr: shaped.shaped_rounds(
+        p.params, p.tensors, p.nodes, p.rounds, pr, shards=1, rate_mbit=None, loopback=True),
+    "unshaped_k2": lambda p, pr: shaped.shaped_rounds(
+        p.params, p.tensors, p.nodes, p.rounds, pr, shards=2, rate_mbit=None, loopback=True),
 }  # fmt: skip
 # The compression suites' table rows and targets live beside them (benchmarks/compression.py).
 report.METRICS.update(compression.METRICS)
+report.METRICS.update({name: shaped.METRICS[name] for name in SUITES if name in shaped.METRICS})
 report.THRESHOLDS.extend(compression.THRESHOLDS)
 #: The suites that run the fedgrad CLI (they take ``cli=``); ``--baseline`` twins them.
 # Suites a baseline build can run too (one before the reproducible sum has no such kernel).
@@ -206,7 +221,8 @@ FEDGRAD_SUITES = tuple(
 )
 
 # Errors that will not go away on the next repetition: stop retrying the suite.
-_PERMANENT = (fedgrad_bench.NOT_AVAILABLE, "flwr not importable")
+_PERMANENT = (fedgrad_bench.NOT_AVAILABLE, "flwr not importable", shaped.NOT_AVAILABLE,
+              shaped.NO_NETNS)  # fmt: skip
 
 
 def run(
