@@ -302,3 +302,44 @@ def test_tls_shards_need_the_peer_credentials() -> None:
         )
     with pytest.raises(ConfigError, match="need shard"):
         AggregatorConfig(task="linear", peer_ca="ca.pem")
+
+
+def test_tokens_between_shards_and_nodes(shards: Any, tmp_path: Path) -> None:
+    from fedgrad.auth import generate_token
+
+    tokens = {n: generate_token() for n in ("n0", "n1", "shard-0")}
+    token_file = tmp_path / "tokens"
+    token_file.write_text("".join(f"{n} {t}\n" for n, t in tokens.items()))
+    token_file.chmod(0o600)
+    peer_token = tmp_path / "shard-0.token"
+    peer_token.write_text(tokens["shard-0"] + "\n")
+    peer_token.chmod(0o600)
+    sh = shards(2, nodes=1, rounds=2, tokens=str(token_file), peer_token=str(peer_token))
+    with LocalCluster("linear", nodes=1) as cluster:
+        want = cluster.run(2).params
+    from fedgrad.client.node import Node
+    from fedgrad.config import NodeConfig
+
+    cfg = NodeConfig(
+        task="linear", aggregator=sh.peers[0], node_id="n0", shard=(0, 1), token=tokens["n0"],
+        give_up_after=30.0,
+    )  # fmt: skip
+    node = Node(load_task("linear"), cfg)
+    try:
+        assert node.run().uploads == 2
+    finally:
+        node.close()
+    gathered = sh.threads[0].call(sh.core.peers.gather(sh.core))
+    for name, value in want.items():
+        assert torch.equal(gathered[name], value), name
+    # n1's token may not give the shards orders.
+    with grpc.insecure_channel(sh.peers[1]) as channel:
+        call = channel.unary_unary(
+            "/fedgrad.v1.ShardPeer/Commit",
+            request_serializer=pb.ShardCommitRequest.SerializeToString,
+            response_deserializer=pb.ShardCommitReply.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            call(pb.ShardCommitRequest(node_id="n1"), timeout=CALL,
+                 metadata=(("authorization", f"Bearer {tokens['n1']}"),))  # fmt: skip
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
