@@ -219,7 +219,8 @@ def _shard_flags(add: Add) -> None:
     add(
         "shard",
         "run as shard I of a K-shard aggregator (README, 'Sharded aggregator'); shard 0"
-        " coordinates and is the address nodes are given (default: unsharded)",
+        " coordinates and is the address nodes are given; ordinal/K takes I from the host"
+        " name's -NUMBER (a StatefulSet pod) (default: unsharded)",
         metavar="I/K",
     )
     add(

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import socket
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -73,6 +74,17 @@ def _origin(values: Mapping[str, Any]) -> dict[str, str]:
     return dict(values.origin) if isinstance(values, Resolved) else {}
 
 
+def _shard_of_this_host(shard: str | None) -> str | None:
+    """``--shard ordinal/K``: I from the host name's -NUMBER (a StatefulSet pod's name)."""
+    if shard is None or not shard.startswith("ordinal/"):
+        return shard
+    host = os.environ.get("HOSTNAME") or socket.gethostname()
+    match = re.search(r"-(\d+)$", host)
+    if not match:
+        raise ConfigError(f"--shard {shard} needs a host name ending in -NUMBER, got {host!r}")
+    return f"{int(match.group(1))}/{shard.partition('/')[2]}"
+
+
 def aggregator_config(values: Mapping[str, Any]) -> AggregatorConfig:
     """Build and check the aggregator's config from resolved option values.
 
@@ -86,7 +98,7 @@ def aggregator_config(values: Mapping[str, Any]) -> AggregatorConfig:
     settings["allow_nodes"] = tuple(n for n in allow.split(",") if n)
     peers = settings.get("peers") or ""
     settings["peers"] = tuple(p.strip() for p in peers.split(",") if p.strip())
-    settings["shard"] = settings.get("shard") or None
+    settings["shard"] = _shard_of_this_host(settings.get("shard") or None)
     cfg = build_config(AggregatorConfig, settings, origin)
     check_listen_policy(cfg, warn=False)  # refuse early; the server warns once it logs
     return cfg
