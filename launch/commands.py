@@ -9,8 +9,8 @@ import logging
 import math
 import os
 import re
-import socket
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from concurrent import futures
@@ -155,6 +155,9 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     else:
         stopped.cancel()
         await server.stop(grace=1.0)
+        failure = done.exception()
+        if failure is not None:  # e.g. the shards refuse to form a federation
+            raise failure
     where = server.core or server.follower
     log.info("aggregator finished at round %d", where.round, extra={"event": "exit"})  # type: ignore[union-attr]
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from fedgrad.codecs import Codec, codec_for
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import (
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     OutOfRange,
@@ -79,6 +80,8 @@ class ShardFollower:
             1, min(64, cfg.staging_mb * (1 << 20) // max(1, self.layout.total))
         )
         self.synced = False
+        #: Why this shard stops (its settings are not shard 0's), "" while it can go on.
+        self.failed = ""
         self._adds: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -141,6 +144,9 @@ class ShardFollower:
         if differ:
             message = "the shards' settings differ: " + "; ".join(differ)
             log.error(message, extra={"event": "shards"})
+            self.failed = f"shard 0 refused: {message}"
+            async with self._changed:
+                self._changed.notify_all()
             raise FailedPrecondition(message)
         if self.session_id and self.session_id != session:
             raise FailedPrecondition(
@@ -375,8 +381,15 @@ class ShardFollower:
             self.final_pulled.add(node_id)
 
     async def wait_finished(self) -> None:
+        """Return once training is over and the final pieces were pulled (or the grace).
+
+        Raises:
+            ConfigError: this shard's settings are not shard 0's.
+        """
         async with self._changed:
-            await self._changed.wait_for(lambda: self.finished)
+            await self._changed.wait_for(lambda: self.finished or bool(self.failed))
+        if self.failed:
+            raise ConfigError(self.failed)
         deadline = time.monotonic() + self.cfg.finish_grace
         while time.monotonic() < deadline and not self.final_readers <= self.final_pulled:
             await asyncio.sleep(0.05)

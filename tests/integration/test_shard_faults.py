@@ -154,3 +154,20 @@ def test_a_shard_that_stays_down_blocks_rounds_with_a_status_naming_it(
     # Back with the same command: training goes on to the end.
     fed.start_shard(1)
     fed.finish()
+
+
+def test_shard_processes_with_different_settings_both_exit_2_saying_which(spawn: Any) -> None:
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    procs = []
+    for i, seed in ((1, "7"), (0, "0")):
+        procs.append(spawn(
+            *_fedgrad(), "aggregator", "--task", "linear", "--nodes", "1", "--seed", seed,
+            "--shard", f"{i}/2", "--peers", ",".join(peers), "--listen", peers[i],
+            "--no-progress",
+        ))  # fmt: skip
+    for proc in procs:
+        out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("fedgrad aggregator: error:"), err
+        assert "seed: '7' here, '0' on shard 0" in last, err
