@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import (
     ConfigError,
@@ -42,7 +44,7 @@ from fedgrad.server.robust import check_fits
 from fedgrad.server.sharding import PeerClients, ShardSetup
 from fedgrad.server.staging import StagedUpload, UploadTicket
 from fedgrad.server.uploads import Intake
-from fedgrad.task import EVAL_PREFIX, EVAL_SAMPLES, Task
+from fedgrad.task import EVAL_PREFIX, EVAL_SAMPLES, Task, trainable_parameters
 from fedgrad.wire import check_id
 
 __all__ = ["Aggregator"]
@@ -70,6 +72,7 @@ class Aggregator:
         self.failed = ""
         #: Counts the open round's restarts on every shard (a shard lost its part of it).
         self.redo_epoch = 0
+        self._eval_module: torch.nn.Module | None = None  # shard 0's copy for evaluation
         self.policy = make_policy(cfg)
         self.engine = RoundEngine(Rules(cfg.nodes, cfg.rounds, cfg.min_nodes), self.policy)
         # Two add threads pay off once uploads are large; small models stay single-threaded.
@@ -131,6 +134,26 @@ class Aggregator:
         else:
             wait = self.cfg.start_timeout or self.cfg.round_timeout
             self._timer = self._spawn(self._start_deadline(wait))
+
+    async def _evaluate_shards(self, round_: int) -> dict[str, float]:
+        """Evaluate the whole model of ``round_``: this shard's pieces and the others'.
+
+        Shard 0 keeps one copy of the whole model for this, filled each round from every
+        shard's published pieces (the task's test set is evaluated as unsharded).
+        """
+        assert self.shards is not None and self.peers is not None
+        if self._eval_module is None:
+            self._eval_module = self.shards.task.inner.model()
+        params = [p for _, p in trainable_parameters(self._eval_module)]
+        await self.peers.gather(self, into=params, round_=round_)
+        module, task = self._eval_module, self.shards.task.inner
+
+        def evaluate() -> dict[str, float]:
+            with torch.no_grad():
+                module.eval()
+                return task.evaluate(module) or {}
+
+        return await asyncio.to_thread(evaluate)
 
     @property
     def blocked(self) -> str:
@@ -512,6 +535,8 @@ class Aggregator:
                     await self._redo(str(exc))
                     return
             metrics = await asyncio.to_thread(self.model.step, self.reducer)
+            if self.shards is not None and self.shards.task.evaluates:
+                metrics = await self._evaluate_shards(self.round + 1)
             phases["step"] = time.perf_counter() - collected
             selected = self.engine.selected
             record = self.ledger.close(

@@ -77,7 +77,12 @@ class PieceTask(Task):
         return _Pieces(values)
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
-        return None
+        return None  # shard 0 evaluates the whole model (``Aggregator._evaluate_shards``)
+
+    @property
+    def evaluates(self) -> bool:
+        """True if the task's own ``evaluate`` does something (it overrides Task's)."""
+        return type(self.inner).evaluate is not Task.evaluate
 
     def round_config(self, round_: int, total_rounds: int) -> Mapping[str, str]:
         return self.inner.round_config(round_, total_rounds)
@@ -258,10 +263,21 @@ class PeerClients:
             timeout,
         )
 
-    async def gather(self, core: Any) -> dict[str, torch.Tensor]:
-        """Pull every shard's final pieces: the whole model's state_dict (for ``--save``)."""
+    async def gather(
+        self,
+        core: Any,
+        into: Sequence[torch.Tensor] | None = None,
+        round_: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Pull every shard's pieces of ``round_`` (default: the final ones) into the model.
+
+        Writes into ``into`` (the whole model's tensors, manifest order) or new tensors;
+        returns them by name (the state_dict ``--save`` writes).
+        """
         specs = self.setup.full_specs
-        full = [torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+        full = (
+            list(into) if into is not None else [torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+        )
         with torch.no_grad():
             for view, own in zip(
                 piece_views(full, self.setup.pieces), core.model.params, strict=True
@@ -269,10 +285,11 @@ class PeerClients:
                 view.copy_(own.detach().reshape(-1))
         if not self._channels:
             self._open()
+        wanted = self.cfg.rounds if round_ is None else round_
         for i, channel in enumerate(self._channels):
             pieces = self.setup.plan.pieces[i + 1]
             await _pull_into(channel, piece_views(full, pieces), piece_specs(specs, pieces),
-                             self.cfg.rounds, self.cfg.chunk_bytes, self.metadata)  # fmt: skip
+                             wanted, self.cfg.chunk_bytes, self.metadata)  # fmt: skip
         names = [s.name for s in specs]
         return dict(zip(names, full, strict=True))
 

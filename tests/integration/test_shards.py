@@ -343,3 +343,15 @@ def test_tokens_between_shards_and_nodes(shards: Any, tmp_path: Path) -> None:
             call(pb.ShardCommitRequest(node_id="n1"), timeout=CALL,
                  metadata=(("authorization", f"Bearer {tokens['n1']}"),))  # fmt: skip
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_shard_0_evaluates_the_whole_model_each_round() -> None:
+    runs = {}
+    for k in (1, 2):
+        with LocalCluster("digits", nodes=2, shards=k, accumulate="reproducible") as cluster:
+            runs[k] = cluster.run(3)
+    for one, two in zip(runs[1].history, runs[2].history, strict=True):
+        assert one.test_accuracy == one.test_accuracy  # the task evaluates: not NaN
+        assert (two.test_loss, two.test_accuracy) == (one.test_loss, one.test_accuracy)
+    for name, value in runs[1].params.items():
+        assert torch.equal(runs[2].params[name], value), name
