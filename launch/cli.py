@@ -483,8 +483,40 @@ def build_parser() -> argparse.ArgumentParser:
     _aggregator_parser(sub)
     _node_parser(sub)
     _demo_parser(sub)
+    _relay_parser(sub)
     _tool_parsers(sub)
     return parser
+
+
+def _relay_parser(sub: Subparsers) -> None:
+    from fedgrad.relay_config import RelayConfig as R
+
+    p = sub.add_parser(
+        "relay",
+        help="a relay: an aggregator to its nodes, one node to its upstream",
+        description="Serve M nodes as an aggregator and forward their sum upstream as one"
+        " upload per round (README, 'Relays').",
+    )
+    p.add_argument("--task", default="digits", help="the task (default digits)")
+    p.add_argument(
+        "--task-arg", dest="task_args", action="append", default=[], type=task_arg,
+        metavar="KEY=VALUE", help="a task option (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="the task's data seed (default 0)")
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="the aggregator")
+    p.add_argument("--listen", default=R.listen, metavar="HOST:PORT",
+                   help=f"where the nodes connect (default {R.listen})")  # fmt: skip
+    p.add_argument("--nodes", type=int, default=R.nodes, help=f"nodes (default {R.nodes})")
+    p.add_argument("--min-nodes", type=int, default=R.min_nodes,
+                   help="uploads a round needs after its deadline (default: all)")  # fmt: skip
+    p.add_argument("--node-id", default=R.node_id,
+                   help=f"the relay's node id upstream (default {R.node_id})")  # fmt: skip
+    p.add_argument("--round-timeout", type=float, default=R.round_timeout, metavar="SEC",
+                   help=f"round deadline at the relay (default {R.round_timeout:g})")  # fmt: skip
+    p.add_argument("--give-up-after", type=float, default=R.give_up_after, metavar="SEC",
+                   help=f"upstream unreachable this long: exit 1 (default {R.give_up_after:g})")  # fmt: skip
+    p.add_argument("--insecure", action="store_true",
+                   help="serve plaintext on a non-loopback address")  # fmt: skip
 
 
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

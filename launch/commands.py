@@ -51,6 +51,8 @@ def dispatch(args: argparse.Namespace, subparser: Callable[[str], argparse.Argum
         from fedgrad.launch.demo import run_demo
 
         return run_demo(args.nodes, args.rounds, args.task, dict(args.task_args), Path(args.out))
+    if args.command == "relay":
+        return run_relay(args)
     if args.command == "status":
         return show_status(args)
     if args.command == "health":
@@ -161,6 +163,32 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
     where = server.core or server.follower
     log.info("aggregator finished at round %d", where.round, extra={"event": "exit"})  # type: ignore[union-attr]
     return 0
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    """Relay until the upstream's training is over (exit 0); 1 if the upstream refuses it."""
+    from fedgrad.relay_config import RelayConfig
+    from fedgrad.server.relay import RelayServer, RpcFailed
+
+    cfg = RelayConfig(
+        upstream=args.upstream, listen=args.listen, nodes=args.nodes, min_nodes=args.min_nodes,
+        node_id=args.node_id, round_timeout=args.round_timeout,
+        give_up_after=args.give_up_after, insecure=args.insecure,
+    )  # fmt: skip
+    setup_logging("text", progress=False)
+    task = load_task(args.task, dict(args.task_args), seed=args.seed)
+
+    async def serve() -> int:
+        server = RelayServer(task, cfg)
+        await server.start()
+        try:
+            await server.run()
+        except RpcFailed as exc:
+            print(f"fedgrad relay: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(serve())
 
 
 def _log_round(r: RoundRecord, total: int, phases: dict[str, float], cfg: AggregatorConfig) -> None:

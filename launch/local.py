@@ -27,6 +27,7 @@ from fedgrad.client.node import Node, NodeResult
 from fedgrad.config import AggregatorConfig, NodeConfig
 from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
+from fedgrad.relay_config import RelayConfig
 from fedgrad.server.app import ServerThread
 from fedgrad.task import Task, load_task
 
@@ -63,6 +64,7 @@ class LocalCluster:
         node_options: Mapping[str, Any] | None = None,
         attackers: Mapping[str, str] | None = None,
         shards: int = 1,
+        relays: int = 0,
         **aggregator_options: Any,
     ) -> None:
         """Configure the cluster.
@@ -80,6 +82,8 @@ class LocalCluster:
                 e.g. ``{"node-0": "sign-flip:10"}``; it wins over ``node_options``' for them.
             shards: run a sharded aggregator of this many shards (``--shard I/K``), each
                 on its own port; the result's ``params`` are gathered from all of them.
+            relays: put this many relays (``fedgrad relay``) between the nodes and the
+                aggregator, ``nodes / relays`` nodes each (``nodes`` must be a multiple).
             **aggregator_options: extra ``AggregatorConfig`` fields (``reduce``, ``lr``,
                 ``start_timeout``, ...).
 
@@ -99,6 +103,12 @@ class LocalCluster:
             replace(self.cfg, shard=f"0/{shards}", peers=("127.0.0.1:1",) * shards)
         self.shards = shards
         self._followers: list[ServerThread] = []
+        if not (isinstance(relays, int) and relays >= 0) or (relays and nodes % relays):
+            raise ConfigError(f"relays must be 0 or divide nodes ({nodes}), got {relays!r}")
+        if relays and shards > 1:
+            raise ConfigError("relays to a sharded aggregator are not built yet")
+        self.relays = relays
+        self._relays: list[_RelayThread] = []
         self.node_cfg = NodeConfig(
             **{
                 "task": "<local>",
@@ -127,6 +137,9 @@ class LocalCluster:
         for follower in self._followers:
             follower.stop()
         self._followers = []
+        for relay in self._relays:
+            relay.stop()
+        self._relays = []
 
     def run(self, rounds: int) -> ClusterResult:
         """Train a fresh federation for ``rounds`` rounds and return the result.
@@ -149,11 +162,29 @@ class LocalCluster:
                 self._followers.append(ServerThread(self._make_task(), shard))
                 self._followers[-1].start()
             cfg = replace(cfg, shard=f"0/{self.shards}", peers=peers, listen=peers[0])
+        if self.relays:
+            cfg = replace(cfg, nodes=self.relays, min_nodes=min(cfg.min_nodes, self.relays))
         self._server = ServerThread(self._make_task(), cfg)
         port = self._server.start()
+        targets = [f"127.0.0.1:{port}"] * self.nodes
+        if self.relays:
+            per = self.nodes // self.relays
+            for r in range(self.relays):
+                relay = _RelayThread(
+                    self._make_task(),
+                    RelayConfig(
+                        upstream=f"127.0.0.1:{port}",
+                        listen=f"127.0.0.1:{_free_port()}",
+                        nodes=per,
+                        node_id=f"relay-{r}",
+                    ),  # fmt: skip
+                )
+                self._relays.append(relay)
+                address = relay.start()
+                targets[r * per : (r + 1) * per] = [address] * per
         core = self._server.server.core
         finished = asyncio.run_coroutine_threadsafe(core.wait_finished(), self._server.loop)
-        fleet = _Fleet(self._make_task, self._node_configs(port))
+        fleet = _Fleet(self._make_task, self._node_configs(targets))
         waited: list[futures.Future[Any]] = [finished, *fleet.outcomes]
         try:
             _, pending = futures.wait(
@@ -204,11 +235,11 @@ class LocalCluster:
             lambda node_id: (int(node_id.rpartition("-")[2]), self.nodes),
         )
 
-    def _node_configs(self, port: int) -> list[NodeConfig]:
+    def _node_configs(self, targets: Sequence[str]) -> list[NodeConfig]:
         return [
             replace(
                 self.node_cfg,
-                aggregator=f"127.0.0.1:{port}",
+                aggregator=targets[index],
                 node_id=f"node-{index}",
                 shard=(index, self.nodes),
                 simulate_attack=self.attackers.get(f"node-{index}", self.node_cfg.simulate_attack),
@@ -328,3 +359,41 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class _RelayThread:
+    """A relay (``fedgrad.server.relay``) on its own event loop in a background thread."""
+
+    def __init__(self, task: Task, cfg: RelayConfig) -> None:
+        from fedgrad.server.relay import RelayServer
+
+        self.cfg, self.server = cfg, RelayServer(task, cfg)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="relay")
+        self._run: futures.Future[Any] | None = None
+
+    def start(self) -> str:
+        self._thread.start()
+        port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
+        self._run = asyncio.run_coroutine_threadsafe(self.server.run(), self.loop)
+        return f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        """Cancel the relay's loop (it closes its channel and server), then the thread."""
+        if self._run is not None:
+            self._run.cancel()
+            try:
+                self._run.result(10)
+            except BaseException:  # cancelled, or the relay's own failure: stopping anyway
+                pass
+        if self._thread.is_alive():
+            if self.server.server is not None:
+                stop = asyncio.run_coroutine_threadsafe(self.server.server.stop(0.5), self.loop)
+                try:
+                    stop.result(10)
+                except Exception:  # stopping anyway
+                    pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()

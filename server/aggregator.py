@@ -12,6 +12,7 @@ tensor work runs in worker threads while the loop keeps reading streams.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -468,9 +469,10 @@ class Aggregator:
         try:
             async with self._adding:
                 began = time.perf_counter()
-                norm = await asyncio.to_thread(
-                    self.reducer.add, staged, ticket.weight, scale, ticket.node_id
-                )
+                add = self.reducer.add
+                if ticket.presummed:  # a relay's partial sum: checked in Intake.open
+                    add = functools.partial(self.reducer.add, presummed=True)  # type: ignore[call-arg]
+                norm = await asyncio.to_thread(add, staged, ticket.weight, scale, ticket.node_id)
                 if ticket.buffers is not None:
                     self.model.buffer_mean.add(ticket.buffers, ticket.weight)
                 self.counters.add_seconds += time.perf_counter() - began

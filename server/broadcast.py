@@ -52,6 +52,14 @@ class Snapshot:
         self.readers = 0
         self._lock = threading.Lock()
 
+    @classmethod
+    def received(cls, round_: int, finished: bool, messages: Sequence[bytes]) -> Snapshot:
+        """The messages of a broadcast received from elsewhere, sent on as they are (a relay)."""
+        snapshot = cls(round_, finished, messages[0], [], serialized=True)
+        snapshot._frozen = tuple(messages[1:])
+        snapshot.wire_bytes = sum(len(m) for m in messages)
+        return snapshot
+
     @property
     def serialized(self) -> bool:
         """True once the chunks are bytes of their own (``freeze`` or a cast/device copy)."""

@@ -240,8 +240,18 @@ class StreamingReducer:
             )
         return min(num_samples, self.max_samples) if self.max_samples else num_samples
 
-    def add(self, upload: StagedUpload, weight: int, scale: float = 1.0, key: str = "") -> float:
+    def add(
+        self,
+        upload: StagedUpload,
+        weight: int,
+        scale: float = 1.0,
+        key: str = "",
+        presummed: bool = False,
+    ) -> float:
         """Add ``weight * scale * values``; the divisor counts ``weight`` only.
+
+        ``presummed``: the values are already a weighted sum (a relay's, of total weight
+        ``weight``): they are added as they are, and the divisor counts ``weight``.
 
         ``scale`` (async mode's staleness factor s(tau), in (0, 1]) shrinks a stale
         upload without renormalizing it away (FedBuff). At 1 the product stays the
@@ -261,7 +271,7 @@ class StreamingReducer:
             norm = upload_norm(upload)
             if norm > self.clip:
                 scale *= self.clip / norm
-        factor: float = weight if scale == 1 else weight * scale
+        factor: float = 1.0 if presummed else (weight if scale == 1 else weight * scale)
         chunks, overwrite = upload.chunks, self.count == 0
         if overwrite and upload.codec.sparse:  # a sparse upload leaves elements out: zero first
             self.sum.zero()

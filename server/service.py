@@ -296,6 +296,7 @@ class AggregatorService:
                 _codec_of(h),
                 h.payload_bytes,
                 h.buffers,
+                h.presummed,
             )
             duplicate = ticket.duplicate  # read now: the add (after the count) lets the slot go
             if not duplicate:

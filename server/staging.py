@@ -92,6 +92,8 @@ class UploadTicket:
     counted: bool = False  # counted in the round; its add may still be running
     #: The node's buffers after its computation (``fedgrad.buffers.unpack``), if it sent them.
     buffers: list[np.ndarray] | None = None
+    #: A relay's pre-weighted partial sum (``UploadHeader.presummed``): added as it is.
+    presummed: bool = False
 
     @property
     def duplicate(self) -> bool:

@@ -19,7 +19,7 @@ from fedgrad.config import AggregatorConfig
 from fedgrad.errors import InvalidArgument, ResourceExhausted
 from fedgrad.server.engine import RoundEngine
 from fedgrad.server.model import ServerModel
-from fedgrad.server.reducers import Reducer
+from fedgrad.server.reducers import MAX_EXACT_WEIGHT, Reducer
 from fedgrad.server.staging import StagedUpload, UploadTicket, check_metrics
 from fedgrad.wire import check_id
 
@@ -64,6 +64,7 @@ class Intake:
         codec: str = "",
         payload_bytes: int = 0,
         buffers: bytes = b"",
+        presummed: bool = False,
     ) -> UploadTicket:
         """Check an upload header and reserve a staging slot.
 
@@ -85,7 +86,11 @@ class Intake:
         if self.engine.open_upload(node_id, round_, upload_id, time.monotonic()):
             return UploadTicket(node_id, round_, upload_id, 0, metrics, None)
         try:
-            weight = self.reducer.weight(num_samples)
+            weight = (
+                self._presummed_weight(num_samples)
+                if presummed
+                else self.reducer.weight(num_samples)
+            )
             await asyncio.wait_for(self._slots.acquire(), self.cfg.slot_wait)
         except TimeoutError:
             self.engine.abandon(node_id)
@@ -96,9 +101,32 @@ class Intake:
             self.engine.abandon(node_id)  # refused or cancelled: the node must not stay locked out
             raise
         staged = StagedUpload(decoder, self.cfg.chunk_bytes)
-        ticket = UploadTicket(node_id, round_, upload_id, weight, metrics, staged, buffers=values)
+        ticket = UploadTicket(
+            node_id, round_, upload_id, weight, metrics, staged, buffers=values, presummed=presummed
+        )
         self.inflight.add(ticket)
         return ticket
+
+    def _presummed_weight(self, num_samples: int) -> int:
+        """A relay's upload weighs the sum of its uploads' weights (InvalidArgument if it cannot)."""
+        if (
+            not getattr(self.reducer, "streaming", False)
+            or type(self.reducer).__name__ != "StreamingReducer"
+        ):
+            raise InvalidArgument(
+                f"a relay's presummed upload needs a streaming reduction (weighted-mean, mean,"
+                f" sum), not {self.cfg.reduce!r} or differential privacy"
+            )
+        if self.cfg.mode != "sync" or self.cfg.clip_update_norm is not None:
+            raise InvalidArgument(
+                "a relay's presummed upload needs sync rounds without --clip-update-norm"
+            )
+        if not 1 <= num_samples < MAX_EXACT_WEIGHT:
+            raise InvalidArgument(
+                f"num_samples of a presummed upload (the sum of its weights) must be in"
+                f" [1, {MAX_EXACT_WEIGHT - 1}], got {num_samples}"
+            )
+        return num_samples
 
     def _codec(self, declared: str) -> Codec:
         decoder = self._codecs.get(declared)

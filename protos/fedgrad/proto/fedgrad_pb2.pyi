@@ -187,7 +187,7 @@ class ParameterMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[ParameterHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype", "codec", "payload_bytes", "buffers", "shard", "shard_map")
+    __slots__ = ("round", "node_id", "upload_id", "num_samples", "metrics", "wire_dtype", "codec", "payload_bytes", "buffers", "shard", "shard_map", "presummed")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class UploadHeader(_message.Message):
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
+    PRESUMMED_FIELD_NUMBER: _ClassVar[int]
     round: int
     node_id: str
     upload_id: str
@@ -217,7 +218,8 @@ class UploadHeader(_message.Message):
     buffers: bytes
     shard: int
     shard_map: str
-    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., buffers: _Optional[bytes] = ..., shard: _Optional[int] = ..., shard_map: _Optional[str] = ...) -> None: ...
+    presummed: bool
+    def __init__(self, round: _Optional[int] = ..., node_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., buffers: _Optional[bytes] = ..., shard: _Optional[int] = ..., shard_map: _Optional[str] = ..., presummed: bool = ...) -> None: ...
 
 class UploadEnd(_message.Message):
     __slots__ = ("total_bytes",)

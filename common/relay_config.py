@@ -1,0 +1,58 @@
+"""The configuration of ``fedgrad relay`` (``fedgrad.server.relay``), checked at start-up."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from fedgrad.config import parse_hostport
+from fedgrad.errors import ConfigError
+from fedgrad.wire import check_id
+
+__all__ = ["RelayConfig"]
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """What ``fedgrad relay`` takes; see ``fedgrad relay --help``."""
+
+    upstream: str
+    listen: str = "127.0.0.1:50052"
+    nodes: int = 2
+    #: Uploads a round needs once its deadline passed (0: every one of ``nodes``).
+    min_nodes: int = 0
+    node_id: str = "relay-0"
+    round_timeout: float = 300.0
+    idle_timeout: float = 30.0
+    call_timeout: float = 60.0
+    #: Seconds the upstream may stay unreachable before the relay gives up (exit 1).
+    give_up_after: float = 600.0
+    finish_grace: float = 30.0
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("upstream", "listen"):
+            try:
+                parse_hostport(getattr(self, name))
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{name} must be HOST:PORT, got {getattr(self, name)!r}"
+                ) from None
+        if self.nodes < 1 or not 0 <= self.min_nodes <= self.nodes:
+            raise ConfigError("nodes must be >= 1 and min_nodes in [0, nodes]")
+        check_id("node_id", self.node_id)
+        host = parse_hostport(self.listen)[0]
+        if not self.insecure and not _loopback(host):
+            raise ConfigError(
+                f"a relay serves plaintext; listen on a loopback address or pass --insecure"
+                f" (got {self.listen}); TLS for relays is not built yet"
+            )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

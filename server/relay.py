@@ -1,0 +1,465 @@
+"""A relay (``fedgrad relay``): an aggregator to its M nodes, one node to its upstream.
+
+Each round the relay pulls the upstream's parameters and serves those same bytes to its
+nodes; it reduces its nodes' uploads (any codec) into one float64 sum of weight x values
+with the upstream's reduction weights, and pushes that as one *presummed* upload
+(``UploadHeader.presummed``) whose ``num_samples`` is the sum of the weights. The upstream
+adds it as it is, so its step is the one it would take with every node connected
+directly, and its traffic grows with the number of relays, not nodes.
+
+A relay keeps no state across restarts: its upload id is ``RELAY.rROUND.SESSION``, so a
+restarted relay that collects the round again sends an upload the upstream already
+counted as a duplicate (applied once), and its nodes reconnect and redo the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from fedgrad.codec import (
+    Layout,
+    iter_chunk_pieces,
+    manifest_from_proto,
+    manifest_to_proto,
+    specs_of,
+)
+from fedgrad.codecs import Codec, codec_for
+from fedgrad.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    OutOfRange,
+    RpcError,
+    StaleRound,
+    Unavailable,
+)
+from fedgrad.framing import encode_chunk
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.relay_config import RelayConfig
+from fedgrad.server.app import server_options
+from fedgrad.server.broadcast import Snapshot
+from fedgrad.server.counters import Counters
+from fedgrad.server.reducers import StreamingReducer
+from fedgrad.server.service import _codec_of, _fail, _parse, next_message, receive_upload
+from fedgrad.server.staging import StagedUpload, check_metrics
+from fedgrad.task import Task, trainable_parameters
+from fedgrad.wire import CONTRACT_VERSION, MAX_MESSAGE_BYTES, SERVICE_NAME, check_id
+
+__all__ = ["Relay", "RelayConfig", "RelayServer", "RpcFailed"]
+
+log = logging.getLogger("fedgrad.relay")
+_REDUCTIONS = {"weighted-mean", "mean", "sum"}
+
+
+class Relay:
+    """The relay's state: the upstream's round and parameters, its nodes' sum."""
+
+    def __init__(self, task: Task, cfg: RelayConfig) -> None:
+        self.cfg = cfg
+        self.specs = specs_of(trainable_parameters(task.model()))
+        self.layout = Layout(self.specs)
+        self.counters = Counters()
+        self.round, self.total_rounds, self.finished = 0, 0, False
+        self.session_id, self.reduce_rule, self.chunk_bytes, self.seed = "", "", 0, 0
+        self.snapshot: Snapshot | None = None
+        self.nodes: dict[str, int] = {}  # node id -> num_samples (from Join)
+        self.left: set[str] = set()
+        self.counted: dict[str, str] = {}  # node id -> upload id counted this round
+        self.losses: dict[str, tuple[float, int]] = {}
+        self.final_pulled: set[str] = set()
+        self.collecting = False
+        self.reducer: StreamingReducer | None = None
+        self.codecs: dict[str, Codec] = {}
+        self._inflight: set[str] = set()
+
+    # -- upstream ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Relay rounds until the upstream's training is over."""
+        self._changed = asyncio.Condition()
+        self._adding = asyncio.Lock()
+        self._slots = asyncio.Semaphore(2)
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.channel = grpc.aio.insecure_channel(self.cfg.upstream, options=options)
+        try:
+            reply = await self._call(self._join)
+            min_round = reply.round
+            while True:
+                header = await self._call(lambda m=min_round: self._pull(m))
+                if header.finished:
+                    await self._wait_final_pulls()
+                    return
+                await self._collect(header.round)
+                await self._call(lambda r=header.round: self._forward(r))
+                min_round = header.round + 1
+        finally:
+            await self.channel.close()
+
+    async def _call(self, attempt: Any) -> Any:
+        """Retry ``attempt`` while the upstream is unreachable (up to ``give_up_after``)."""
+        deadline = time.monotonic() + self.cfg.give_up_after
+        delay = 0.1
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise RpcFailed(
+                        f"the upstream refused: {exc.code().name}: {exc.details()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RpcFailed(
+                        f"the upstream was unreachable for {self.cfg.give_up_after:.0f} s"
+                    ) from None
+                log.info(
+                    "upstream unreachable (%s); retrying", exc.code().name, extra={"event": "retry"}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _join(self) -> pb.JoinReply:
+        join = self.channel.unary_unary(
+            f"/{SERVICE_NAME}/Join",
+            request_serializer=pb.JoinRequest.SerializeToString,
+            response_deserializer=pb.JoinReply.FromString,
+        )
+        request = pb.JoinRequest(
+            node_id=self.cfg.node_id, num_samples=1, manifest=manifest_to_proto(self.specs)
+        )
+        reply: pb.JoinReply = await join(request, timeout=self.cfg.call_timeout)
+        rule = reply.reduce_rule or "weighted-mean"
+        if rule not in _REDUCTIONS:
+            raise RpcFailed(f"the upstream reduces with {rule!r}; a relay forwards sums only")
+        if len(reply.shard_map.shards) > 1:
+            raise RpcFailed(
+                "the upstream is a sharded aggregator; relays to shards are not built yet"
+            )
+        self.session_id, self.reduce_rule, self.chunk_bytes = (
+            reply.session_id,
+            rule,
+            reply.chunk_bytes,
+        )
+        self.seed, self.total_rounds = reply.seed, reply.total_rounds
+        self.reducer = StreamingReducer(rule, self.layout, "float64", 1)
+        log.info("joined the upstream at round %d", reply.round, extra={"event": "join"})
+        return reply
+
+    async def _pull(self, min_round: int) -> pb.ParameterHeader:
+        pull = self.channel.unary_stream(
+            f"/{SERVICE_NAME}/PullParameters",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        wait = self.cfg.round_timeout * 2 + self.cfg.call_timeout
+        call = pull(pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round), timeout=wait)
+        messages = [raw async for raw in call]
+        first = pb.ParameterMessage.FromString(messages[0])
+        if first.WhichOneof("kind") != "header":
+            raise RpcFailed("the upstream sent a chunk before the ParameterHeader")
+        header = first.header
+        if header.session_id != self.session_id:
+            await self._join()  # a new federation upstream
+        snapshot = Snapshot.received(header.round, header.finished, messages)
+        async with self._changed:
+            self.round, self.finished, self.snapshot = header.round, header.finished, snapshot
+            self.total_rounds = header.total_rounds or self.total_rounds
+            self.collecting = not header.finished
+            self._changed.notify_all()
+        return header
+
+    async def _collect(self, round_: int) -> None:
+        """Wait for every expected node's upload of ``round_`` (or the deadline's quorum)."""
+        deadline = time.monotonic() + self.cfg.round_timeout
+        need = self.cfg.min_nodes or self.cfg.nodes
+
+        def enough() -> bool:
+            expected = self.cfg.nodes - len(self.left)
+            full = len(self.counted) >= max(1, expected) and not self._inflight
+            late = time.monotonic() >= deadline and len(self.counted) >= need and not self._inflight
+            return full or late
+
+        async with self._changed:
+            while not enough():
+                try:
+                    async with asyncio.timeout(max(0.05, deadline - time.monotonic())):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+            self.collecting = False
+        async with self._adding:  # the last add is done
+            pass
+
+    async def _forward(self, round_: int) -> None:
+        """Push the round's sum upstream as one presummed upload; then start afresh."""
+        assert self.reducer is not None
+        if not self.counted:
+            return
+        total = self.reducer.sum.total  # type: ignore[attr-defined]
+        weight = self.reducer.total_weight
+        wire = Layout(self.specs, torch.float64)
+        views, start = [], 0
+        for spec in self.specs:
+            views.append(total[start : start + spec.numel].view(np.uint8))
+            start += spec.numel
+        metrics = {}
+        if self.losses:
+            samples = sum(w for _, w in self.losses.values())
+            metrics["loss"] = sum(v * w for v, w in self.losses.values()) / max(1, samples)
+        header = pb.UploadHeader(
+            round=round_,
+            node_id=self.cfg.node_id,
+            upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
+            num_samples=weight,
+            metrics=metrics,
+            codec="float64",
+            payload_bytes=wire.total,
+            presummed=True,
+        )
+        chunk_bytes = self.chunk_bytes or (1 << 20)
+
+        async def messages() -> AsyncIterator[bytes]:
+            yield pb.GradientMessage(header=header).SerializeToString()
+            for t, o, pieces in iter_chunk_pieces(views, wire, chunk_bytes):
+                yield encode_chunk(t, o, pieces)
+            yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=wire.total)).SerializeToString()
+
+        push = self.channel.stream_unary(
+            f"/{SERVICE_NAME}/PushGradients",
+            request_serializer=None,
+            response_deserializer=pb.PushReply.FromString,
+        )
+        try:
+            await push(messages(), timeout=self.cfg.call_timeout + wire.total / 1e6)
+            self.counters.bytes_sent += wire.total
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise
+            log.warning("the upstream closed round %d before this relay's upload", round_)
+        log.info(
+            "round %d forwarded: %d uploads, weight %d", round_, len(self.counted), weight,
+            extra={"round": round_, "event": "forward"},
+        )  # fmt: skip
+        self.reducer.reset()
+        self.counted.clear()
+        self.losses.clear()
+
+    async def _wait_final_pulls(self) -> None:
+        deadline = time.monotonic() + self.cfg.finish_grace
+        active = set(self.nodes) - self.left
+        while time.monotonic() < deadline and not active <= self.final_pulled:
+            await asyncio.sleep(0.05)
+
+    # -- nodes ---------------------------------------------------------------------------
+    def join(self, node_id: str, num_samples: int, manifest: Any) -> None:
+        check_id("node_id", node_id)
+        if manifest is not None and manifest != self.specs:
+            raise InvalidArgument(
+                "this node's model is not the relay's task model: run both with the same --task"
+            )
+        if node_id not in self.nodes and len(set(self.nodes) - self.left) >= self.cfg.nodes:
+            raise FailedPrecondition(f"this relay takes {self.cfg.nodes} nodes; it has them")
+        self.nodes[node_id] = num_samples
+        self.left.discard(node_id)
+
+    async def wait_snapshot(self, min_round: int) -> Snapshot:
+        if self.total_rounds and min_round > self.total_rounds:
+            raise OutOfRange(f"round {min_round} is past the last round ({self.total_rounds})")
+
+        def ready() -> bool:
+            s = self.snapshot
+            return s is not None and (s.finished or s.round >= min_round)
+
+        async with self._changed:
+            await self._changed.wait_for(ready)
+            assert self.snapshot is not None
+            return self.snapshot
+
+    async def upload(self, h: pb.UploadHeader, requests: AsyncIterator[bytes]) -> pb.PushReply:
+        check_id("upload_id", h.upload_id)
+        check_metrics(dict(h.metrics))
+        if h.node_id not in self.nodes:
+            raise FailedPrecondition(f"node {h.node_id!r} has not joined this relay: call Join")
+        if self.counted.get(h.node_id) == h.upload_id:
+            return pb.PushReply(duplicate=True, round=h.round)
+        if h.round != self.round or not self.collecting:
+            current = self.round + (0 if self.collecting else 1)
+            raise StaleRound(f"round {h.round} is not open at this relay", current)
+        if h.node_id in self.counted or h.node_id in self._inflight:
+            raise FailedPrecondition(f"node {h.node_id!r} already uploads round {h.round}")
+        assert self.reducer is not None
+        weight = self.reducer.weight(h.num_samples)
+        codec = _codec_of(h)
+        decoder = self.codecs.get(codec) or self.codecs.setdefault(
+            codec, codec_for(codec, self.specs)
+        )
+        self._inflight.add(h.node_id)
+        try:
+            async with asyncio.timeout(self.cfg.round_timeout):
+                await self._slots.acquire()
+            try:
+                staged = StagedUpload(decoder, self.chunk_bytes or (1 << 20))
+                await receive_upload(requests, staged, self.cfg.idle_timeout)
+                async with self._changed:
+                    if h.round != self.round or not self.collecting:
+                        raise StaleRound(
+                            f"round {h.round} closed during the upload", self.round + 1
+                        )
+                async with self._adding:
+                    await asyncio.to_thread(self.reducer.add, staged, weight, 1.0, h.node_id)
+                self.counters.bytes_received += staged.nbytes
+            finally:
+                self._slots.release()
+            async with self._changed:
+                self.counted[h.node_id] = h.upload_id
+                if "loss" in h.metrics:
+                    self.losses[h.node_id] = (h.metrics["loss"], weight)
+        finally:
+            self._inflight.discard(h.node_id)
+            async with self._changed:
+                self._changed.notify_all()
+        return pb.PushReply(round=h.round)
+
+
+class RpcFailed(Exception):
+    """The upstream refused the relay or stayed unreachable (the relay exits 1)."""
+
+
+class RelayService:
+    """``fedgrad.v1.Aggregator`` for the relay's nodes."""
+
+    def __init__(self, core: Relay) -> None:
+        self.core = core
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        unary = grpc.unary_unary_rpc_method_handler
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Join": unary(self.join, None, pb.JoinReply.SerializeToString),
+                "PullParameters": grpc.unary_stream_rpc_method_handler(self.pull, None, None),
+                "PushGradients": grpc.stream_unary_rpc_method_handler(
+                    self.push, None, pb.PushReply.SerializeToString
+                ),
+                "Leave": unary(self.leave, None, pb.LeaveReply.SerializeToString),
+                "GetStatus": unary(self.status, None, pb.StatusReply.SerializeToString),
+            },
+        )
+
+    async def join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        core, node = self.core, "?"
+        try:
+            request = _parse(raw, pb.JoinRequest)
+            node = request.node_id
+            if not core.session_id:
+                raise Unavailable("the relay has not reached its upstream yet; retry")
+            manifest = (
+                manifest_from_proto(request.manifest) if request.HasField("manifest") else None
+            )
+            core.join(node, request.num_samples, manifest)
+        except RpcError as exc:
+            await _fail(context, exc, node, core.round, core)  # type: ignore[arg-type]
+        return pb.JoinReply(
+            manifest=manifest_to_proto(core.specs),
+            reduce_rule=core.reduce_rule,
+            chunk_bytes=core.chunk_bytes,
+            round=core.round,
+            total_rounds=core.total_rounds,
+            session_id=core.session_id,
+            finished=core.finished,
+            round_open=core.collecting,
+            seed=core.seed,
+            contract_version=CONTRACT_VERSION,
+            buffers_local=True,
+        )
+
+    async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        node = "?"
+        try:
+            request = _parse(raw, pb.PullRequest)
+            node = request.node_id
+            snapshot = await self.core.wait_snapshot(request.min_round)
+        except RpcError as exc:
+            await _fail(context, exc, node, self.core.round, self.core)  # type: ignore[arg-type]
+            return
+        for message in snapshot.messages():
+            yield message
+        self.core.counters.bytes_sent += snapshot.wire_bytes
+        if snapshot.finished:
+            self.core.final_pulled.add(node)
+
+    async def push(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> pb.PushReply:
+        node, round_ = "?", "?"
+        try:
+            raw = await next_message(requests, self.core.cfg.idle_timeout)
+            first = _parse(raw) if raw is not None else None
+            if first is None or first.WhichOneof("kind") != "header":
+                raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
+            node, round_ = first.header.node_id, first.header.round
+            return await self.core.upload(first.header, requests)
+        except RpcError as exc:
+            await _fail(context, exc, node, round_, self.core)  # type: ignore[arg-type]
+            return pb.PushReply()
+
+    async def leave(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        request = _parse(raw, pb.LeaveRequest)
+        self.core.left.add(request.node_id)
+        async with self.core._changed:
+            self.core._changed.notify_all()
+        return pb.LeaveReply()
+
+    async def status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        core = self.core
+        return pb.StatusReply(
+            round=core.round,
+            total_rounds=core.total_rounds,
+            finished=core.finished,
+            reported=len(core.counted),
+            bytes_received=core.counters.bytes_received,
+            bytes_sent=core.counters.bytes_sent,
+            session_id=core.session_id,
+            phase="relay: "
+            + ("finished" if core.finished else "collecting" if core.collecting else "forwarding"),
+            mode="sync",
+        )
+
+
+class RelayServer:
+    """A relay on its own grpc.aio server."""
+
+    def __init__(self, task: Task, cfg: RelayConfig) -> None:
+        self.cfg, self.core = cfg, Relay(task, cfg)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        server = grpc.aio.server(options=server_options())
+        server.add_generic_rpc_handlers((RelayService(self.core).handler(),))
+        self.port = server.add_insecure_port(self.cfg.listen)
+        if not self.port:
+            raise ConfigError(f"cannot listen on {self.cfg.listen}")
+        await server.start()
+        self.server = server
+        log.info("relay listening on port %d", self.port, extra={"event": "listen"})
+        return self.port
+
+    async def run(self) -> None:
+        try:
+            await self.core.run()
+        finally:
+            if self.server is not None:
+                await self.server.stop(1.0)

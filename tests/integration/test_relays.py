@@ -1,0 +1,137 @@
+"""Relays (issue 15): a relay is an aggregator to its nodes and one node to its upstream.
+
+2 relays of 3 nodes give bitwise the parameters of 6 nodes connected directly; a relay
+killed with SIGKILL mid-training and restarted loses nothing and applies nothing twice;
+an aggregator that cannot add a presummed upload exactly refuses it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedgrad import LocalCluster
+from fedgrad.codec import manifest_from_proto
+from fedgrad.errors import ConfigError
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.proto import fedgrad_pb2_grpc as pb_grpc
+from tests.conftest import free_port
+
+WAIT = 120.0
+
+
+def test_two_relays_of_three_nodes_equal_six_nodes_connected_directly() -> None:
+    with LocalCluster("digits", nodes=6) as cluster:
+        direct = cluster.run(3)
+    with LocalCluster("digits", nodes=6, relays=2) as cluster:
+        relayed = cluster.run(3)
+    for name, value in direct.params.items():
+        assert torch.equal(relayed.params[name], value), name
+    assert [r.nodes for r in relayed.history] == [2, 2, 2]  # the aggregator saw 2 uploads
+    for one, two in zip(direct.history, relayed.history, strict=True):
+        assert two.train_loss == pytest.approx(one.train_loss, rel=1e-12)
+        assert (two.test_loss, two.test_accuracy) == (one.test_loss, one.test_accuracy)
+        assert two.bytes < one.bytes  # 2 broadcasts and 2 uploads instead of 6 and 6
+
+
+def test_relays_must_divide_the_nodes() -> None:
+    with pytest.raises(ConfigError, match="relays"):
+        LocalCluster("digits", nodes=5, relays=2)
+
+
+def test_a_presummed_upload_is_refused_where_it_cannot_be_added_exactly(serve, wire) -> None:
+    served = serve("linear", nodes=1, reduce="median")
+    stub = pb_grpc.AggregatorStub(grpc.insecure_channel(served.address))
+    reply = stub.Join(pb.JoinRequest(node_id="relay-0", num_samples=1), timeout=30)
+    specs = manifest_from_proto(reply.manifest)
+    header = wire.header(0, "relay-0", num_samples=4)
+    header.presummed = True
+    chunks = wire.chunks(specs, [torch.zeros(s.shape, dtype=s.dtype) for s in specs], 1 << 20)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushGradients(iter(wire.upload(header, chunks)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "streaming reduction" in err.value.details()
+
+
+def _fedgrad() -> list[str]:
+    return [sys.executable, "-m", "fedgrad.launch.cli"]
+
+
+@pytest.mark.slow
+def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
+    spawn: Any, tmp_path: Path
+) -> None:
+    rounds = 6
+    with LocalCluster("digits", nodes=4) as cluster:
+        want = cluster.run(rounds).params
+    upstream = f"127.0.0.1:{free_port()}"
+    relays = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    aggregator = spawn(
+        *_fedgrad(), "aggregator", "--task", "digits", "--nodes", "2", "--rounds", str(rounds),
+        "--listen", upstream, "--save", str(tmp_path / "final.safetensors"), "--no-progress",
+        "--round-timeout", "120", log=tmp_path / "aggregator.log",
+    )  # fmt: skip
+
+    def relay(r: int) -> Any:
+        return spawn(
+            *_fedgrad(), "relay", "--task", "digits", "--upstream", upstream,
+            "--listen", relays[r], "--nodes", "2", "--node-id", f"relay-{r}",
+            log=tmp_path / f"relay{r}-{time.time()}.log",
+        )  # fmt: skip
+
+    running = [relay(0), relay(1)]
+    nodes = [
+        spawn(
+            *_fedgrad(),
+            "node",
+            "--task",
+            "digits",
+            "--aggregator",
+            relays[i // 2],
+            "--node-id",
+            f"node-{i}",
+            "--shard",
+            f"{i}/4",
+            "--simulate-delay",
+            "0.4",
+            "--give-up-after",
+            "120",
+            log=tmp_path / f"node{i}.log",
+        )  # fmt: skip
+        for i in range(4)
+    ]
+
+    def logs() -> str:
+        return "\n".join(
+            f"== {p.name}\n{p.read_text()[-2500:]}" for p in sorted(tmp_path.glob("*.log"))
+        )
+
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(upstream) as channel:
+            try:
+                status = pb_grpc.AggregatorStub(channel).GetStatus(pb.StatusRequest(), timeout=2)
+                if status.round >= 2:
+                    break
+            except grpc.RpcError:
+                pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError(logs())
+    running[1].send_signal(signal.SIGKILL)
+    running[1].wait(timeout=30)
+    time.sleep(0.5)
+    running[1] = relay(1)
+    for proc in [*nodes, aggregator, *running]:
+        assert proc.wait(timeout=WAIT) == 0, logs()
+    final = load_file(str(tmp_path / "final.safetensors"))
+    for name, value in want.items():
+        assert torch.equal(final[name], value), (name, logs())
