@@ -422,15 +422,16 @@ class _Run:
             *(["--history", self.work / "history.csv"] if i == 0 else []), *extra,
         ] for i, host in enumerate(hosts)])  # fmt: skip
 
-    def relays(self, count: int, nodes: int) -> list[str]:
+    def relays(self, count: int, nodes: int, extra: Sequence[str] = ()) -> list[str]:
         """Start ``count`` relays under shard 0; return each node's upstream host."""
         hosts = [f"relay{j}" for j in range(count)]
         behind = [range(j * nodes // count, (j + 1) * nodes // count) for j in range(count)]
         insecure = ["--insecure"] if "--insecure" in (_help_text(self.cli, "relay") or "") else []
         self.serve(hosts, [[
-            *self.cli, "relay", "--upstream", self.topo.endpoint("agg0"), "--listen",
-            self.topo.endpoint(host), "--nodes", len(ids), *insecure,
-        ] for host, ids in zip(hosts, behind, strict=True)])  # fmt: skip
+            *self.cli, "relay", *self.task, "--upstream", self.topo.endpoint("agg0"), "--listen",
+            self.topo.endpoint(host), "--nodes", len(ids), "--node-id", f"relay-{r}", *insecure,
+            *extra,
+        ] for r, (host, ids) in enumerate(zip(hosts, behind, strict=True))])  # fmt: skip
         return [next((h for h, ids in zip(hosts, behind, strict=True) if i in ids), "agg0")
                 for i in range(nodes)]  # fmt: skip
 
@@ -472,7 +473,7 @@ def shaped_rounds(
     params: int, tensors: int = 20, nodes: int = 4, rounds: int = 4,
     procs: Procs | None = None, shards: int = 1, relays: int = 0,
     rate_mbit: float | None = 1000, extra: Sequence[str] = (), *, loopback: bool = False,
-    timeout: float = 900, cli: Sequence[str] | None = None,
+    timeout: float = 900, cli: Sequence[str] | None = None, relay_extra: Sequence[str] = (),
 ) -> dict:  # fmt: skip
     """Run the aggregator (K shards), R relays and N nodes, each on its own shaped host.
 
@@ -515,7 +516,7 @@ def shaped_rounds(
             work = Path(tempfile.mkdtemp(prefix="shaped-", dir=procs.log_dir))
             run = _Run(procs, topo, cli, work, _task(params, tensors))
             run.aggregators(shards, relays or nodes, rounds, extra)
-            run.start_nodes(run.relays(relays, nodes), call_timeout)
+            run.start_nodes(run.relays(relays, nodes, relay_extra), call_timeout)
             rss = run.watch(time.monotonic() + timeout)
             rows = _history(work / "history.csv", rounds)
     finally:
@@ -577,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--logs", type=Path, help="children's logs here (default a temp dir)")
     parser.add_argument("--cli", help="a fedgrad executable to run (default: this venv's)")
+    parser.add_argument("--relay-arg", action="append", default=[],
+                        help="one more argument of every relay (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     # SIGTERM too unwinds through the teardown, as KeyboardInterrupt does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -586,7 +589,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             result = shaped_rounds(args.params, args.tensors, args.nodes, args.rounds, procs,
                                    args.shards, args.relays, rate, loopback=args.loopback,
-                                   timeout=args.timeout, cli=cli)  # fmt: skip
+                                   timeout=args.timeout, cli=cli,
+                                   relay_extra=args.relay_arg)  # fmt: skip
         except BenchError as err:
             raise SystemExit(f"shaped benchmark failed: {err}") from err
     print(json.dumps({k: v for k, v in result.items() if k != "values"}, default=str))

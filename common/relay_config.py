@@ -29,6 +29,9 @@ class RelayConfig:
     give_up_after: float = 600.0
     finish_grace: float = 30.0
     insecure: bool = False
+    #: The dtype of the forwarded sum: float64 (exact, 2x a float32 upload) or float32
+    #: (the sum rounded once more: half the bytes).
+    forward_dtype: str = "float64"
 
     def __post_init__(self) -> None:
         for name in ("upstream", "listen"):
@@ -41,6 +44,10 @@ class RelayConfig:
         if self.nodes < 1 or not 0 <= self.min_nodes <= self.nodes:
             raise ConfigError("nodes must be >= 1 and min_nodes in [0, nodes]")
         check_id("node_id", self.node_id)
+        if self.forward_dtype not in ("float64", "float32"):
+            raise ConfigError(
+                f"forward_dtype must be float64 or float32, got {self.forward_dtype!r}"
+            )
         host = parse_hostport(self.listen)[0]
         if not self.insecure and not _loopback(host):
             raise ConfigError(

@@ -517,6 +517,9 @@ def _relay_parser(sub: Subparsers) -> None:
                    help=f"upstream unreachable this long: exit 1 (default {R.give_up_after:g})")  # fmt: skip
     p.add_argument("--insecure", action="store_true",
                    help="serve plaintext on a non-loopback address")  # fmt: skip
+    p.add_argument("--forward-dtype", choices=("float64", "float32"), default=R.forward_dtype,
+                   help="dtype of the sum sent upstream: float64 is exact, float32 half the"
+                   f" bytes (rounded once more) (default {R.forward_dtype})")  # fmt: skip
 
 
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

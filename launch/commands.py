@@ -174,6 +174,7 @@ def run_relay(args: argparse.Namespace) -> int:
         upstream=args.upstream, listen=args.listen, nodes=args.nodes, min_nodes=args.min_nodes,
         node_id=args.node_id, round_timeout=args.round_timeout,
         give_up_after=args.give_up_after, insecure=args.insecure,
+        forward_dtype=args.forward_dtype,
     )  # fmt: skip
     setup_logging("text", progress=False)
     task = load_task(args.task, dict(args.task_args), seed=args.seed)

@@ -65,6 +65,7 @@ class LocalCluster:
         attackers: Mapping[str, str] | None = None,
         shards: int = 1,
         relays: int = 0,
+        relay_options: Mapping[str, Any] | None = None,
         **aggregator_options: Any,
     ) -> None:
         """Configure the cluster.
@@ -84,6 +85,7 @@ class LocalCluster:
                 on its own port; the result's ``params`` are gathered from all of them.
             relays: put this many relays (``fedgrad relay``) between the nodes and the
                 aggregator, ``nodes / relays`` nodes each (``nodes`` must be a multiple).
+            relay_options: extra ``RelayConfig`` fields of every relay (``forward_dtype``).
             **aggregator_options: extra ``AggregatorConfig`` fields (``reduce``, ``lr``,
                 ``start_timeout``, ...).
 
@@ -108,6 +110,9 @@ class LocalCluster:
         if relays and shards > 1:
             raise ConfigError("relays to a sharded aggregator are not built yet")
         self.relays = relays
+        self.relay_options = dict(relay_options or {})
+        if relays:  # checked now, like the other configs
+            RelayConfig(upstream="127.0.0.1:1", **self.relay_options)
         self._relays: list[_RelayThread] = []
         self.node_cfg = NodeConfig(
             **{
@@ -177,6 +182,7 @@ class LocalCluster:
                         listen=f"127.0.0.1:{_free_port()}",
                         nodes=per,
                         node_id=f"relay-{r}",
+                        **self.relay_options,
                     ),  # fmt: skip
                 )
                 self._relays.append(relay)

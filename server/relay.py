@@ -209,10 +209,12 @@ class Relay:
             return
         total = self.reducer.sum.total  # type: ignore[attr-defined]
         weight = self.reducer.total_weight
-        wire = Layout(self.specs, torch.float64)
+        dtype = getattr(torch, self.cfg.forward_dtype)
+        wire = Layout(self.specs, dtype)
+        sent = total if dtype == torch.float64 else total.astype(np.float32)
         views, start = [], 0
         for spec in self.specs:
-            views.append(total[start : start + spec.numel].view(np.uint8))
+            views.append(sent[start : start + spec.numel].view(np.uint8))
             start += spec.numel
         metrics = {}
         if self.losses:
@@ -224,7 +226,7 @@ class Relay:
             upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
             num_samples=weight,
             metrics=metrics,
-            codec="float64",
+            codec=self.cfg.forward_dtype,
             payload_bytes=wire.total,
             presummed=True,
         )

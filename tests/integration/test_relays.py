@@ -135,3 +135,21 @@ def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
     final = load_file(str(tmp_path / "final.safetensors"))
     for name, value in want.items():
         assert torch.equal(final[name], value), (name, logs())
+
+
+def test_a_float32_forwarded_sum_halves_the_relays_bytes_and_stays_close() -> None:
+    with LocalCluster("digits", nodes=4) as cluster:
+        direct = cluster.run(3)
+    runs = {}
+    for dtype in ("float64", "float32"):
+        with LocalCluster(
+            "digits", nodes=4, relays=2, relay_options={"forward_dtype": dtype}
+        ) as cluster:
+            runs[dtype] = cluster.run(3)
+    for name, value in direct.params.items():
+        assert torch.allclose(runs["float32"].params[name], value, rtol=1e-5, atol=1e-6), name
+    # Each round's bytes: 2 broadcasts (the same) and 2 uploads, float32 instead of float64.
+    wide, narrow = (sum(r.bytes for r in runs[d].history) for d in ("float64", "float32"))
+    direct_bytes = sum(r.bytes for r in direct.history)
+    assert narrow < wide < direct_bytes
+    assert narrow == pytest.approx(direct_bytes / 2, rel=0.01)
