@@ -155,6 +155,10 @@ RATIOS = [
      ("shaped_k4", "round_s"), ("shaped_k1", "round_s"), "<=", 0.35),
     ("shaped_k2_over_k1", "same, 2 shards / 1",
      ("shaped_k2", "round_s"), ("shaped_k1", "round_s"), "", None),
+    ("relay2_bytes_over_direct", "aggregator bytes/round, 2 relays (float64 sums) / direct",
+     ("shaped_relay2", "bytes_mb"), ("shaped_k1", "bytes_mb"), "", None),
+    ("relay2_f32_bytes_over_direct", "same, relays --forward-dtype float32 / direct",
+     ("shaped_relay2_f32", "bytes_mb"), ("shaped_k1", "bytes_mb"), "<=", 0.501),  # half, + headers
     ("shaped_k4_rss_over_k1", "largest shard's peak RSS, 4 shards / 1",
      ("shaped_k4", "max_shard_rss_mb"), ("shaped_k1", "max_shard_rss_mb"), "", None),
     ("many_over_few_tensors", "per byte: 2000 x 1K tensors / 20 tensors",

@@ -198,13 +198,18 @@ SUITES: dict[str, Suite] = {
         target=p.target_accuracy)),
     # Past one aggregator process, issue 15 (benchmarks/shaped.py): every process in its
     # own network namespace, 1 Gbit/s links (tbf on both ends of each veth), K shards; then
-    # the same on 127.0.0.1. Relays are not built yet (no suite for them).
+    # the same on 127.0.0.1; and 2 relays (float64 sums, exact; float32, half the bytes).
     "shaped_k1": lambda p, pr: shaped.shaped_rounds(
         p.params, p.tensors, p.nodes, p.rounds, pr, shards=1),
     "shaped_k2": lambda p, pr: shaped.shaped_rounds(
         p.params, p.tensors, p.nodes, p.rounds, pr, shards=2),
     "shaped_k4": lambda p, pr: shaped.shaped_rounds(
         p.params, p.tensors, p.nodes, p.rounds, pr, shards=4),
+    "shaped_relay2": lambda p, pr: shaped.shaped_rounds(
+        p.params, p.tensors, p.nodes, p.rounds, pr, relays=2),
+    "shaped_relay2_f32": lambda p, pr: shaped.shaped_rounds(
+        p.params, p.tensors, p.nodes, p.rounds, pr, relays=2,
+        relay_extra=("--forward-dtype", "float32")),
     "unshaped_k1": lambda p, pr: shaped.shaped_rounds(
         p.params, p.tensors, p.nodes, p.rounds, pr, shards=1, rate_mbit=None, loopback=True),
     "unshaped_k2": lambda p, pr: shaped.shaped_rounds(

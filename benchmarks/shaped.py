@@ -552,8 +552,8 @@ def _history(path: Path, rounds: int) -> list[dict]:
 
 Getter = Callable[[dict], float | None]
 #: The suite names benchmarks/run.py registers for this module.
-SUITE_NAMES = ("shaped_k1", "shaped_k2", "shaped_k4", "shaped_relay2", "unshaped_k1",
-               "unshaped_k2")  # fmt: skip
+SUITE_NAMES = ("shaped_k1", "shaped_k2", "shaped_k4", "shaped_relay2", "shaped_relay2_f32",
+               "unshaped_k1", "unshaped_k2")  # fmt: skip
 _ROWS: list[tuple[str, str, Getter]] = [
     ("round_s", "s/round", lambda r: r["median"]),
     ("bytes_mb", "MB/round (shard 0)", lambda r: r["bytes_per_round"] / 1e6),
