@@ -241,7 +241,10 @@ class LocalCluster:
             lambda node_id: (int(node_id.rpartition("-")[2]), self.nodes),
         )
 
-    def _node_configs(self, targets: Sequence[str]) -> list[NodeConfig]:
+    def _node_configs(self, targets: int | Sequence[str]) -> list[NodeConfig]:
+        """Every node's config: ``targets`` is the aggregator's port, or each node's address."""
+        if isinstance(targets, int):
+            targets = [f"127.0.0.1:{targets}"] * self.nodes
         return [
             replace(
                 self.node_cfg,

@@ -74,6 +74,7 @@ class Aggregator:
         #: Counts the open round's restarts on every shard (a shard lost its part of it).
         self.redo_epoch = 0
         self._eval_module: torch.nn.Module | None = None  # shard 0's copy for evaluation
+        self.gathered_round = -1  # the round that copy holds
         self.policy = make_policy(cfg)
         self.engine = RoundEngine(Rules(cfg.nodes, cfg.rounds, cfg.min_nodes), self.policy)
         # Two add threads pay off once uploads are large; small models stay single-threaded.
@@ -136,6 +137,12 @@ class Aggregator:
             wait = self.cfg.start_timeout or self.cfg.round_timeout
             self._timer = self._spawn(self._start_deadline(wait))
 
+    def gathered_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's final state_dict if the evaluation copy holds it, else None."""
+        if self._eval_module is None or self.gathered_round != self.engine.total_rounds:
+            return None
+        return {k: v.detach() for k, v in self._eval_module.state_dict().items()}
+
     async def _evaluate_shards(self, round_: int) -> dict[str, float]:
         """Evaluate the whole model of ``round_``: this shard's pieces and the others'.
 
@@ -147,6 +154,7 @@ class Aggregator:
             self._eval_module = self.shards.task.inner.model()
         params = [p for _, p in trainable_parameters(self._eval_module)]
         await self.peers.gather(self, into=params, round_=round_)
+        self.gathered_round = round_
         module, task = self._eval_module, self.shards.task.inner
 
         def evaluate() -> dict[str, float]:

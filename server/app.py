@@ -194,7 +194,9 @@ class AggregatorServer:
             return
         await self.core.wait_finished()
         if self.core.peers is not None and self.cfg.save:
-            self._gathered = await self.core.peers.gather(self.core)
+            # The evaluation copy already holds the final model (the other shards may be
+            # gone once their nodes pulled): otherwise pull every shard's final pieces.
+            self._gathered = self.core.gathered_state() or await self.core.peers.gather(self.core)
         self.save()
 
     def save(self) -> None:

@@ -258,7 +258,10 @@ class PeerClients:
         await self._each(
             "Close",
             lambda shard: pb.ShardCloseRequest(
-                round=round_, uploads=dict(uploads), finished=finished, gather=bool(self.cfg.save)
+                round=round_,
+                uploads=dict(uploads),
+                finished=finished,
+                gather=bool(self.cfg.save) or self.setup.task.evaluates,
             ),
             timeout,
         )
