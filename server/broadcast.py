@@ -1,8 +1,9 @@
 """The parameter broadcast: one round's messages, read from the parameters as they are sent.
 
 A ``Snapshot`` holds the serialized header and, per chunk, views of the parameter bytes
-it carries; each stream encodes a chunk when it sends it (one memcpy, ~11 GB/s here), so
-the aggregator keeps no serialized copy of the model. The reader/writer rule: before the
+it carries; a chunk is encoded when the first stream sends it (one memcpy, ~11 GB/s
+here) and shared with the streams reading it about then, so the aggregator keeps no
+serialized copy of the model. The reader/writer rule: before the
 optimizer writes the parameters the shell calls ``freeze``, which copies the chunks into
 bytes only if a stream is still reading them (a straggler, an asynchronous round), and
 stops handing this snapshot to new pulls.
@@ -14,6 +15,7 @@ master copy is never rounded and never read by a stream.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -50,6 +52,9 @@ class Snapshot:
         )
         #: Streams that were handed this snapshot and have not finished (loop only).
         self.readers = 0
+        self._cache: dict[int, bytes] = {}  # chunk index -> its message, while being read
+        self._positions: dict[int, int] = {}  # stream -> the next chunk it reads
+        self._tokens = itertools.count()
         self._lock = threading.Lock()
 
     @classmethod
@@ -66,20 +71,44 @@ class Snapshot:
         return self._frozen is not None
 
     def messages(self) -> Iterator[bytes]:
-        """Yield the header, then each chunk (encoded from the parameters, or the frozen bytes)."""
+        """Yield the header, then each chunk (encoded from the parameters, or the frozen bytes).
+
+        A chunk is encoded once for the streams reading it about together: it stays cached
+        until every stream now reading is past it (so streams that keep pace share one
+        copy, and the cache never exceeds the chunks between the slowest and the fastest).
+        """
         yield self._header
+        token = next(self._tokens)
         index = 0
-        while True:
-            frozen = self._frozen
-            if frozen is not None:
-                yield from frozen[index:]
-                return
-            pieces = self._pieces
-            if pieces is None or index >= len(pieces):
-                return
-            tensor, offset, views = pieces[index]
-            index += 1
-            yield encode_chunk(tensor, offset, views)
+        try:
+            while True:
+                frozen = self._frozen
+                if frozen is not None:
+                    yield from frozen[index:]
+                    return
+                pieces = self._pieces
+                if pieces is None or index >= len(pieces):
+                    return
+                data = self._cache.get(index)
+                if data is None:
+                    tensor, offset, views = pieces[index]
+                    data = self._cache[index] = encode_chunk(tensor, offset, views)
+                index += 1
+                self._positions[token] = index
+                self._trim()
+                yield data
+        finally:
+            self._positions.pop(token, None)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the cached chunks every stream reading now has passed."""
+        if not self._positions:
+            self._cache.clear()
+            return
+        low = min(self._positions.values())
+        for i in [i for i in self._cache if i < low]:
+            del self._cache[i]
 
     def freeze(self) -> None:
         """Before the parameters change: copy the chunks if a stream is still reading them.
