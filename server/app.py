@@ -225,6 +225,8 @@ class AggregatorServer:
         await self.health.enter_graceful_shutdown()
         if self.core is not None:
             self.core.close()
+            if self.core.peers is not None:
+                await self.core.peers.aclose()
         self._stop_metrics()
         self._stop_tracking()
         if self.server is not None:

@@ -26,7 +26,6 @@ from fedgrad.errors import (
     OutOfRange,
     ResourceExhausted,
     StaleRound,
-    Unavailable,
 )
 from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
@@ -393,6 +392,3 @@ class ShardFollower:
         deadline = time.monotonic() + self.cfg.finish_grace
         while time.monotonic() < deadline and not self.final_readers <= self.final_pulled:
             await asyncio.sleep(0.05)
-
-    def unavailable(self) -> Unavailable:
-        return Unavailable("shutting down")

@@ -140,7 +140,6 @@ class PeerClients:
         self.metadata = bearer_metadata(token) if token else ()
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[dict[str, Any]] = []
-        self.incarnations: list[str] = [""] * (setup.count - 1)
         #: Why rounds cannot go on ("shard 2 unreachable ..."), "" while every shard answers.
         self.blocked = ""
 
@@ -210,7 +209,6 @@ class PeerClients:
                     f"shard {i + 1} has published round {reply.round}, shard 0 round {round_}:"
                     " restart every shard with the same --checkpoint-dir history"
                 )
-            self.incarnations[i] = reply.incarnation
 
     async def wait_synced(self, round_: int, session_id: str, patience: float) -> None:
         """``sync`` until every shard answers (for up to ``patience`` seconds)."""
