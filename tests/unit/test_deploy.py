@@ -106,9 +106,13 @@ def _generated_secret_files(kustomization: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory, home: Path) -> list[dict[str, Any]]:
-    """Render the kustomization, with placeholders for the never-committed secret files."""
-    work = tmp_path_factory.mktemp("kustomize") / "kubernetes"
-    shutil.copytree(K8S, work, ignore=shutil.ignore_patterns("secrets"))
+    return render_kustomization(K8S, tmp_path_factory.mktemp("kustomize"), home)
+
+
+def render_kustomization(source: Path, scratch: Path, home: Path) -> list[dict[str, Any]]:
+    """Render ``source`` with placeholders for the never-committed secret files."""
+    work = scratch / source.name
+    shutil.copytree(source, work, ignore=shutil.ignore_patterns("secrets"))
     kustomization = yaml.safe_load((work / "kustomization.yaml").read_text())
     for rel in _generated_secret_files(kustomization):
         path = work / rel

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,12 @@ from tests.unit.test_deploy import (
     _argv_problems,
     _compose_binary,
     _flag,
-    _generated_secret_files,
     _health_argv,
     _required,
     _run,
     _subcommand_parsers,
-    _tool,
     _yaml_docs,
+    render_kustomization,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,16 +45,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory, home: Path) -> list[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("kustomize") / "kubernetes-sharded"
-    shutil.copytree(K8S, work, ignore=shutil.ignore_patterns("secrets"))
-    kustomization = yaml.safe_load((work / "kustomization.yaml").read_text())
-    for rel in _generated_secret_files(kustomization):
-        path = work / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("placeholder\n")
-    result = _run([_tool("kubectl"), "kustomize", str(work)], home)
-    assert result.returncode == 0, f"kubectl kustomize failed:\n{result.stderr}"
-    return _yaml_docs(result.stdout)
+    return render_kustomization(K8S, tmp_path_factory.mktemp("kustomize"), home)
 
 
 def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
