@@ -580,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cli", help="a fedgrad executable to run (default: this venv's)")
     parser.add_argument("--relay-arg", action="append", default=[],
                         help="one more argument of every relay (repeatable)")  # fmt: skip
+    parser.add_argument("--aggregator-arg", action="append", default=[],
+                        help="one more argument of every shard (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     # SIGTERM too unwinds through the teardown, as KeyboardInterrupt does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -588,7 +590,8 @@ def main(argv: list[str] | None = None) -> None:
     with Procs(args.logs) as procs:
         try:
             result = shaped_rounds(args.params, args.tensors, args.nodes, args.rounds, procs,
-                                   args.shards, args.relays, rate, loopback=args.loopback,
+                                   args.shards, args.relays, rate, args.aggregator_arg,
+                                   loopback=args.loopback,
                                    timeout=args.timeout, cli=cli,
                                    relay_extra=args.relay_arg)  # fmt: skip
         except BenchError as err:

@@ -320,9 +320,12 @@ class AggregatorConfig:
     min_nodes: int = _setting(1, _count(1))
     checkpoint_dir: str | None = None
     chunk_bytes: int = _setting(DEFAULT_CHUNK_BYTES, _chunk_bytes)
-    staging_mb: int = _setting(256, _count(1))
+    staging_mb: int = _setting(128, _count(1))
     #: 0: as many as ``staging_mb`` holds uploads of the model's size, 1..64.
     max_inflight: int = _setting(0, _count(0))
+    #: Bytes (MiB) gRPC reads ahead of the aggregator on each upload stream (the HTTP/2
+    #: stream window); 0: gRPC's adaptive window (BDP probing), unbounded per stream.
+    upload_window_mb: int = _setting(4, _count(0))
     accumulate: str = _setting("auto", _one_of(ACCUMULATORS))
     #: Where the parameters and the optimizer's step live (the reduce stays on the CPU).
     device: str = _setting("cpu", _device)

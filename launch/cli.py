@@ -161,12 +161,20 @@ def _limit_flags(add: Add) -> None:
     )
     add(
         "max_inflight",
-        "uploads staged at once (default {default}: --staging-mb / model size, 1..64)",
+        "uploads staged at once (default {default}: as many as --staging-mb holds, 1..64)",
         type=int,
     )
     add(
         "staging_mb",
-        "memory budget for staged uploads, MiB (default {default}: one 200 MB upload at a time)",
+        "memory budget for staged uploads, MiB (default {default}: uploads of a model over"
+        " 64 MiB are staged one at a time)",
+        type=int,
+    )
+    add(
+        "upload_window_mb",
+        "MiB gRPC reads ahead on each upload stream, so uploads queued for a staging slot"
+        " hold at most this much each; 0: gRPC's adaptive window, for links with a large"
+        " bandwidth-delay product (default {default})",
         type=int,
     )
     add(

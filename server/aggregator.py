@@ -476,6 +476,7 @@ class Aggregator:
         scale = self.policy.scale(staleness)
         try:
             async with self._adding:
+                self.intake.free_slot(ticket)  # the add lets the chunks go as it goes
                 began = time.perf_counter()
                 add = self.reducer.add
                 if ticket.presummed:  # a relay's partial sum: checked in Intake.open

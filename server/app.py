@@ -32,10 +32,22 @@ __all__ = ["AggregatorServer", "ServerThread", "server_options"]
 log = logging.getLogger("fedgrad.server")
 
 
-def server_options() -> list[tuple[str, Any]]:
-    """Return the channel options of the aggregator (see DESIGN.md, "Defaults")."""
+def server_options(upload_window_mb: int = 0) -> list[tuple[str, Any]]:
+    """Return the channel options of the aggregator (see DESIGN.md, "Defaults").
+
+    ``upload_window_mb``: a fixed HTTP/2 stream window in MiB instead of gRPC's adaptive
+    one. With BDP probing the window of an upload that waits for a staging slot grows to
+    tens of MB on a fast link, all of it held in the transport's buffers (95 MiB model,
+    8 nodes, one slot: peak RSS 989 MB adaptive, 825 MB with 4 MiB).
+    """
+    window: list[tuple[str, Any]] = []
+    if upload_window_mb:
+        window = [
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", upload_window_mb << 20),
+        ]
     # Fixed, never raised with the chunk size: oversized input is refused before our code.
-    return [
+    return window + [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # A second server on the same port must fail, not silently share it.
@@ -101,7 +113,8 @@ class AggregatorServer:
         assert self.follower is not None
         await self.follower.start()
         server = grpc.aio.server(
-            options=server_options(), maximum_concurrent_rpcs=self.cfg.max_rpcs
+            options=server_options(self.cfg.upload_window_mb),
+            maximum_concurrent_rpcs=self.cfg.max_rpcs,
         )
         service = FollowerService(
             self.follower, self.cfg.idle_timeout, Authorizer.from_config(self.cfg)
@@ -123,7 +136,7 @@ class AggregatorServer:
 
     def _build_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
-            options=server_options(),
+            options=server_options(self.cfg.upload_window_mb),
             maximum_concurrent_rpcs=self.cfg.max_rpcs,
         )
         service = AggregatorService(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fedgrad.codec import Layout
+from fedgrad.codec_base import Chunk
 from fedgrad.errors import InvalidArgument
 from fedgrad.server.staging import StagedUpload
 
@@ -272,38 +273,45 @@ class StreamingReducer:
             if norm > self.clip:
                 scale *= self.clip / norm
         factor: float = 1.0 if presummed else (weight if scale == 1 else weight * scale)
-        chunks, overwrite = upload.chunks, self.count == 0
+        count, overwrite = len(upload.chunks), self.count == 0
         if overwrite and upload.codec.sparse:  # a sparse upload leaves elements out: zero first
             self.sum.zero()
             overwrite = False
-        parts = [chunks]
-        if upload.codec.splittable and self.workers > 1 and len(chunks) >= 2 * self.workers:
-            parts = [chunks[i :: self.workers] for i in range(self.workers)]
+        if upload.codec.splittable and self.workers > 1 and count >= 2 * self.workers:
+            parts = [range(i, count, self.workers) for i in range(self.workers)]
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fedgrad-reduce")
             futures = [self._pool.submit(self._add, upload, p, factor, overwrite) for p in parts]
             added = math.hypot(*(future.result() for future in futures))
         else:
-            added = self._add(upload, chunks, factor, overwrite)
+            added = self._add(upload, range(count), factor, overwrite)
         self.total_weight += weight
         self.count += 1
         return norm if norm is not None else added
 
-    def _add(
-        self,
-        upload: StagedUpload,
-        chunks: list[tuple[int, bytes, int, int]],
-        weight: float,
-        overwrite: bool,
-    ) -> float:
-        """Add ``chunks``; return the L2 norm of the values added (statistics only)."""
-        sparse, norm = upload.codec.sparse, 0.0
-        for where, values in upload.codec.decode(chunks):
-            if sparse:
-                self.sum.scatter(where, values, weight)
-            else:
-                self.sum.add(where, values, weight, overwrite)
-            norm = math.hypot(norm, vector_norm(values))  # values are in cache: cheap
+    def _add(self, upload: StagedUpload, indices: range, weight: float, overwrite: bool) -> float:
+        """Add the chunks at ``indices``; return the L2 norm of the values added (statistics).
+
+        A splittable codec decodes each chunk on its own, so each chunk is let go as soon
+        as it is added (``StagedUpload.consume``): the staging budget frees up while the
+        add runs, and the next upload's chunks can arrive meanwhile.
+        """
+        codec, norm = upload.codec, 0.0
+        batches: Iterable[tuple[list[Chunk], int | None]] = (
+            (([upload.chunks[i]], i) for i in indices)
+            if codec.splittable
+            else [(upload.chunks, None)]
+        )
+        for chunks, index in batches:
+            for where, values in codec.decode(chunks):
+                if codec.sparse:
+                    self.sum.scatter(where, values, weight)
+                else:
+                    self.sum.add(where, values, weight, overwrite)
+                norm = math.hypot(norm, vector_norm(values))  # values are in cache: cheap
+            del chunks
+            if index is not None:
+                upload.consume(index)
         return norm
 
     @property

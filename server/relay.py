@@ -440,6 +440,10 @@ class RelayService:
         )
 
 
+#: The relay's upload stream window, MiB (the aggregator's ``--upload-window-mb`` default).
+UPLOAD_WINDOW_MB = 4
+
+
 class RelayServer:
     """A relay on its own grpc.aio server."""
 
@@ -449,7 +453,7 @@ class RelayServer:
         self.port = 0
 
     async def start(self) -> int:
-        server = grpc.aio.server(options=server_options())
+        server = grpc.aio.server(options=server_options(UPLOAD_WINDOW_MB))
         server.add_generic_rpc_handlers((RelayService(self.core).handler(),))
         self.port = server.add_insecure_port(self.cfg.listen)
         if not self.port:

@@ -9,9 +9,10 @@ serialized once per round go unchanged to every node.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -147,18 +148,27 @@ async def next_message(requests: AsyncIterator[bytes], idle_timeout: float) -> b
 
 
 async def receive_upload(
-    requests: AsyncIterator[bytes], staged: StagedUpload, idle_timeout: float
+    requests: AsyncIterator[bytes],
+    staged: StagedUpload,
+    idle_timeout: float,
+    gate: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
     """Stage the chunks after an UploadHeader and check the UploadEnd.
+
+    ``gate(n)``, if given, is awaited before a chunk of ``n`` payload bytes is staged (the
+    aggregator's staging budget); the stream is not read meanwhile.
 
     Raises:
         InvalidArgument: a chunk ``staged`` refuses, a message out of place, a wrong or
             missing UploadEnd, or an idle stream.
+        ResourceExhausted: from ``gate``.
     """
     ended = False
     while (raw := await next_message(requests, idle_timeout)) is not None:
         view = decode_chunk(raw)
         if view is not None and not ended:
+            if gate is not None:
+                await gate(view.data_len)
             staged.add(view.tensor, view.offset, raw, view.data_start, view.data_len)
             continue
         message = _parse(raw)
@@ -166,6 +176,8 @@ async def receive_upload(
         if ended:
             raise InvalidArgument("a message followed the UploadEnd")
         if kind == "chunk":
+            if gate is not None:
+                await gate(len(message.chunk.data))
             staged.add(message.chunk.tensor, message.chunk.offset, message.chunk.data)
         elif kind == "end":
             staged.complete()
@@ -313,7 +325,8 @@ class AggregatorService:
 
     async def _receive(self, requests: AsyncIterator[bytes], ticket: UploadTicket) -> None:
         assert ticket.staged is not None
-        await receive_upload(requests, ticket.staged, self.idle_timeout)
+        gate = functools.partial(self.core.intake.take, ticket.staged)
+        await receive_upload(requests, ticket.staged, self.idle_timeout, gate)
 
     def _enter(self, who: str | None) -> str | None:
         if who is not None:

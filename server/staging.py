@@ -10,6 +10,7 @@ chunk data is read in place (``fedgrad.framing``), never copied.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,11 @@ class StagedUpload:
     cursor: ChunkCursor = field(init=False)
     #: What the codec's check of the last chunk handed on to the next (``Codec.check``).
     carry: object = None
+    #: Called, from the reducer's thread, with the payload bytes of each chunk it has
+    #: added and let go (``consume``); None: the chunks stay until the upload is dropped.
+    on_consumed: Callable[[int], None] | None = None
+    #: Payload bytes of its chunks it holds against the intake's staging budget.
+    held: int = 0
 
     def __post_init__(self) -> None:
         self.cursor = ChunkCursor(self.codec.layout, self.chunk_bytes)
@@ -65,6 +71,14 @@ class StagedUpload:
         self.cursor.position = position + length
         self.carry = carry
         self.chunks.append((position, raw, start, length))
+
+    def consume(self, index: int) -> None:
+        """Let chunk ``index`` go: the reducer has added it (and reads it no more)."""
+        chunk = self.chunks[index]
+        if self.on_consumed is None or chunk is None:
+            return
+        self.chunks[index] = None  # type: ignore[call-overload]
+        self.on_consumed(chunk[3])
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +108,8 @@ class UploadTicket:
     buffers: list[np.ndarray] | None = None
     #: A relay's pre-weighted partial sum (``UploadHeader.presummed``): added as it is.
     presummed: bool = False
+    #: It holds one of the intake's staging slots (given back when its add begins).
+    slot: bool = False
 
     @property
     def duplicate(self) -> bool:

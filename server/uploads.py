@@ -1,15 +1,25 @@
 """The upload intake: headers checked, staging slots reserved and given back.
 
 Every upload passes here between its header and its end. The intake owns the
-staging slots (at most ``max_inflight`` uploads staged at once, so memory is
-bounded whatever the number of nodes), the codec each header declares, and
-the one place a slot is given back. Counting an upload is the round engine's
-decision; the shell asks for it once the upload is complete.
+staging slots (at most ``max_inflight`` uploads received or waiting for their add
+at once), the staging budget (``max_inflight`` uploads' bytes: a chunk waits while
+the staged chunks fill it), the codec each header declares, and the one place a
+slot and bytes are given back. Memory is bounded whatever the number of nodes.
+
+An upload gives its slot back when its add begins, and the add lets each chunk go
+once it is added, so with one slot the next upload arrives while the last one is
+being added, within one upload's bytes. No two uploads can block each other: at
+most ``max_inflight`` incomplete uploads hold bytes, each less than a whole upload,
+so one of them always has room for its next chunk.
+
+Counting an upload is the round engine's decision; the shell asks for it once the
+upload is complete.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 from fedgrad.buffers import unpack
@@ -45,9 +55,53 @@ class Intake:
         self.inflight: set[UploadTicket] = set()
         self._codecs: dict[str, Codec] = {}
 
+        #: Payload bytes the staged chunks may hold at once, and hold now.
+        self.budget_bytes = self.max_inflight * layout.total
+        self.held_bytes = 0
+
     def start(self) -> None:
         """Create the loop-bound semaphore; call once on the serving loop."""
         self._slots = asyncio.Semaphore(self.max_inflight)
+        self._freed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    async def take(self, staged: StagedUpload, nbytes: int) -> None:
+        """Wait until the staging budget has room for a chunk of ``nbytes``, then hold it.
+
+        Raises:
+            ResourceExhausted: no room within ``--slot-wait``.
+        """
+        deadline = time.monotonic() + self.cfg.slot_wait
+        while self.held_bytes and self.held_bytes + nbytes > self.budget_bytes:
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise ResourceExhausted(
+                    f"the staging budget ({self.budget_bytes} bytes) stayed full for"
+                    f" {self.cfg.slot_wait:.0f} s; retry later"
+                ) from None
+        self.held_bytes += nbytes
+        staged.held += nbytes
+        staged.on_consumed = functools.partial(self._consumed_soon, staged)
+
+    def _consumed_soon(self, staged: StagedUpload, nbytes: int) -> None:
+        self._loop.call_soon_threadsafe(self._consumed, staged, nbytes)
+
+    def _consumed(self, staged: StagedUpload, nbytes: int) -> None:
+        if staged.held >= nbytes:  # else dropped meanwhile: ``release`` gave it all back
+            staged.held -= nbytes
+            self._give(nbytes)
+
+    def _give(self, nbytes: int) -> None:
+        self.held_bytes -= nbytes
+        self._freed.set()
+
+    def free_slot(self, ticket: UploadTicket) -> None:
+        """Give the ticket's slot to the next upload (its add begins; its bytes stay held)."""
+        if ticket.slot:
+            ticket.slot = False
+            self._slots.release()
 
     @property
     def staging_bytes(self) -> int:
@@ -102,7 +156,15 @@ class Intake:
             raise
         staged = StagedUpload(decoder, self.cfg.chunk_bytes)
         ticket = UploadTicket(
-            node_id, round_, upload_id, weight, metrics, staged, buffers=values, presummed=presummed
+            node_id,
+            round_,
+            upload_id,
+            weight,
+            metrics,
+            staged,
+            buffers=values,
+            presummed=presummed,
+            slot=True,
         )
         self.inflight.add(ticket)
         return ticket
@@ -143,6 +205,8 @@ class Intake:
             return
         self.inflight.discard(ticket)
         if ticket.staged is not None:
-            ticket.staged = None
-            self._slots.release()
+            staged, ticket.staged = ticket.staged, None
+            held, staged.held = staged.held, 0
+            self._give(held)
+            self.free_slot(ticket)
             self.engine.abandon(ticket.node_id)

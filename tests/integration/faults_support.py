@@ -69,6 +69,7 @@ class CoreState:
     total: np.ndarray
     free_slots: int
     max_inflight: int
+    held_bytes: int
     uploading: frozenset[str]
     finished: bool
 
@@ -94,8 +95,9 @@ def core_state(served: Any) -> CoreState:
             count=core.reducer.count,
             weight=core.reducer.total_weight,
             total=accumulated(core),
-            free_slots=core.intake.max_inflight - sum(1 for t in core.intake.inflight if t.staged),
+            free_slots=core.intake.max_inflight - sum(1 for t in core.intake.inflight if t.slot),
             max_inflight=core.intake.max_inflight,
+            held_bytes=core.intake.held_bytes,
             uploading=frozenset(n for n, r in core.nodes.items() if r.uploading),
             finished=core.finished,
         )
@@ -104,9 +106,9 @@ def core_state(served: Any) -> CoreState:
 
 
 def slots_free(served: Any) -> bool:
-    """Return True once no upload holds a staging slot or an in-flight mark."""
+    """Return True once no upload holds a staging slot, staged bytes or an in-flight mark."""
     state = core_state(served)
-    return state.free_slots == state.max_inflight and not state.uploading
+    return state.free_slots == state.max_inflight and not state.held_bytes and not state.uploading
 
 
 def constant_grads(specs: Sequence[Any], value: float) -> list[torch.Tensor]:

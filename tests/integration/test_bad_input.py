@@ -68,6 +68,7 @@ class State:
     total: bytes
     free_slots: int
     max_inflight: int
+    held_bytes: int
     uploading: frozenset[str]
     nodes: dict[str, tuple[int, str]]
     params: dict[str, bytes]
@@ -98,8 +99,9 @@ class Bench:
                 count=core.reducer.count,
                 total=accumulated(core).tobytes(),
                 free_slots=core.intake.max_inflight
-                - sum(1 for t in core.intake.inflight if t.staged),
+                - sum(1 for t in core.intake.inflight if t.slot),
                 max_inflight=core.intake.max_inflight,
+                held_bytes=core.intake.held_bytes,
                 uploading=frozenset(n for n, r in core.nodes.items() if r.uploading),
                 nodes={n: (r.num_samples, r.state) for n, r in core.nodes.items()},
                 params={k: v.numpy().tobytes() for k, v in core.state_dict().items()},
