@@ -365,3 +365,33 @@ def test_step_batches_cover_every_tensor_in_order_within_the_limit(
     sizes: list[int], limit: int, want: list[list[int]]
 ) -> None:
     assert batches(sizes, limit) == want
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_add_lets_each_chunk_go_once_added_and_sums_the_same(workers: int) -> None:
+    # The staging budget frees up while the add runs: every chunk is reported exactly
+    # once, with its payload bytes, and dropped; the sum is bitwise the one of an add
+    # that keeps its chunks.
+    layout = Layout([TensorSpec("w", torch.float32, (1000,)), TensorSpec("b", torch.float32, (7,))])
+    uploads = [_gradients(layout.specs, seed) for seed in (1, 2)]
+    sums = []
+    for report in (False, True):
+        reducer = StreamingReducer("weighted-mean", layout, "float64", workers=workers)
+        consumed: list[int] = []
+        for tensors, weight in zip(uploads, (3, 5), strict=True):
+            staged = _stage(layout, tensors, chunk=64)
+            if report:
+                staged.on_consumed = consumed.append
+            reducer.add(staged, weight)
+            if report:
+                assert all(chunk is None for chunk in staged.chunks), "every chunk let go"
+            else:
+                assert all(chunk is not None for chunk in staged.chunks)
+        reducer.close()
+        if report:
+            assert sum(consumed) == 2 * layout.total
+            assert max(consumed) <= 64, "one report per chunk"
+        outputs = [torch.empty(s.shape, dtype=torch.float64) for s in layout.specs]
+        reducer.result_into(outputs, range(len(outputs)))
+        sums.append(torch.cat([o.reshape(-1) for o in outputs]))
+    assert torch.equal(sums[0], sums[1])
