@@ -32,6 +32,20 @@ class RelayConfig:
     #: The dtype of the forwarded sum: float64 (exact, 2x a float32 upload) or float32
     #: (the sum rounded once more: half the bytes).
     forward_dtype: str = "float64"
+    #: TLS towards the relay's nodes, as the aggregator's ``--tls-cert``, ``--tls-key``,
+    #: ``--tls-client-ca`` (mutual TLS: node identity from the certificate) and
+    #: ``--tokens`` (node identity from a bearer token).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tokens: str | None = None
+    #: TLS towards the upstream, as a node's ``--tls-ca``, ``--tls-cert``, ``--tls-key``
+    #: and ``--token-file``: the CA of the upstream's certificate, this relay's client
+    #: pair (its identity is ``node_id``) and a file holding its token.
+    upstream_ca: str | None = None
+    upstream_cert: str | None = None
+    upstream_key: str | None = None
+    upstream_token_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("upstream", "listen"):
@@ -48,12 +62,25 @@ class RelayConfig:
             raise ConfigError(
                 f"forward_dtype must be float64 or float32, got {self.forward_dtype!r}"
             )
+        _needs(self.tls_key, self.tls_cert, "--tls-key", "--tls-cert")
+        _needs(self.tls_cert, self.tls_key, "--tls-cert", "--tls-key")
+        _needs(self.tls_client_ca, self.tls_cert, "--tls-client-ca", "--tls-cert")
+        _needs(self.upstream_cert, self.upstream_key, "--upstream-cert", "--upstream-key")
+        _needs(self.upstream_key, self.upstream_cert, "--upstream-key", "--upstream-cert")
+        _needs(self.upstream_cert, self.upstream_ca, "--upstream-cert", "--upstream-ca")
         host = parse_hostport(self.listen)[0]
-        if not self.insecure and not _loopback(host):
+        if not self.insecure and not self.tls_cert and not _loopback(host):
             raise ConfigError(
-                f"a relay serves plaintext; listen on a loopback address or pass --insecure"
-                f" (got {self.listen}); TLS for relays is not built yet"
+                f"refusing to serve plaintext on {self.listen}: anyone on the network could"
+                " join or read the model. Give the relay a certificate (--tls-cert, --tls-key,"
+                " and --tls-client-ca for its nodes' certificates) or pass --insecure on a"
+                " trusted network"
             )
+
+
+def _needs(given: str | None, other: str | None, flag: str, needed: str) -> None:
+    if given and not other:
+        raise ConfigError(f"{flag} needs {needed}")
 
 
 def _loopback(host: str) -> bool:

@@ -528,6 +528,23 @@ def _relay_parser(sub: Subparsers) -> None:
     p.add_argument("--forward-dtype", choices=("float64", "float32"), default=R.forward_dtype,
                    help="dtype of the sum sent upstream: float64 is exact, float32 half the"
                    f" bytes (rounded once more) (default {R.forward_dtype})")  # fmt: skip
+    tls = p.add_argument_group("TLS towards the nodes (as the aggregator's flags)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="the relay's server certificate")
+    tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", metavar="PEM",
+                     help="require node certificates signed by this CA (mutual TLS; the"
+                     " certificate names the node)")  # fmt: skip
+    tls.add_argument("--tokens", metavar="FILE",
+                     help="node tokens file (`fedgrad tokens`): a call must carry its node's")  # fmt: skip
+    up = p.add_argument_group("TLS towards the upstream (as a node's flags)")
+    up.add_argument("--upstream-ca", metavar="PEM",
+                    help="CA that signed the upstream's certificate (turns on TLS)")  # fmt: skip
+    up.add_argument("--upstream-cert", metavar="PEM",
+                    help="the relay's client certificate, for the upstream's mutual TLS (its"
+                    " name is --node-id)")  # fmt: skip
+    up.add_argument("--upstream-key", metavar="PEM", help="private key of --upstream-cert")
+    up.add_argument("--upstream-token-file", metavar="FILE",
+                    help="file holding the relay's token for the upstream's --tokens")  # fmt: skip
 
 
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

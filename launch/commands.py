@@ -168,13 +168,17 @@ async def _serve(task: Any, cfg: AggregatorConfig, port_file: str | None) -> int
 def run_relay(args: argparse.Namespace) -> int:
     """Relay until the upstream's training is over (exit 0); 1 if the upstream refuses it."""
     from fedgrad.relay_config import RelayConfig
-    from fedgrad.server.relay import RelayServer, RpcFailed
+    from fedgrad.server.relay import RpcFailed
+    from fedgrad.server.relay_service import RelayServer
 
     cfg = RelayConfig(
         upstream=args.upstream, listen=args.listen, nodes=args.nodes, min_nodes=args.min_nodes,
         node_id=args.node_id, round_timeout=args.round_timeout,
         give_up_after=args.give_up_after, insecure=args.insecure,
-        forward_dtype=args.forward_dtype,
+        forward_dtype=args.forward_dtype, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, tokens=args.tokens, upstream_ca=args.upstream_ca,
+        upstream_cert=args.upstream_cert, upstream_key=args.upstream_key,
+        upstream_token_file=args.upstream_token_file,
     )  # fmt: skip
     setup_logging("text", progress=False)
     task = load_task(args.task, dict(args.task_args), seed=args.seed)

@@ -374,7 +374,7 @@ class _RelayThread:
     """A relay (``fedgrad.server.relay``) on its own event loop in a background thread."""
 
     def __init__(self, task: Task, cfg: RelayConfig) -> None:
-        from fedgrad.server.relay import RelayServer
+        from fedgrad.server.relay_service import RelayServer
 
         self.cfg, self.server = cfg, RelayServer(task, cfg)
         self.loop = asyncio.new_event_loop()

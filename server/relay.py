@@ -24,36 +24,33 @@ import grpc
 import numpy as np
 import torch
 
+from fedgrad.auth import bearer_metadata, load_node_token
 from fedgrad.codec import (
     Layout,
     iter_chunk_pieces,
-    manifest_from_proto,
     manifest_to_proto,
     specs_of,
 )
 from fedgrad.codecs import Codec, codec_for
 from fedgrad.errors import (
-    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     OutOfRange,
-    RpcError,
     StaleRound,
-    Unavailable,
 )
 from fedgrad.framing import encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.relay_config import RelayConfig
-from fedgrad.server.app import server_options
 from fedgrad.server.broadcast import Snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.reducers import StreamingReducer
-from fedgrad.server.service import _codec_of, _fail, _parse, next_message, receive_upload
+from fedgrad.server.service import _codec_of, receive_upload
 from fedgrad.server.staging import StagedUpload, check_metrics
 from fedgrad.task import Task, trainable_parameters
-from fedgrad.wire import CONTRACT_VERSION, MAX_MESSAGE_BYTES, SERVICE_NAME, check_id
+from fedgrad.tlsfiles import read_ca, read_key_pair
+from fedgrad.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, check_id
 
-__all__ = ["Relay", "RelayConfig", "RelayServer", "RpcFailed"]
+__all__ = ["Relay", "RelayConfig", "RpcFailed", "upstream_credentials"]
 
 log = logging.getLogger("fedgrad.relay")
 _REDUCTIONS = {"weighted-mean", "mean", "sum"}
@@ -79,6 +76,9 @@ class Relay:
         self.reducer: StreamingReducer | None = None
         self.codecs: dict[str, Codec] = {}
         self._inflight: set[str] = set()
+        self.credentials = upstream_credentials(cfg)
+        token = load_node_token(cfg.upstream_token_file) if cfg.upstream_token_file else None
+        self.metadata = bearer_metadata(token) if token else ()
 
     # -- upstream ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -90,7 +90,11 @@ class Relay:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.channel = grpc.aio.insecure_channel(self.cfg.upstream, options=options)
+        self.channel = (
+            grpc.aio.secure_channel(self.cfg.upstream, self.credentials, options=options)
+            if self.credentials is not None
+            else grpc.aio.insecure_channel(self.cfg.upstream, options=options)
+        )
         try:
             reply = await self._call(self._join)
             min_round = reply.round
@@ -139,7 +143,9 @@ class Relay:
         request = pb.JoinRequest(
             node_id=self.cfg.node_id, num_samples=1, manifest=manifest_to_proto(self.specs)
         )
-        reply: pb.JoinReply = await join(request, timeout=self.cfg.call_timeout)
+        reply: pb.JoinReply = await join(
+            request, timeout=self.cfg.call_timeout, metadata=self.metadata
+        )
         rule = reply.reduce_rule or "weighted-mean"
         if rule not in _REDUCTIONS:
             raise RpcFailed(f"the upstream reduces with {rule!r}; a relay forwards sums only")
@@ -164,7 +170,11 @@ class Relay:
             response_deserializer=None,
         )
         wait = self.cfg.round_timeout * 2 + self.cfg.call_timeout
-        call = pull(pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round), timeout=wait)
+        call = pull(
+            pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
+            timeout=wait,
+            metadata=self.metadata,
+        )
         messages = [raw async for raw in call]
         first = pb.ParameterMessage.FromString(messages[0])
         if first.WhichOneof("kind") != "header":
@@ -244,7 +254,11 @@ class Relay:
             response_deserializer=pb.PushReply.FromString,
         )
         try:
-            await push(messages(), timeout=self.cfg.call_timeout + wire.total / 1e6)
+            await push(
+                messages(),
+                timeout=self.cfg.call_timeout + wire.total / 1e6,
+                metadata=self.metadata,
+            )
             self.counters.bytes_sent += wire.total
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ABORTED:
@@ -339,133 +353,18 @@ class RpcFailed(Exception):
     """The upstream refused the relay or stayed unreachable (the relay exits 1)."""
 
 
-class RelayService:
-    """``fedgrad.v1.Aggregator`` for the relay's nodes."""
+def upstream_credentials(cfg: RelayConfig) -> grpc.ChannelCredentials | None:
+    """The relay's TLS credentials towards its upstream (None: plaintext).
 
-    def __init__(self, core: Relay) -> None:
-        self.core = core
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        unary = grpc.unary_unary_rpc_method_handler
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Join": unary(self.join, None, pb.JoinReply.SerializeToString),
-                "PullParameters": grpc.unary_stream_rpc_method_handler(self.pull, None, None),
-                "PushGradients": grpc.stream_unary_rpc_method_handler(
-                    self.push, None, pb.PushReply.SerializeToString
-                ),
-                "Leave": unary(self.leave, None, pb.LeaveReply.SerializeToString),
-                "GetStatus": unary(self.status, None, pb.StatusReply.SerializeToString),
-            },
-        )
-
-    async def join(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        core, node = self.core, "?"
-        try:
-            request = _parse(raw, pb.JoinRequest)
-            node = request.node_id
-            if not core.session_id:
-                raise Unavailable("the relay has not reached its upstream yet; retry")
-            manifest = (
-                manifest_from_proto(request.manifest) if request.HasField("manifest") else None
-            )
-            core.join(node, request.num_samples, manifest)
-        except RpcError as exc:
-            await _fail(context, exc, node, core.round, core)  # type: ignore[arg-type]
-        return pb.JoinReply(
-            manifest=manifest_to_proto(core.specs),
-            reduce_rule=core.reduce_rule,
-            chunk_bytes=core.chunk_bytes,
-            round=core.round,
-            total_rounds=core.total_rounds,
-            session_id=core.session_id,
-            finished=core.finished,
-            round_open=core.collecting,
-            seed=core.seed,
-            contract_version=CONTRACT_VERSION,
-            buffers_local=True,
-        )
-
-    async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        node = "?"
-        try:
-            request = _parse(raw, pb.PullRequest)
-            node = request.node_id
-            snapshot = await self.core.wait_snapshot(request.min_round)
-        except RpcError as exc:
-            await _fail(context, exc, node, self.core.round, self.core)  # type: ignore[arg-type]
-            return
-        for message in snapshot.messages():
-            yield message
-        self.core.counters.bytes_sent += snapshot.wire_bytes
-        if snapshot.finished:
-            self.core.final_pulled.add(node)
-
-    async def push(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> pb.PushReply:
-        node, round_ = "?", "?"
-        try:
-            raw = await next_message(requests, self.core.cfg.idle_timeout)
-            first = _parse(raw) if raw is not None else None
-            if first is None or first.WhichOneof("kind") != "header":
-                raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
-            node, round_ = first.header.node_id, first.header.round
-            return await self.core.upload(first.header, requests)
-        except RpcError as exc:
-            await _fail(context, exc, node, round_, self.core)  # type: ignore[arg-type]
-            return pb.PushReply()
-
-    async def leave(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
-        request = _parse(raw, pb.LeaveRequest)
-        self.core.left.add(request.node_id)
-        async with self.core._changed:
-            self.core._changed.notify_all()
-        return pb.LeaveReply()
-
-    async def status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusReply:
-        core = self.core
-        return pb.StatusReply(
-            round=core.round,
-            total_rounds=core.total_rounds,
-            finished=core.finished,
-            reported=len(core.counted),
-            bytes_received=core.counters.bytes_received,
-            bytes_sent=core.counters.bytes_sent,
-            session_id=core.session_id,
-            phase="relay: "
-            + ("finished" if core.finished else "collecting" if core.collecting else "forwarding"),
-            mode="sync",
-        )
-
-
-#: The relay's upload stream window, MiB (the aggregator's ``--upload-window-mb`` default).
-UPLOAD_WINDOW_MB = 4
-
-
-class RelayServer:
-    """A relay on its own grpc.aio server."""
-
-    def __init__(self, task: Task, cfg: RelayConfig) -> None:
-        self.cfg, self.core = cfg, Relay(task, cfg)
-        self.server: grpc.aio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> int:
-        server = grpc.aio.server(options=server_options(UPLOAD_WINDOW_MB))
-        server.add_generic_rpc_handlers((RelayService(self.core).handler(),))
-        self.port = server.add_insecure_port(self.cfg.listen)
-        if not self.port:
-            raise ConfigError(f"cannot listen on {self.cfg.listen}")
-        await server.start()
-        self.server = server
-        log.info("relay listening on port %d", self.port, extra={"event": "listen"})
-        return self.port
-
-    async def run(self) -> None:
-        try:
-            await self.core.run()
-        finally:
-            if self.server is not None:
-                await self.server.stop(1.0)
+    Raises:
+        ConfigError: a file is missing, not PEM, or the key is not the certificate's.
+    """
+    if not cfg.upstream_ca:
+        return None
+    ca = read_ca(cfg.upstream_ca, "--upstream-ca")
+    cert = key = None
+    if cfg.upstream_cert and cfg.upstream_key:
+        cert, key = read_key_pair(cfg.upstream_cert, cfg.upstream_key)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )

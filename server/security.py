@@ -76,11 +76,18 @@ def server_credentials(cfg: AggregatorConfig) -> grpc.ServerCredentials | None:
         ConfigError: a file is missing, unreadable or not PEM, the certificate and key are
             swapped, or the key is not the certificate's.
     """
-    if not cfg.tls_cert:
+    return tls_server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+
+
+def tls_server_credentials(
+    cert_path: str | None, key_path: str | None, client_ca_path: str | None
+) -> grpc.ServerCredentials | None:
+    """``server_credentials`` from the three files' paths (the relay's as the aggregator's)."""
+    if not cert_path:
         return None
-    assert cfg.tls_key
-    cert, key = read_key_pair(cfg.tls_cert, cfg.tls_key)
-    client_ca = read_ca(cfg.tls_client_ca, "--tls-client-ca") if cfg.tls_client_ca else None
+    assert key_path
+    cert, key = read_key_pair(cert_path, key_path)
+    client_ca = read_ca(client_ca_path, "--tls-client-ca") if client_ca_path else None
     # Without require_client_auth the client certificate would be silently optional.
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
