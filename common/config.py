@@ -476,6 +476,21 @@ class AggregatorConfig:
             if missing:
                 raise ConfigError(f"shard {self.shard} needs {missing[0]}")
 
+    def staging_slots(self, payload_bytes: int) -> int:
+        """Uploads of ``payload_bytes`` staged at once: ``max_inflight``, else 1..64.
+
+        As many as ``staging_mb`` holds; a shard stages every node's part of a round
+        (up to 64) at least: shard 0 counts an upload only once every shard holds its
+        part, and a shard whose few slots held other nodes' parts than shard 0's would
+        leave both waiting until ``idle_timeout``.
+        """
+        if self.max_inflight:
+            return self.max_inflight
+        fit = max(1, min(64, self.staging_mb * (1 << 20) // max(1, payload_bytes)))
+        if self.shard_index[1] > 1:
+            fit = max(fit, min(64, self.nodes))
+        return fit
+
     @property
     def shard_index(self) -> tuple[int, int]:
         """(I, K) of ``shard``; (0, 1) unsharded."""

@@ -75,9 +75,7 @@ class ShardFollower:
         self.added: dict[str, str] = {}  # node id -> upload id added this round
         self.final_pulled: set[str] = set()
         self.final_readers: set[str] = set()
-        self.max_inflight = cfg.max_inflight or max(
-            1, min(64, cfg.staging_mb * (1 << 20) // max(1, self.layout.total))
-        )
+        self.max_inflight = cfg.staging_slots(self.layout.total)
         self.synced = False
         #: Why this shard stops (its settings are not shard 0's), "" while it can go on.
         self.failed = ""

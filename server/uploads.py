@@ -49,14 +49,11 @@ class Intake:
     ) -> None:
         self.cfg, self.layout, self.engine, self.reducer = cfg, layout, engine, reducer
         self.model = model
-        self.max_inflight = cfg.max_inflight or max(
-            1, min(64, cfg.staging_mb * (1 << 20) // max(1, layout.total))
-        )
+        self.max_inflight = cfg.staging_slots(layout.total)
         self.inflight: set[UploadTicket] = set()
         self._codecs: dict[str, Codec] = {}
 
-        #: Payload bytes the staged chunks may hold at once, and hold now.
-        self.budget_bytes = self.max_inflight * layout.total
+        #: Payload bytes the staged chunks hold now (``budget_bytes`` at most).
         self.held_bytes = 0
 
     def start(self) -> None:
@@ -64,6 +61,20 @@ class Intake:
         self._slots = asyncio.Semaphore(self.max_inflight)
         self._freed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+
+    @property
+    def budget_bytes(self) -> int:
+        """``max_inflight`` uploads' payload bytes, of the largest upload in flight.
+
+        An upload may be larger than the model's own payload (a relay's float64 sum of a
+        float32 model): each upload in flight then still fits, so none waits for bytes
+        that only its own completion would free.
+        """
+        largest = max(
+            (t.staged.codec.layout.total for t in self.inflight if t.staged is not None),
+            default=0,
+        )
+        return self.max_inflight * max(self.layout.total, largest)
 
     async def take(self, staged: StagedUpload, nbytes: int) -> None:
         """Wait until the staging budget has room for a chunk of ``nbytes``, then hold it.

@@ -42,6 +42,20 @@ def test_two_relays_of_three_nodes_equal_six_nodes_connected_directly() -> None:
         assert two.bytes < one.bytes  # 2 broadcasts and 2 uploads instead of 6 and 6
 
 
+def test_a_forwarded_float64_sum_larger_than_the_staging_budget_is_staged_whole() -> None:
+    # A relay's float64 sum of a float32 model is twice the model's payload; with one
+    # upload of staging (max_inflight=1) it must still be received, not wait for bytes
+    # only its own completion would free (slot_wait shortened so a wait would fail).
+    with LocalCluster("digits", nodes=2) as cluster:
+        direct = cluster.run(2)
+    with LocalCluster(
+        "digits", nodes=2, relays=1, max_inflight=1, slot_wait=5.0, chunk_bytes=4096
+    ) as cluster:
+        relayed = cluster.run(2)
+    for name, value in direct.params.items():
+        assert torch.equal(relayed.params[name], value), name
+
+
 def test_relays_must_divide_the_nodes() -> None:
     with pytest.raises(ConfigError, match="relays"):
         LocalCluster("digits", nodes=5, relays=2)

@@ -205,3 +205,16 @@ def test_file_and_environment_values_name_their_source(
     assert (
         capsys.readouterr().err == f"fedgrad node: error: environment FEDGRAD_THREADS: {message}\n"
     )
+
+
+def test_staging_slots_one_big_upload_at_a_time_and_every_part_on_a_shard() -> None:
+    unsharded = AggregatorConfig(nodes=8)
+    assert unsharded.staging_slots(100_000_000) == 1  # 95 MiB > half of 128 MiB
+    assert unsharded.staging_slots(40 << 20) == 3
+    assert unsharded.staging_slots(72) == 64
+    assert replace(unsharded, max_inflight=2).staging_slots(100_000_000) == 2
+    # A shard stages every node's part of a round: fewer slots than shard 0's could hold
+    # other nodes' parts and leave both waiting.
+    shard = replace(unsharded, shard="1/2", peers=("127.0.0.1:1", "127.0.0.1:2"))
+    assert shard.staging_slots(100_000_000) == 8
+    assert replace(shard, nodes=100).staging_slots(100_000_000) == 64
