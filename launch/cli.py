@@ -161,7 +161,8 @@ def _limit_flags(add: Add) -> None:
     )
     add(
         "max_inflight",
-        "uploads staged at once (default {default}: as many as --staging-mb holds, 1..64)",
+        "uploads staged at once (default {default}: as many as --staging-mb holds, 1..64; a"
+        " shard at least --nodes)",
         type=int,
     )
     add(
