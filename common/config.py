@@ -8,6 +8,7 @@ refuse exactly the same values with exactly the same ``ConfigError`` message.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -594,6 +595,16 @@ class NodeConfig:
         if self.tls_cert and not self.tls_ca:
             # Without a CA the node dials plaintext and would drop the certificate silently.
             raise ConfigError("tls_cert and tls_key (mutual TLS) need tls_ca to turn TLS on")
+
+
+def is_loopback(host: str) -> bool:
+    """Return True only for "localhost" and loopback IP addresses (not look-alike names)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_hostport(value: str) -> tuple[str, int]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-from fedgrad.config import parse_hostport
+from fedgrad.config import is_loopback, parse_hostport
 from fedgrad.errors import ConfigError
 from fedgrad.wire import check_id
 
@@ -69,7 +68,7 @@ class RelayConfig:
         _needs(self.upstream_key, self.upstream_cert, "--upstream-key", "--upstream-cert")
         _needs(self.upstream_cert, self.upstream_ca, "--upstream-cert", "--upstream-ca")
         host = parse_hostport(self.listen)[0]
-        if not self.insecure and not self.tls_cert and not _loopback(host):
+        if not self.insecure and not self.tls_cert and not is_loopback(host):
             raise ConfigError(
                 f"refusing to serve plaintext on {self.listen}: anyone on the network could"
                 " join or read the model. Give the relay a certificate (--tls-cert, --tls-key,"
@@ -81,12 +80,3 @@ class RelayConfig:
 def _needs(given: str | None, other: str | None, flag: str, needed: str) -> None:
     if given and not other:
         raise ConfigError(f"{flag} needs {needed}")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

@@ -8,7 +8,6 @@ UNAUTHENTICATED. Tokens are compared in constant time and never logged.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 import grpc
@@ -21,7 +20,7 @@ from fedgrad.auth import (
     load_token_file,
     parse_bearer,
 )
-from fedgrad.config import AggregatorConfig, parse_hostport
+from fedgrad.config import AggregatorConfig, is_loopback, parse_hostport
 from fedgrad.errors import ConfigError, PermissionDenied, Unauthenticated
 from fedgrad.tlsfiles import read_ca, read_key_pair
 
@@ -33,16 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedgrad.security")
-
-
-def is_loopback(host: str) -> bool:
-    """Return True only for "localhost" and loopback IP addresses (not look-alike names)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_listen_policy(cfg: AggregatorConfig, warn: bool = True) -> None:
