@@ -110,6 +110,20 @@ METRICS: dict[str, list[tuple[str, str, Getter]]] = {
     "raw_fanin": [("gbps", "GB/s", lambda r: r["median"])],
     "fedgrad_rss_small_n": [("peak_rss_mb", "MB", _rss_mb), _round()],
     "fedgrad_rss_large_n": [("peak_rss_mb", "MB", _rss_mb), _round()],
+    **{
+        name: [
+            ("peak_rss_mb", "MB", _rss_mb),
+            ("rss_budget4_mb", "MB", lambda r: 4 * r["model_bytes"] / _MB + 300),
+            ("rss_budget3_mb", "MB", lambda r: 3 * r["model_bytes"] / _MB + 300),
+            _round(),
+        ]
+        for name in (
+            "fedgrad_mem95_small_n",
+            "fedgrad_mem95_large_n",
+            "fedgrad_mem95_lean_small_n",
+            "fedgrad_mem95_lean_large_n",
+        )
+    },
     "fedgrad_many_tensors": _PER_BYTE,
     "fedgrad_few_tensors": _PER_BYTE,
     "fedgrad_scale": [
@@ -151,6 +165,21 @@ RATIOS = [
      ("fedgrad_round_lean", "peak_rss_mb"), ("fedgrad_round_lean", "rss_budget_mb"), "<=", 1.0),
     ("rss_large_n_over_small_n", "aggregator peak RSS, large N / small N",
      ("fedgrad_rss_large_n", "peak_rss_mb"), ("fedgrad_rss_small_n", "peak_rss_mb"), "<=", 1.2),
+    ("mem95_over_budget", "aggregator peak RSS / (4 x model + 300 MB), 95 MiB, few nodes (issue 15)",
+     ("fedgrad_mem95_small_n", "peak_rss_mb"), ("fedgrad_mem95_small_n", "rss_budget4_mb"),
+     "<=", 1.0),
+    ("mem95_large_n_over_budget", "same, many nodes",
+     ("fedgrad_mem95_large_n", "peak_rss_mb"), ("fedgrad_mem95_large_n", "rss_budget4_mb"),
+     "<=", 1.0),
+    ("mem95_lean_over_budget", "peak RSS / (3 x model + 300 MB), --accumulate float32",
+     ("fedgrad_mem95_lean_small_n", "peak_rss_mb"),
+     ("fedgrad_mem95_lean_small_n", "rss_budget3_mb"), "<=", 1.0),
+    ("mem95_lean_large_n_over_budget", "same, many nodes",
+     ("fedgrad_mem95_lean_large_n", "peak_rss_mb"),
+     ("fedgrad_mem95_lean_large_n", "rss_budget3_mb"), "<=", 1.0),
+    ("mem95_large_n_over_small_n", "peak RSS, many CLI nodes / few, 95 MiB",
+     ("fedgrad_mem95_large_n", "peak_rss_mb"), ("fedgrad_mem95_small_n", "peak_rss_mb"),
+     "<=", 1.2),
     ("shaped_k4_over_k1", "round on 1 Gbit/s links, 4 shards / 1 (issue 15)",
      ("shaped_k4", "round_s"), ("shaped_k1", "round_s"), "<=", 0.35),
     ("shaped_k2_over_k1", "same, 2 shards / 1",

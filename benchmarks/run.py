@@ -84,6 +84,8 @@ class Plan:
     robust_rounds: int | None  # None: each algorithm's own (benchmarks/robustness.py)
     privacy_rounds: int
     privacy_configs: tuple[tuple[float, float], ...]  # (noise multiplier, clip)
+    mem_params: int  # issue 15's memory targets: the 95 MiB model (25M float32) ...
+    mem_nodes: tuple[int, int]  # ... with this few and this many CLI nodes
 
 
 FULL = Plan(
@@ -94,7 +96,7 @@ FULL = Plan(
     noniid_splits=("classes_per_node=2", "dirichlet=0.5"), fleet_nodes=1000, fleet_sample=20,
     fleet_rounds=20, fleet_procs=4, target_accuracy=stragglers.TARGET,
     robust_algorithms=("fedsgd", "fedavg"), robust_rounds=None, privacy_rounds=100,
-    privacy_configs=privacy.CONFIGS,
+    privacy_configs=privacy.CONFIGS, mem_params=25_000_000, mem_nodes=(2, 8),
 )  # fmt: skip
 QUICK = Plan(
     reps=2, params=2_000_000, tensors=20, nodes=2, rounds=3, flower_rounds=2,
@@ -104,6 +106,7 @@ QUICK = Plan(
     noniid_splits=("classes_per_node=2",), fleet_nodes=100, fleet_sample=20, fleet_rounds=10,
     fleet_procs=2, target_accuracy=stragglers.TARGET,
     robust_algorithms=("fedavg",), robust_rounds=None, privacy_rounds=40, privacy_configs=((0.0, 0.3), (1.3, 0.3)),
+    mem_params=25_000_000, mem_nodes=(2, 8),
 )  # fmt: skip
 
 #: Called as ``suite(plan, procs)``; the fedgrad suites also take ``cli=`` (the
@@ -147,6 +150,14 @@ def _rss(index: int) -> Suite:
     return suite
 
 
+def _mem(index: int, *extra: str) -> Suite:
+    def suite(plan: Plan, procs: Procs, cli: Cli = None) -> dict:
+        n = plan.mem_nodes[index]
+        return fedgrad_bench.round_time(plan.mem_params, 20, n, 4, procs, extra=extra, cli=cli)
+
+    return suite
+
+
 #: name -> suite, in the order each repetition runs them (fedgrad next to its peer).
 SUITES: dict[str, Suite] = {
     "fedgrad_round": lambda p, pr, cli=None: fedgrad_bench.round_time(
@@ -170,6 +181,11 @@ SUITES: dict[str, Suite] = {
         p.params, p.tensors, p.nodes, p.flower_rounds, pr),
     "fedgrad_rss_small_n": _rss(0),
     "fedgrad_rss_large_n": _rss(1),
+    # Issue 15's memory targets: CLI nodes, the default and --accumulate float32.
+    "fedgrad_mem95_small_n": _mem(0),
+    "fedgrad_mem95_large_n": _mem(1),
+    "fedgrad_mem95_lean_small_n": _mem(0, "--accumulate", "float32"),
+    "fedgrad_mem95_lean_large_n": _mem(1, "--accumulate", "float32"),
     "fedgrad_many_tensors": _many,
     "fedgrad_few_tensors": _few,
     "fedgrad_scale": lambda p, pr, cli=None: fedgrad_bench.driver_rounds(
