@@ -94,7 +94,8 @@ class Intake:
                 ) from None
         self.held_bytes += nbytes
         staged.held += nbytes
-        staged.on_consumed = functools.partial(self._consumed_soon, staged)
+        if staged.on_consumed is None:
+            staged.on_consumed = functools.partial(self._consumed_soon, staged)
 
     def _consumed_soon(self, staged: StagedUpload, nbytes: int) -> None:
         self._loop.call_soon_threadsafe(self._consumed, staged, nbytes)
