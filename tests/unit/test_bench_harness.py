@@ -8,14 +8,13 @@ installed (it comes with the ``bench`` extra).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
-from benchmarks import ab, fedgrad_bench, report, run, shaped, stragglers
+from benchmarks import ab, fedgrad_bench, report, run, stragglers
 from benchmarks.common import BenchError, percentile, prometheus_value, ratio, summarize
 from benchmarks.flower_grpc import flower_available
 
@@ -66,26 +65,6 @@ def test_statistics_helpers() -> None:
     assert ratio(1.0, 0.0) is None
     assert ratio(None, 2.0) is None
     assert ratio(3.0, 2.0) == 1.5
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)  # every suite, each starting its processes: minutes, not seconds
-def test_every_suite_runs_on_a_tiny_size(tmp_path: Path) -> None:
-    names = [n for n in run.SUITES if not (FLOWER_MISSING and n.startswith("flower"))]
-    if shaped.netns_unavailable():  # not root, or no ip/tc: the shaped suites cannot run
-        names = [n for n in names if not n.startswith("shaped")]
-    results = run.execute(TINY, tmp_path, names, mode="tiny", command="pytest")
-
-    assert (tmp_path / "chart.png").stat().st_size > 0
-    on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["plan"]["params"] == TINY.params
-    for name in names:
-        (result,) = results["runs"][name]
-        assert "error" not in result, f"{name}: {result.get('error')}"
-        for metric, _unit, _get in report.METRICS[name]:
-            assert results["summary"][name][metric]["n"] == 1, (name, metric)
-    assert {r["name"] for r in results["ratios"]} >= {name for name, *_ in report.RATIOS}
-    assert "ratio" in report.table(results)
 
 
 @pytest.mark.skipif(FLOWER_MISSING is not None, reason=f"Flower suites need flwr: {FLOWER_MISSING}")
