@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 from fedgrad.errors import ConfigError
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_schedule",
     "check_optimizer",
     "check_schedule",
+    "eager_step",
     "optimizer_class",
 ]
 
@@ -128,6 +130,42 @@ def build_optimizer(
         return cls(params, lr=lr, **kwargs)  # type: ignore[call-arg]
     except (TypeError, ValueError) as e:
         raise ConfigError(f"optimizer {cls.__name__} must accept its arguments: {e}") from None
+
+
+def eager_step(optimizer: torch.optim.Optimizer) -> None:
+    """Run ``optimizer.step()`` without importing torch._dynamo, where that is the same.
+
+    torch.optim wraps a built-in optimizer's ``step`` twice: its hooks and profiler label
+    (``profile_hook_step``), then its grad mode (``_use_grad_for_differentiable``), whose
+    ``torch._dynamo.graph_break()`` imports torch._dynamo on the first call: 68 MB
+    resident and about a second, in an aggregator that never compiles its optimizer.
+    With no step hooks registered, this runs the update under that same grad mode and
+    tells an lr scheduler the step was taken (the flag ``lr_scheduler`` reads), so the
+    parameters and state are bitwise ``optimizer.step()``'s. Any other case (hooks, a
+    torch that wraps ``step`` differently) calls ``optimizer.step()``.
+    """
+    hooked = type(optimizer).step
+    grad_mode = getattr(hooked, "__wrapped__", None)
+    update = getattr(grad_mode, "__wrapped__", None)
+    code = getattr(grad_mode, "__code__", None)
+    pre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+    post = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+    plain = (
+        getattr(hooked, "hooked", False)
+        and update is not None
+        and code is not None
+        and code.co_name == "_use_grad"
+        and pre == {}
+        and post == {}
+        and not optimizer._optimizer_step_pre_hooks
+        and not optimizer._optimizer_step_post_hooks
+    )
+    if not plain:
+        optimizer.step()
+        return
+    with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable", False))):
+        update(optimizer)
+    optimizer._opt_called = True  # type: ignore[attr-defined]
 
 
 def check_schedule(text: str) -> None:

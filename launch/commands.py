@@ -26,6 +26,7 @@ from fedgrad.errors import ConfigError
 from fedgrad.history import RoundRecord
 from fedgrad.launch.options import Resolved, build_config, resolve
 from fedgrad.launch.tuning import (
+    eager_optimizers,
     freeze_startup_objects,
     limit_malloc_arenas,
     pin_mmap_threshold,
@@ -108,6 +109,7 @@ def aggregator_config(values: Mapping[str, Any]) -> AggregatorConfig:
 
 def run_aggregator(values: dict[str, Any]) -> int:
     """Serve until training is over (exit 0) or SIGTERM/SIGINT (graceful, exit 0)."""
+    eager_optimizers()  # before the config check builds an optimizer
     port_file = values.pop("port_file", None)
     cfg = aggregator_config(values)
     setup_logging(cfg.log_format, progress=cfg.progress)

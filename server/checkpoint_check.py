@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fedgrad.history import RoundRecord
+from fedgrad.optimizers import eager_step
 
 __all__ = ["Malformed", "check_document", "check_optimizer_fits", "split_tensors"]
 
@@ -210,8 +211,8 @@ def _entry_keys(cls: Any, group: dict[str, Any], like: torch.Tensor) -> dict[str
     p = torch.zeros(2, dtype=like.dtype, device=like.device, requires_grad=True)
     probe = cls([{**{k: v for k, v in group.items() if k != "params"}, "params": [p]}])
     p.grad = torch.ones_like(p)
-    probe.step()
-    probe.step()  # the second one reads the state the first one made
+    eager_step(probe)
+    eager_step(probe)  # the second one reads the state the first one made
     return {
         k: None if not isinstance(v, torch.Tensor) else "param" if v.shape == p.shape else v.shape
         for k, v in probe.state[p].items()

@@ -14,7 +14,7 @@ from fedgrad.buffers import MAX_BUFFER_BYTES, buffer_specs, model_buffers, pack
 from fedgrad.codec import Layout, TensorSpec, manifest_mismatch, specs_of
 from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError, InvalidArgument, TaskError
-from fedgrad.optimizers import build_optimizer, build_schedule
+from fedgrad.optimizers import build_optimizer, build_schedule, eager_step
 from fedgrad.server.reducers import Reducer
 from fedgrad.task import EVALUATE_KEY, Task, resolve_device, trainable_parameters
 from fedgrad.wire import task_identity
@@ -199,8 +199,9 @@ class ServerModel:
                     g.mul_(scale)
                 self.params[i].grad = g.to(self.device, non_blocking=True)
             del grads
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            eager_step(self.optimizer)
+            for i in batch:
+                self.params[i].grad = None  # zero_grad(set_to_none=True), batch by batch
         if self.schedule is not None:
             self.schedule.step()
         if self.share_buffers:
