@@ -160,7 +160,7 @@ def eager_step(optimizer: torch.optim.Optimizer) -> None:
         and not optimizer._optimizer_step_pre_hooks
         and not optimizer._optimizer_step_post_hooks
     )
-    if not plain:
+    if not plain or update is None:
         optimizer.step()
         return
     with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable", False))):
