@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedgrad.config import is_loopback, parse_hostport
 from fedgrad.errors import ConfigError
+from fedgrad.settings import is_loopback, parse_hostport
 from fedgrad.wire import check_id
 
 __all__ = ["RelayConfig"]

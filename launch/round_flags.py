@@ -1,7 +1,7 @@
 """The aggregator's flags of how rounds run: deadlines, sampling and async, defences, privacy.
 
 Each flag is a setting of ``AggregatorConfig`` (its default and its rule live there);
-``fedgrad.launch.cli`` adds these groups to ``fedgrad aggregator``.
+``fedgrad.launch.serve_parsers`` adds these groups to ``fedgrad aggregator``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from fedgrad.auth import (
     load_token_file,
     parse_bearer,
 )
-from fedgrad.config import AggregatorConfig, is_loopback, parse_hostport
+from fedgrad.config import AggregatorConfig
 from fedgrad.errors import ConfigError, PermissionDenied, Unauthenticated
+from fedgrad.settings import is_loopback, parse_hostport
 from fedgrad.tlsfiles import read_ca, read_key_pair
 
 __all__ = [
