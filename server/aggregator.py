@@ -12,7 +12,6 @@ tensor work runs in worker threads while the loop keeps reading streams.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -23,18 +22,11 @@ from typing import Any
 import torch
 
 from fedgrad.config import AggregatorConfig
-from fedgrad.errors import (
-    ConfigError,
-    InvalidArgument,
-    OutOfRange,
-    RpcError,
-    StaleRound,
-    Unavailable,
-)
+from fedgrad.errors import ConfigError, InvalidArgument, OutOfRange, StaleRound
 from fedgrad.history import RoundRecord
-from fedgrad.server.broadcast import Snapshot, make_snapshot
+from fedgrad.server.broadcast import Snapshot
 from fedgrad.server.counters import Counters
-from fedgrad.server.engine import Deadline, NodeRecord, NodeState, RoundEngine, Rules
+from fedgrad.server.engine import NodeRecord, NodeState, RoundEngine, Rules
 from fedgrad.server.ledger import Ledger
 from fedgrad.server.model import Peer, ServerModel
 from fedgrad.server.policy import make_policy
@@ -43,10 +35,12 @@ from fedgrad.server.reducers import MAX_EXACT_WEIGHT, accumulate_for, make_reduc
 from fedgrad.server.resume import read_checkpoint, write_checkpoint
 from fedgrad.server.robust import check_fits
 from fedgrad.server.sharding import PeerClients, ShardSetup
-from fedgrad.server.staging import StagedUpload, UploadTicket
+from fedgrad.server.staging import UploadTicket
 from fedgrad.server.uploads import Intake
-from fedgrad.task import EVAL_PREFIX, EVAL_SAMPLES, Task, trainable_parameters
+from fedgrad.task import EVAL_PREFIX, EVAL_SAMPLES, Task
 from fedgrad.wire import check_id
+
+from . import coordination
 
 __all__ = ["Aggregator"]
 
@@ -112,57 +106,15 @@ class Aggregator:
         self._peers_ready = asyncio.Event()
         if self.peers is None:
             self._peers_ready.set()
-            await self._open_first()
+            await coordination.open_first(self)
         else:  # serve at once; the first round opens once every shard agrees
-            self._spawn(self._sync_then_open())
-
-    async def _sync_then_open(self) -> None:
-        assert self.peers is not None
-        patience = self.cfg.start_timeout or self.cfg.round_timeout
-        try:
-            await self.peers.wait_synced(self.engine.round, self.session_id, patience)
-        except RpcError as exc:
-            self.failed = f"the shards cannot form a federation: {exc}"
-            log.error(self.failed, extra={"event": "shards"})
-            async with self._changed:
-                self._changed.notify_all()
-            return
-        self._peers_ready.set()
-        await self._open_first()
-
-    async def _open_first(self) -> None:
-        if self.resumed:
-            await self._publish()
-        else:
-            wait = self.cfg.start_timeout or self.cfg.round_timeout
-            self._timer = self._spawn(self._start_deadline(wait))
+            self._spawn(coordination.sync_then_open(self))
 
     def gathered_state(self) -> dict[str, torch.Tensor] | None:
         """The whole model's final state_dict if the evaluation copy holds it, else None."""
         if self._eval_module is None or self.gathered_round != self.engine.total_rounds:
             return None
         return {k: v.detach() for k, v in self._eval_module.state_dict().items()}
-
-    async def _evaluate_shards(self, round_: int) -> dict[str, float]:
-        """Evaluate the whole model of ``round_``: this shard's pieces and the others'.
-
-        Shard 0 keeps one copy of the whole model for this, filled each round from every
-        shard's published pieces (the task's test set is evaluated as unsharded).
-        """
-        assert self.shards is not None and self.peers is not None
-        if self._eval_module is None:
-            self._eval_module = self.shards.task.inner.model()
-        params = [p for _, p in trainable_parameters(self._eval_module)]
-        await self.peers.gather(self, into=params, round_=round_)
-        self.gathered_round = round_
-        module, task = self._eval_module, self.shards.task.inner
-
-        def evaluate() -> dict[str, float]:
-            with torch.no_grad():
-                module.eval()
-                return task.evaluate(module) or {}
-
-        return await asyncio.to_thread(evaluate)
 
     @property
     def blocked(self) -> str:
@@ -252,31 +204,12 @@ class Aggregator:
             node.check(self.full_specs, self.cfg, self.model.buffer_specs)
         known = self.engine.node(node_id) is not None
         if self.engine.join(node_id, num_samples, time.monotonic()):
-            await self._begin()
+            await coordination.begin(self)
         if not known:
             log.info("node joined", extra={"node": node_id, "round": self.round, "event": "join"})
         record = self.engine.node(node_id)
         assert record is not None
         return record
-
-    async def _start_deadline(self, wait: float) -> None:
-        await asyncio.sleep(wait)
-        if self.engine.start_deadline():
-            await self._begin()
-        elif self.engine.phase.value == "waiting":
-            log.warning(
-                "start deadline passed with %d of %d nodes; starting once %d have joined",
-                self.engine.active_count,
-                self.cfg.nodes,
-                self.cfg.min_nodes,
-                extra={"event": "below_quorum"},
-            )
-
-    async def _begin(self) -> None:
-        await self._peers_ready.wait()
-        async with self._closing:
-            await asyncio.to_thread(self.checkpoint)
-            await self._publish()
 
     async def leave(self, node_id: str) -> None:
         """Stop waiting for a node; its upload of the open round, if counted, stays counted."""
@@ -287,7 +220,7 @@ class Aggregator:
         async with self._changed:
             self._changed.notify_all()
         if close:
-            await self._close()
+            await coordination.close_round(self)
 
     # -- parameters ------------------------------------------------------------------------
     async def wait_snapshot(self, node_id: str, min_round: int) -> Snapshot:
@@ -388,7 +321,7 @@ class Aggregator:
                 held_out,
                 int(ticket.metrics[EVAL_SAMPLES]),
             )
-        self._spawn(self._add(ticket, staged, staleness))
+        self._spawn(coordination.add_upload(self, ticket, staged, staleness))
         log.debug("upload counted", extra={"node": ticket.node_id, "round": ticket.round})
         return ticket.round
 
@@ -400,218 +333,9 @@ class Aggregator:
         counts anywhere (Unavailable: send every part again). Otherwise shard 0 counts it
         and tells the others to add their parts.
         """
-        if self.peers is None or ticket.staged is None:
-            return self.count(ticket)
-        ticket.staged.complete()
-        epoch = self.redo_epoch
-        try:
-            why = await self.peers.hold(
-                ticket.node_id, ticket.round, ticket.upload_id, self.cfg.idle_timeout
-            )
-        except RpcError as exc:
-            self._recover(str(exc))
-            raise Unavailable(f"not counted on any shard: {exc}") from None
-        if self.redo_epoch != epoch:
-            raise StaleRound(
-                f"round {self.round} restarted on every shard during the upload", self.round
-            )
-        if why:
-            raise Unavailable(f"not counted on any shard: {why}; push every shard its part again")
-        counted = self.count(ticket)
-        if ticket.counted:
-            try:
-                await self.peers.commit(
-                    ticket.node_id, ticket.round, ticket.upload_id, ticket.weight
-                )
-            except RpcError as exc:
-                self._recover(str(exc))  # counted here, not there: the round restarts
-                raise Unavailable(f"not counted on every shard: {exc}") from None
-        return counted
-
-    def _recover(self, reason: str) -> None:
-        """Restart the open round on every shard once the failed shard answers again."""
-        epoch = self.redo_epoch
-
-        async def recover() -> None:
-            async with self._closing:
-                if self.redo_epoch == epoch and not self.finished:
-                    await self._redo(reason)
-
-        if not self._recovering:
-            self._recovering = True
-            task = self._spawn(recover())
-            task.add_done_callback(lambda _: setattr(self, "_recovering", False))
-
-    async def _redo(self, reason: str) -> None:
-        """Every shard forgets the open round and it opens again (hold ``_closing``).
-
-        Waits, with the status saying why, until every shard answers; a shard that
-        restarted resumes from its checkpoint of this round (one a round ahead goes back).
-        """
-        assert self.peers is not None
-        log.warning(
-            "round %d restarts on every shard: %s", self.round, reason,
-            extra={"round": self.round, "event": "redo"},
-        )  # fmt: skip
-        while self.engine.pending_adds:
-            await asyncio.sleep(0.01)
-        while True:
-            try:
-                await self.peers.wait_synced(self.round, self.session_id, self.cfg.round_timeout)
-                break
-            except Unavailable as exc:
-                log.warning("rounds wait: %s", exc, extra={"event": "shards"})
-            except RpcError as exc:
-                self.failed = f"the shards cannot go on: {exc}"
-                log.error(self.failed, extra={"event": "shards"})
-                async with self._changed:
-                    self._changed.notify_all()
-                return
-        self.reducer.reset()
-        self.engine.redo()
-        self.redo_epoch += 1
-        await self._publish()
-
-    async def _add(self, ticket: UploadTicket, staged: StagedUpload, staleness: int) -> None:
-        scale = self.policy.scale(staleness)
-        try:
-            async with self._adding:
-                self.intake.free_slot(ticket)  # the add lets the chunks go as it goes
-                began = time.perf_counter()
-                add = self.reducer.add
-                if ticket.presummed:  # a relay's partial sum: checked in Intake.open
-                    add = functools.partial(self.reducer.add, presummed=True)  # type: ignore[call-arg]
-                norm = await asyncio.to_thread(add, staged, ticket.weight, scale, ticket.node_id)
-                if ticket.buffers is not None:
-                    self.model.buffer_mean.add(ticket.buffers, ticket.weight)
-                self.counters.add_seconds += time.perf_counter() - began
-                self.ledger.applied(ticket.node_id, ticket.round, ticket.weight, staleness, norm)
-        except Exception:
-            # Cannot happen for a validated upload (weights and length are checked before
-            # counting); if it does, say so loudly rather than close a round without it.
-            log.exception(
-                "add failed; the round will not close",
-                extra={"node": ticket.node_id, "round": ticket.round, "event": "add_failed"},
-            )
-            raise
-        finally:
-            self.intake.release(ticket, added=True)
-        if self.engine.added():
-            await self._close()
+        return await coordination.count_everywhere(self, ticket)
 
     # -- rounds ----------------------------------------------------------------------------
-    async def _round_deadline(self, round_: int) -> None:
-        await asyncio.sleep(self.cfg.round_timeout)
-        decision = self.engine.round_deadline(round_)
-        if decision is Deadline.CLOSE:
-            await self._close()
-        elif decision is Deadline.BELOW_QUORUM:
-            self._replace_missing(missed_deadline=True)
-            async with self._changed:
-                self._changed.notify_all()
-            log.warning(
-                "round deadline passed with %d of %d required uploads; waiting for nodes",
-                self.engine.counted(),
-                self.cfg.min_nodes,
-                extra={"round": round_, "event": "below_quorum"},
-            )
-
-    async def _close(self) -> None:
-        # begin_close before any await: uploads finishing from now on are ABORTED.
-        for node in self.engine.begin_close():
-            log.warning(
-                "node missed the round deadline",
-                extra={"node": node, "round": self.round, "event": "dropped"},
-            )
-        epoch = self.redo_epoch
-        async with self._closing:
-            if self.redo_epoch != epoch:
-                return  # the round restarted on every shard while this close waited
-            c = self.counters
-            collected = time.perf_counter()
-            phases = {"collect": time.monotonic() - c.round_started, "reduce": c.add_seconds}
-            prepare = getattr(self.reducer, "prepare", None)
-            if prepare is not None:
-                prepare(self.round)  # seeded DP test noise is keyed to the round
-            await self._retire()
-            if self.peers is not None:
-                # Every shard steps exactly the uploads counted here; the others first, so
-                # that a failure leaves this shard's round as it was, and it restarts.
-                finished = self.round + 1 >= self.engine.total_rounds
-                try:
-                    await self.peers.close(
-                        self.round, self.engine.reported, finished, self.cfg.round_timeout
-                    )
-                except RpcError as exc:
-                    await self._redo(str(exc))
-                    return
-            metrics = await asyncio.to_thread(self.model.step, self.reducer)
-            if self.shards is not None and self.shards.task.evaluates:
-                metrics = await self._evaluate_shards(self.round + 1)
-            phases["step"] = time.perf_counter() - collected
-            selected = self.engine.selected
-            record = self.ledger.close(
-                self.round,
-                c,
-                metrics,
-                selected,
-                self._selected_count(selected),
-                getattr(self.reducer, "stats", {}),
-            )
-            if self.engine.opening_round < self.engine.total_rounds and self.ledger.budget_spent(
-                record
-            ):
-                self.engine.end_early()
-            self.reducer.reset()
-            began = time.perf_counter()
-            await asyncio.to_thread(self.checkpoint, self.round + 1)
-            phases["checkpoint"] = time.perf_counter() - began
-            began = time.perf_counter()
-            await self._publish()
-            phases["broadcast"] = time.perf_counter() - began
-            c.phase_seconds = phases
-        for callback in self.on_round:
-            callback(record)
-
-    async def _retire(self) -> None:
-        """Before the step writes the parameters: streams still reading them get a copy.
-
-        New pulls wait for the next round's snapshot (their upload of this round would be
-        stale anyway); the streams already reading finish from a frozen copy, made only
-        if there are any (``fedgrad.server.broadcast``).
-        """
-        snapshot, self.snapshot = self.snapshot, None
-        if snapshot is not None:
-            await asyncio.to_thread(snapshot.freeze)
-
-    async def _publish(self) -> None:
-        """Serialize the parameters of the round about to open, then open it."""
-        round_ = self.engine.opening_round
-        finished = round_ >= self.engine.total_rounds
-        self.snapshot = None  # let the old broadcast go before the new one is built
-        snapshot = await asyncio.to_thread(
-            make_snapshot,
-            self.model.params,
-            self.layout,
-            self.cfg.chunk_bytes,
-            round_,
-            finished,
-            self.session_id,
-            self.cfg.broadcast_dtype,
-            self.engine.total_rounds,
-            self.model.round_config(round_, self.engine.total_rounds),
-            self.model.buffer_bytes(),
-        )
-        async with self._changed:
-            self.snapshot = snapshot
-            self.engine.opened()
-            self.counters.new_round()
-            self._changed.notify_all()
-        if self._timer is not None and self._timer is not asyncio.current_task():
-            self._timer.cancel()
-        if not finished:
-            self._timer = self._spawn(self._round_deadline(round_))
-
     @property
     def selected_count(self) -> int:
         """Nodes the open round takes uploads from (0 in async mode: anyone)."""

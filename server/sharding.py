@@ -77,7 +77,7 @@ class PieceTask(Task):
         return _Pieces(values)
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
-        return None  # shard 0 evaluates the whole model (``Aggregator._evaluate_shards``)
+        return None  # shard 0 evaluates the whole model (``fedgrad.server.coordination._evaluate_shards``)
 
     @property
     def evaluates(self) -> bool:
