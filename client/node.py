@@ -2,7 +2,8 @@
 
 The loop here knows rounds, tensors and the task; every gRPC call, retry and
 status-code rule is in ``fedgrad.client.transport``, which hands back replies or
-domain errors (``Failure`` with an ``Action``, ``Stopped``, ``RefusedError``).
+domain errors (``Failure`` with an ``Action``, ``Stopped``, ``RefusedError``). Pull and
+push, the tensors' way between the model and the wire, are ``fedgrad.client.exchange``'s.
 """
 
 from __future__ import annotations
@@ -13,35 +14,31 @@ import logging
 import math
 import random
 import threading
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedgrad.buffers import buffer_specs, load_buffers, model_buffers, pack, unpack
+from fedgrad.buffers import buffer_specs, model_buffers
 from fedgrad.client.attacks import attack_generator, attacked, claimed_samples, warn_attack
+from fedgrad.client.exchange import TensorExchange, pinned
 from fedgrad.client.feedback import ErrorFeedback
-from fedgrad.client.receive import read_header, receive_chunks
 from fedgrad.client.sharded import ShardLinks
 from fedgrad.client.transport import Action, Backoff, Failure, Stopped, Transport
 from fedgrad.codec import (
     Layout,
     TensorSpec,
     byte_view,
-    dtype_from_proto,
-    iter_chunk_pieces,
     manifest_from_proto,
     manifest_to_proto,
     specs_of,
 )
 from fedgrad.codecs import codec_for
 from fedgrad.config import NodeConfig
-from fedgrad.errors import InvalidArgument, RefusedError, TaskError
-from fedgrad.framing import encode_chunk
+from fedgrad.errors import RefusedError, TaskError
 from fedgrad.proto import fedgrad_pb2 as pb
-from fedgrad.seeding import derive_seed, round_generator
+from fedgrad.seeding import round_generator
 from fedgrad.task import (
     EVAL_PREFIX,
     EVAL_SAMPLES,
@@ -89,11 +86,6 @@ def join_request(
     )
 
 
-def _pinned(like: torch.Tensor) -> torch.Tensor:
-    """A page-locked host tensor shaped like ``like`` (fast, asynchronous device copies)."""
-    return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-
-
 def simulated_delay(cfg: NodeConfig, round_: int) -> float:
     """Return the seconds ``--simulate-delay`` adds to this round: uniform in [MIN, MAX].
 
@@ -132,7 +124,7 @@ class NodeResult:
     final_round: int
 
 
-class Node:
+class Node(TensorExchange):
     """One compute node. ``run()`` returns when training is over, or after ``stop()``.
 
     Args:
@@ -161,8 +153,8 @@ class Node:
         # On a GPU the wire reads and writes pinned host copies, moved in one batch of
         # asynchronous copies per round; on the CPU it reads the parameters themselves.
         on_cpu = self.device.type == "cpu"
-        self.host = self.params if on_cpu else [_pinned(p) for p in self.params]
-        self.grad_host = None if on_cpu else [_pinned(p) for p in self.params]
+        self.host = self.params if on_cpu else [pinned(p) for p in self.params]
+        self.grad_host = None if on_cpu else [pinned(p) for p in self.params]
         self.views = [byte_view(t.data) for t in self.host]
         self.data = to_device(task.shard(*cfg.shard), self.model)
         self.held_out = to_device(task.holdout(*cfg.shard), self.model)
@@ -267,110 +259,6 @@ class Node:
             extra={"node": self.cfg.node_id, "round": reply.round, "event": "join"},
         )
         return reply
-
-    def pull(self, min_round: int) -> pb.ParameterHeader:
-        """Load the parameters of the first round >= ``min_round`` into the model."""
-        timeout = (
-            self.cfg.round_wait + self.layout.total / self.cfg.min_bandwidth + self.cfg.call_timeout
-        )
-        if self.links is not None:
-            header = self.links.pull(min_round, timeout, self.host, self.chunk_bytes)
-            return self._loaded(header, [])
-        with self.transport.pull(min_round, timeout) as stream:
-            header = read_header(stream)
-            layout, views, staging = self._receiving(header.dtype)
-            receive_chunks(stream, layout, views, self.chunk_bytes, "parameter stream")
-        return self._loaded(header, staging)
-
-    def _loaded(
-        self, header: pb.ParameterHeader, staging: list[torch.Tensor]
-    ) -> pb.ParameterHeader:
-        """Move a received broadcast into the model (widened, or host -> device); buffers."""
-        if staging:  # a --broadcast-dtype stream: widen into the model only once it is whole
-            with torch.no_grad():
-                for param, received in zip(self.params, staging, strict=True):
-                    param.copy_(received)
-        elif self.host is not self.params:  # pinned host copies -> the device, in one batch
-            with torch.no_grad():
-                for param, host in zip(self.params, self.host, strict=True):
-                    param.copy_(host, non_blocking=True)
-            torch.cuda.synchronize(self.device)
-        if self.share_buffers and header.buffers:
-            try:
-                values = unpack(self.buffer_specs, header.buffers, "the broadcast")
-            except InvalidArgument as e:
-                raise TaskError(str(e)) from None
-            load_buffers(self.buffers, values)
-        return header
-
-    def _receiving(self, dtype: int) -> tuple[Layout, list[Any], list[torch.Tensor]]:
-        """Return where a broadcast in wire ``dtype`` lands: the model, or staging tensors."""
-        if dtype == pb.DTYPE_UNSPECIFIED:
-            return self.layout, self.views, []
-        try:
-            wire = dtype_from_proto(dtype)
-        except InvalidArgument as e:
-            raise TaskError(f"the aggregator's broadcast: {e}") from None
-        if self._staging is None or self._staging[0] != wire:
-            staging = [torch.empty(s.shape, dtype=wire) for s in self.layout.specs]
-            self._staging = (wire, Layout(self.layout.specs, wire), staging)
-        _, layout, staging = self._staging
-        return layout, [byte_view(t) for t in staging], staging
-
-    def push(
-        self,
-        round_: int,
-        gradients: list[torch.Tensor],
-        num_samples: int,
-        metrics: dict[str, float],
-    ) -> pb.PushReply:
-        """Encode and stream one upload; recomputing a round sends the same upload again.
-
-        The upload id is the same, and so is the payload: the codec's error feedback and
-        memory restart from the state before this round (``fedgrad.client.feedback``).
-        """
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.seed, f"{self.cfg.node_id}\x00codec", round_)
-        )
-        if self.grad_host is not None:  # device -> pinned host copies, in one batch
-            with torch.no_grad():
-                for host, g in zip(self.grad_host, gradients, strict=True):
-                    host.copy_(g.detach(), non_blocking=True)
-            torch.cuda.synchronize(self.device)
-            gradients = self.grad_host
-        if self.links is not None:
-            header = pb.UploadHeader(
-                round=round_,
-                node_id=self.cfg.node_id,
-                upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
-                num_samples=num_samples,
-                metrics=metrics,
-                buffers=pack(self.buffers) if self.share_buffers else b"",
-            )
-            total = self.layout.total
-            timeout = self.cfg.call_timeout + total / self.cfg.min_bandwidth
-            return self.links.push(header, gradients, self.chunk_bytes, timeout)
-        views = self.feedback.encode(round_, gradients, generator)
-        layout = self.codec.layout
-        header = pb.UploadHeader(
-            round=round_,
-            node_id=self.cfg.node_id,
-            upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
-            num_samples=num_samples,
-            metrics=metrics,
-            codec=self.codec.name,
-            payload_bytes=layout.total,
-            buffers=pack(self.buffers) if self.share_buffers else b"",
-        )
-
-        def messages() -> Iterator[bytes]:
-            yield pb.GradientMessage(header=header).SerializeToString()
-            for t, o, pieces in iter_chunk_pieces(views, layout, self.chunk_bytes):
-                yield encode_chunk(t, o, pieces)
-            yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=layout.total)).SerializeToString()
-
-        timeout = self.cfg.call_timeout + layout.total / self.cfg.min_bandwidth
-        return self.transport.push(messages(), timeout)
 
     def leave(self) -> None:
         """Tell the aggregator to stop waiting for this node (best effort)."""
