@@ -17,8 +17,8 @@ node's token must differ from every other node's. Hashes are unsalted SHA-256,
 which is safe only because tokens are long and random (``fedgrad token``,
 ``generate_token``); they keep a leaked token file from handing out credentials.
 
-The name ``operator`` is no node: the operator's certificate (``operator.pem``) and
-token-file line use it, and authenticate as ``OPERATOR_IDENTITY`` (status, never a node).
+The name ``operator`` is no node: its token-file line authenticates as ``OPERATOR_IDENTITY``.
+Node id rules, the operator's names and TLS identity are ``fedgrad.identity``'s, re-exported.
 
 On the wire a node sends the metadata ``authorization: Bearer <token>``.
 """
@@ -35,7 +35,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from fedgrad.errors import ConfigError
-from fedgrad.wire import ID_MAX_LENGTH, ID_PATTERN
+from fedgrad.identity import (
+    _NODE_ID_RE,
+    NODE_ID_MAX_LENGTH,
+    OPERATOR_IDENTITY,
+    OPERATOR_NAME,
+    identity_from_auth_context,
+    validate_node_id,
+)
 
 __all__ = [
     "AUTH_METADATA_KEY",
@@ -64,22 +71,13 @@ logger = logging.getLogger(__name__)
 AUTH_METADATA_KEY = "authorization"
 #: Environment variable a node reads its token from when no token file is given.
 TOKEN_ENV = "FEDGRAD_TOKEN"
-NODE_ID_MAX_LENGTH = ID_MAX_LENGTH
 MIN_TOKEN_LENGTH = 16
 # Far below gRPC's 8 KiB default header list limit, far above any real token.
 MAX_TOKEN_LENGTH = 1024
-#: Common name of the operator's certificate and name of its token-file line; no node id.
-OPERATOR_NAME = "operator"
-#: Who the operator's credentials authenticate as. It breaks the node id rule on purpose:
-#: it never equals the node id a Join, PullParameters, PushGradients or Leave names, so the
-#: aggregator's "credentials belong to X, not to node Y" check refuses each of them
-#: (PERMISSION_DENIED), while GetStatus, which names no node, is served.
-OPERATOR_IDENTITY = "operator (status only)"
 #: The identity shard 0 of a sharded aggregator presents to the other shards (its client
 #: certificate's node id, or its token's entry in --tokens).
 SHARD_IDENTITY = "shard-0"
 
-_NODE_ID_RE = ID_PATTERN  # the wire's rule, defined once (fedgrad.wire)
 # Printable ASCII without space: what a non-binary gRPC metadata value may carry
 # after "Bearer ", and nothing that could split a header or a token-file line.
 _TOKEN_RE = re.compile(rf"[\x21-\x7e]{{{MIN_TOKEN_LENGTH},{MAX_TOKEN_LENGTH}}}")
@@ -87,33 +85,6 @@ _HASH_PREFIX = "sha256:"
 _HASH_RE = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _REDACTED = "<redacted>"
 _SENSITIVE_KEYS = frozenset({AUTH_METADATA_KEY, "proxy-authorization", "cookie", "set-cookie"})
-
-
-def validate_node_id(node_id: str) -> str:
-    """Check that a node id is 1-128 characters of ``A-Za-z0-9._-`` and return it.
-
-    The same rule holds for flags, token files, certificate common names and the wire.
-
-    Args:
-        node_id: the candidate id.
-
-    Returns:
-        ``node_id`` unchanged.
-
-    Raises:
-        ConfigError: the id is not a string, breaks the rule, or is ``OPERATOR_NAME``.
-    """
-    if node_id == OPERATOR_NAME:
-        raise ConfigError(
-            f"invalid node id {node_id!r}: reserved for the operator's certificate and token"
-        )
-    if isinstance(node_id, str) and _NODE_ID_RE.fullmatch(node_id):
-        return node_id
-    # Ids come from the wire too: show a bounded prefix, never a megabyte of input.
-    shown = repr(node_id[:40]) if isinstance(node_id, str) else type(node_id).__name__
-    raise ConfigError(
-        f"invalid node id {shown}: use 1-{NODE_ID_MAX_LENGTH} characters of A-Za-z0-9._-"
-    )
 
 
 def generate_token() -> str:
@@ -370,35 +341,6 @@ def redact(
         (key, _REDACTED if key.lower() in _SENSITIVE_KEYS else value)
         for key, value in (metadata or ())
     ]
-
-
-def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
-    """Return the node id in a verified TLS client certificate, from ``context.auth_context()``.
-
-    Only meaningful when the server requires client certificates
-    (``require_client_auth=True``): then gRPC has verified the chain before any handler runs.
-
-    Args:
-        auth_context: gRPC's auth context, e.g. ``{"transport_security_type": [b"ssl"],
-            "x509_common_name": [b"n1"], ...}``.
-
-    Returns:
-        The certificate's common name if the transport is TLS and there is exactly one
-        common name that is a valid node id; ``OPERATOR_IDENTITY`` for the common name
-        ``OPERATOR_NAME``; otherwise None.
-    """
-    if list(auth_context.get("transport_security_type", ())) != [b"ssl"]:
-        return None
-    names = list(auth_context.get("x509_common_name", ()))
-    if len(names) != 1 or not isinstance(names[0], bytes):
-        return None
-    try:
-        name = names[0].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if name == OPERATOR_NAME:
-        return OPERATOR_IDENTITY
-    return name if _NODE_ID_RE.fullmatch(name) else None
 
 
 def _digest(token: str) -> bytes:
