@@ -9,13 +9,13 @@ draws in an honest node, and the noise has a stream of its own.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 
 import torch
 
 from fedgrad.config import NodeConfig, parse_attack
+from fedgrad.logs import once_per_process
 from fedgrad.task import Update
 
 __all__ = ["attack_generator", "attacked", "claimed_samples", "warn_attack"]
@@ -91,7 +91,7 @@ _EFFECTS = {
 }
 
 
-@functools.cache
+@once_per_process
 def warn_attack(attack: str) -> None:
     """Say once per process (and attack) that nodes here upload malicious updates."""
     kind, value = parse_attack(attack)

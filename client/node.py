@@ -8,7 +8,6 @@ push, the tensors' way between the model and the wire, are ``fedgrad.client.exch
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -37,6 +36,7 @@ from fedgrad.codec import (
 from fedgrad.codecs import codec_for
 from fedgrad.config import NodeConfig
 from fedgrad.errors import RefusedError, TaskError
+from fedgrad.logs import once_per_process
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.seeding import round_generator
 from fedgrad.task import (
@@ -105,7 +105,7 @@ def simulated_delay(cfg: NodeConfig, round_: int) -> float:
     return rng.uniform(low, high)
 
 
-@functools.cache
+@once_per_process
 def _warn_simulated(delay: tuple[float, float]) -> None:
     """Say once per process (and range) that rounds are slowed on purpose."""
     log.warning(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "once_per_process", "setup_logging"]
 
 _FIELDS = ("node", "round", "event", "reason")
 #: Structured fields only the JSON format carries (per-node statistics of a round).
@@ -69,3 +73,22 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO, progress: bool =
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def once_per_process(fn: Callable[..., None]) -> Callable[..., None]:
+    """Run ``fn`` once per process and arguments (hashable), whichever threads call it.
+
+    For a warning that a process gives once: ``functools.cache`` alone lets two threads
+    that call together (a fleet's nodes) both miss the cache and both warn. The result
+    keeps ``cache_clear``.
+    """
+    lock = threading.Lock()
+    cached = functools.cache(fn)
+
+    @functools.wraps(fn)
+    def once(*args: Any) -> None:
+        with lock:
+            cached(*args)
+
+    once.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return once
