@@ -36,13 +36,13 @@ from pathlib import Path
 
 from fedgrad.errors import ConfigError
 from fedgrad.identity import (
-    _NODE_ID_RE,
     NODE_ID_MAX_LENGTH,
     OPERATOR_IDENTITY,
     OPERATOR_NAME,
     identity_from_auth_context,
     validate_node_id,
 )
+from fedgrad.wire import ID_PATTERN
 
 __all__ = [
     "AUTH_METADATA_KEY",
@@ -84,6 +84,7 @@ _TOKEN_RE = re.compile(rf"[\x21-\x7e]{{{MIN_TOKEN_LENGTH},{MAX_TOKEN_LENGTH}}}")
 _HASH_PREFIX = "sha256:"
 _HASH_RE = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _REDACTED = "<redacted>"
+_NODE_ID_RE = ID_PATTERN  # the wire's rule, as fedgrad.identity applies it
 _SENSITIVE_KEYS = frozenset({AUTH_METADATA_KEY, "proxy-authorization", "cookie", "set-cookie"})
 
 

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedgrad.auth import OPERATOR_NAME, validate_node_id
 from fedgrad.errors import ConfigError
+from fedgrad.identity import OPERATOR_NAME, validate_node_id
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -29,9 +29,11 @@ __all__ = [
     "NODE_URI_PREFIX",
     "OPERATOR_URI",
     "PrivateKey",
+    "check_days",
     "make_ca",
     "make_client_cert",
     "make_server_cert",
+    "subject_alt_names",
 ]
 
 #: Names the server certificate covers when no hosts are given.
@@ -108,7 +110,7 @@ def make_server_cert(
     Raises:
         ConfigError: no hosts, a host that is neither a DNS name nor an IP, or bad ``days``.
     """
-    names = _subject_alt_names(DEFAULT_HOSTS if hosts is None else hosts)
+    names = subject_alt_names(DEFAULT_HOSTS if hosts is None else hosts)
     san = x509.SubjectAlternativeName(names)
     return _make_leaf(ca, _SERVER_CN, ExtendedKeyUsageOID.SERVER_AUTH, san, days, valid_from)
 
@@ -199,7 +201,8 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _check_days(days: int) -> None:
+def check_days(days: int) -> None:
+    """Raise ConfigError unless ``days`` is a whole number of days >= 1."""
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise ConfigError(f"certificate validity must be a positive number of days, got {days!r}")
 
@@ -207,7 +210,7 @@ def _check_days(days: int) -> None:
 def _validity(
     days: int, valid_from: dt.datetime | None, cap: dt.datetime | None
 ) -> tuple[dt.datetime, dt.datetime]:
-    _check_days(days)
+    check_days(days)
     start = dt.datetime.now(dt.UTC) - _CLOCK_SKEW if valid_from is None else valid_from
     if start.tzinfo is None:
         raise ConfigError("valid_from must be timezone-aware (UTC)")
@@ -216,7 +219,8 @@ def _validity(
     return start, end if cap is None else min(end, cap)
 
 
-def _subject_alt_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
+def subject_alt_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    """Return the server certificate's names for ``hosts`` (ConfigError for a bad host, or none)."""
     names: list[x509.GeneralName] = []
     for host in (h.strip() for h in hosts):
         name = _general_name(host)

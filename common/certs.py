@@ -30,20 +30,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from fedgrad.auth import OPERATOR_NAME, validate_node_id
 from fedgrad.certgen import (
     DEFAULT_HOSTS,
     NODE_URI_PREFIX,
     OPERATOR_URI,
     KeyCert,
     PrivateKey,
-    _check_days,
-    _subject_alt_names,
+    check_days,
     make_ca,
     make_client_cert,
     make_server_cert,
+    subject_alt_names,
 )
 from fedgrad.errors import ConfigError
+from fedgrad.identity import OPERATOR_NAME, validate_node_id
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -170,9 +170,9 @@ def init_federation(
     _refuse_existing(out, names, overwrite)
     server_hosts = DEFAULT_HOSTS if hosts is None else hosts
     # Fail on any bad argument before the first file is written.
-    _subject_alt_names(server_hosts)
-    _check_days(days)
-    _check_days(ca_days)
+    subject_alt_names(server_hosts)
+    check_days(days)
+    check_days(ca_days)
     ca = make_ca(days=ca_days)
     written = _write_pair(out, "ca", ca)
     written |= _write_pair(out, "server", make_server_cert(ca, server_hosts, days))
@@ -205,7 +205,7 @@ def add_nodes(
     out = Path(out_dir)
     node_ids = _check_nodes(nodes)
     _refuse_existing(out, _node_files(node_ids), overwrite)
-    _check_days(days)
+    check_days(days)
     ca = load_key_cert(out / "ca.pem", out / "ca.key")
     return _write_nodes(out, ca, node_ids, days)
 
