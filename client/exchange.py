@@ -130,30 +130,21 @@ class TensorExchange:
                     host.copy_(g.detach(), non_blocking=True)
             torch.cuda.synchronize(self.device)
             gradients = self.grad_host
-        if self.links is not None:
-            header = pb.UploadHeader(
-                round=round_,
-                node_id=self.cfg.node_id,
-                upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
-                num_samples=num_samples,
-                metrics=metrics,
-                buffers=pack(self.buffers) if self.share_buffers else b"",
-            )
-            total = self.layout.total
-            timeout = self.cfg.call_timeout + total / self.cfg.min_bandwidth
-            return self.links.push(header, gradients, self.chunk_bytes, timeout)
-        views = self.feedback.encode(round_, gradients, generator)
-        layout = self.codec.layout
         header = pb.UploadHeader(
             round=round_,
             node_id=self.cfg.node_id,
             upload_id=f"{self.cfg.node_id}.r{round_}.{self.session_id[:12]}",
             num_samples=num_samples,
             metrics=metrics,
-            codec=self.codec.name,
-            payload_bytes=layout.total,
             buffers=pack(self.buffers) if self.share_buffers else b"",
         )
+        if self.links is not None:  # ShardLinks encodes and sizes each shard's part
+            total = self.layout.total
+            timeout = self.cfg.call_timeout + total / self.cfg.min_bandwidth
+            return self.links.push(header, gradients, self.chunk_bytes, timeout)
+        views = self.feedback.encode(round_, gradients, generator)
+        layout = self.codec.layout
+        header.codec, header.payload_bytes = self.codec.name, layout.total
 
         def messages() -> Iterator[bytes]:
             yield pb.GradientMessage(header=header).SerializeToString()

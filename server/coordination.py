@@ -45,16 +45,21 @@ __all__ = [
 log = logging.getLogger("fedgrad.aggregator")
 
 
+async def _give_up(agg: Aggregator, why: str) -> None:
+    """The shards cannot train: say why, and wake every waiter (they answer ``failed``)."""
+    agg.failed = why
+    log.error(why, extra={"event": "shards"})
+    async with agg._changed:
+        agg._changed.notify_all()
+
+
 async def sync_then_open(agg: Aggregator) -> None:
     assert agg.peers is not None
     patience = agg.cfg.start_timeout or agg.cfg.round_timeout
     try:
         await agg.peers.wait_synced(agg.engine.round, agg.session_id, patience)
     except RpcError as exc:
-        agg.failed = f"the shards cannot form a federation: {exc}"
-        log.error(agg.failed, extra={"event": "shards"})
-        async with agg._changed:
-            agg._changed.notify_all()
+        await _give_up(agg, f"the shards cannot form a federation: {exc}")
         return
     agg._peers_ready.set()
     await open_first(agg)
@@ -203,10 +208,7 @@ async def redo(agg: Aggregator, reason: str) -> None:
         except Unavailable as exc:
             log.warning("rounds wait: %s", exc, extra={"event": "shards"})
         except RpcError as exc:
-            agg.failed = f"the shards cannot go on: {exc}"
-            log.error(agg.failed, extra={"event": "shards"})
-            async with agg._changed:
-                agg._changed.notify_all()
+            await _give_up(agg, f"the shards cannot go on: {exc}")
             return
     agg.reducer.reset()
     agg.engine.redo()
