@@ -14,8 +14,8 @@ Measured with 50M float32 parameters, 4 nodes, on 2 cores (benchmarks/README.md,
   own mapping, returned to the system when freed. glibc otherwise raises the threshold
   after the first such buffer is freed, serves the rest from the heap and keeps what
   fragments: peak RSS 838 instead of 925 MiB for a 95 MiB model, 2 nodes (issue 15).
-* torch.optim without torch._dynamo in the aggregator (``eager_optimizers``): 68 MB
-  less resident in every aggregator, shard and follower process, and about a second
+* torch.optim without torch._dynamo in the aggregator (``eager_optimizers``): 68-76 MB
+  less resident in every aggregator, shard and follower process, and 0.9 s
   less start-up; the aggregator's optimizer is never compiled.
 * ``gc.freeze()`` once startup is done: the collector stops re-scanning the tens
   of thousands of objects that torch, numpy and grpc create at import time

@@ -100,6 +100,33 @@ def test_aggregator_and_two_nodes_as_processes(spawn, cli, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+def test_the_aggregator_process_never_imports_torch_dynamo(spawn, cli, tmp_path: Path) -> None:
+    # Adam with a schedule, checkpoints and --save: every use of torch.optim a run makes.
+    # -X importtime lists each module a process imports on stderr (to log files: it is
+    # more than a pipe holds); the node imports torch._dynamo on purpose (its first
+    # optimizer, at start-up), so the check can see it.
+    env = cli.env(PYTHONPROFILEIMPORTTIME="1")
+    port_file, agg_log, node_log = tmp_path / "port", tmp_path / "agg.log", tmp_path / "node.log"
+    aggregator = spawn(
+        *cli.argv, "aggregator", "--task", "linear", "--listen", "127.0.0.1:0",
+        "--port-file", port_file, "--nodes", "1", "--rounds", "2", "--optimizer", "adam",
+        "--lr-schedule", "cosine", "--checkpoint-dir", tmp_path / "ckpt",
+        "--save", tmp_path / "X.safetensors", "--no-progress", "--finish-grace", "20",
+        env=env, log=agg_log,
+    )  # fmt: skip
+    port = cli.wait_port(port_file, aggregator)
+    node = spawn(
+        *cli.argv, "node", "--task", "linear", "--aggregator", f"127.0.0.1:{port}",
+        "--node-id", "n0", "--give-up-after", "30", env=env, log=node_log,
+    )  # fmt: skip
+    assert node.wait(PROC_TIMEOUT) == 0, node_log.read_text()[-3000:]
+    assert aggregator.wait(PROC_TIMEOUT) == 0, agg_log.read_text()[-3000:]
+    assert "| torch._dynamo" in node_log.read_text()
+    assert "| torch._dynamo" not in agg_log.read_text()
+    assert (tmp_path / "X.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_node_gives_up_on_a_closed_port(spawn, cli, closed_port: int) -> None:
     node = spawn(
         *cli.argv, "node", "--task", "linear", "--aggregator", f"127.0.0.1:{closed_port}",
