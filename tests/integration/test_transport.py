@@ -69,9 +69,12 @@ def scripted() -> Iterator[tuple[Scripted, int]]:
         request: pb.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ParameterMessage]:
         script.answer("PullParameters", context)
+        # Registered before the header goes out: a callback added once the node has
+        # already cancelled is never called (add_callback returns False then).
+        if script.hold_pull and not context.add_callback(script.pull_ended.set):
+            script.pull_ended.set()
         yield pb.ParameterMessage(header=pb.ParameterHeader(round=request.min_round))
         if script.hold_pull:
-            context.add_callback(script.pull_ended.set)
             script.pull_ended.wait(60)
 
     def push(requests: Iterator[pb.GradientMessage], context: grpc.ServicerContext) -> pb.PushReply:
