@@ -171,7 +171,8 @@ class AggregatorConfig:
     clip_update_norm: float | None = _setting(None, _optional(_positive))
     #: Largest sample count a node's weight may claim (0: no cap).
     max_samples_per_node: int = _setting(0, _count(0))
-    #: Where a robust rule spills a round's uploads past --staging-mb (None: the temp dir).
+    #: Where a robust rule spills a round's uploads past --staging-mb, and a shard the
+    #: parts it holds past its memory share (None: the temp dir).
     spill_dir: str | None = None
     #: Central DP (DP-FedAvg): Gaussian noise of std z x dp_clip on the sum of clipped uploads.
     dp_noise_multiplier: float | None = _setting(None, _optional(_positive))
@@ -289,14 +290,32 @@ class AggregatorConfig:
         As many as ``staging_mb`` holds; a shard stages every node's part of a round
         (up to 64) at least: shard 0 counts an upload only once every shard holds its
         part, and a shard whose few slots held other nodes' parts than shard 0's would
-        leave both waiting until ``idle_timeout``.
+        leave both waiting until ``idle_timeout``. It keeps ``shard_memory_parts`` of
+        them in memory, the others in files under ``spill_dir``.
+        """
+        fit = self.memory_slots(payload_bytes)
+        if self.shard_index[1] > 1 and not self.max_inflight:
+            fit = max(fit, min(64, self.nodes))
+        return fit
+
+    def memory_slots(self, payload_bytes: int) -> int:
+        """Uploads of ``payload_bytes`` held in memory at once: ``max_inflight``, else as
+        many as ``staging_mb`` holds, 1..64."""
+        if self.max_inflight:
+            return self.max_inflight
+        return max(1, min(64, self.staging_mb * (1 << 20) // max(1, payload_bytes)))
+
+    def shard_memory_parts(self, whole_bytes: int) -> int:
+        """Parts a shard holds in memory at once (the others in files under ``spill_dir``).
+
+        ``max_inflight`` if set; else as many as the shard's 1/K share of ``staging_mb``
+        holds, parts being 1/K of the model's ``whole_bytes``: 0 once the model is past
+        ``staging_mb``. So a shard's staging is at most 1/K of the budget, as its
+        parameters and sums are 1/K of the unsharded aggregator's.
         """
         if self.max_inflight:
             return self.max_inflight
-        fit = max(1, min(64, self.staging_mb * (1 << 20) // max(1, payload_bytes)))
-        if self.shard_index[1] > 1:
-            fit = max(fit, min(64, self.nodes))
-        return fit
+        return min(64, self.staging_mb * (1 << 20) // max(1, whole_bytes))
 
     @property
     def shard_index(self) -> tuple[int, int]:

@@ -40,7 +40,8 @@ def add_defence_flags(add: Add) -> None:
     )
     add(
         "spill_dir",
-        "where a robust rule keeps a round's uploads past --staging-mb (default: the temp dir)",
+        "where a robust rule keeps a round's uploads past --staging-mb, and a shard the"
+        " parts it holds past its memory share (default: the temp dir)",
         metavar="DIR",
     )
 

@@ -92,6 +92,8 @@ class Aggregator:
         self.final_pulled: set[str] = set()
         self.on_round: list[Callable[[RoundRecord], None]] = []
         self.intake = Intake(cfg, self.layout, self.engine, self.reducer, self.model)
+        if self.shards is not None:  # parts past the unsharded staging's share: to files
+            self.intake.memory_slots = cfg.shard_memory_parts(self.shards.whole_bytes)
         self._background: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.Task[None] | None = None
         self.resumed = bool(cfg.checkpoint_dir) and self._restore()
@@ -307,8 +309,7 @@ class Aggregator:
         ticket.counted = True
         staleness = self.engine.staleness(ticket.round)
         self.counters.uploads_accepted += 1
-        self.counters.bytes_received += staged.nbytes
-        self.counters.round_bytes += staged.nbytes
+        self.counters.received(staged.nbytes, staged.spilled)
         if "loss" in ticket.metrics:
             self.counters.round_losses[ticket.node_id] = (ticket.metrics["loss"], ticket.weight)
         if ticket.metrics.get(EVAL_SAMPLES, 0) >= 1:

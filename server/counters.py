@@ -19,6 +19,8 @@ class Counters:
     rejections: dict[str, int] = field(default_factory=dict)  # gRPC status code name -> count
     phase_seconds: dict[str, float] = field(default_factory=dict)  # of the last closed round
     round_bytes: int = 0
+    #: Payload bytes of counted uploads that were staged in files, not memory.
+    bytes_spilled: int = 0
     round_losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # node: loss, w
     #: node -> (its held-out metrics, its held-out samples), ``--evaluate-every`` rounds.
     round_evals: dict[str, tuple[dict[str, float], int]] = field(default_factory=dict)
@@ -62,6 +64,13 @@ class Counters:
             weight = sum(n for _, n in having)
             means[name] = math.fsum(v * n for v, n in having) / weight
         return means, samples
+
+    def received(self, nbytes: int, spilled: bool) -> None:
+        """Count a counted upload's payload bytes (``spilled``: staged in a file)."""
+        self.bytes_received += nbytes
+        self.round_bytes += nbytes
+        if spilled:
+            self.bytes_spilled += nbytes
 
     def refused(self, code: str) -> None:
         """Count a call refused with gRPC status ``code``."""

@@ -76,6 +76,9 @@ class ShardFollower:
         self.final_pulled: set[str] = set()
         self.final_readers: set[str] = set()
         self.max_inflight = cfg.staging_slots(self.layout.total)
+        #: Parts held in memory at once; the others go to files (``StagedUpload.spill``).
+        self.memory_parts = cfg.shard_memory_parts(setup.whole_bytes)
+        self.parts_in_memory = 0
         self.synced = False
         #: Why this shard stops (its settings are not shard 0's), "" while it can go on.
         self.failed = ""
@@ -188,6 +191,9 @@ class ShardFollower:
     def _release(self, part: _Part) -> None:
         if not part.released:
             part.released = True
+            if not part.staged.spilled:
+                self.parts_in_memory -= 1
+            part.staged.discard()
             self._slots.release()
 
     async def hold(
@@ -339,7 +345,16 @@ class ShardFollower:
         old = self.parts.pop(node_id, None)
         if old is not None:
             self._release(old)  # a retry replaces what the node sent before
-        part = _Part(node_id, round_, upload_id, StagedUpload(decoder, self.cfg.chunk_bytes))
+        staged = StagedUpload(decoder, self.cfg.chunk_bytes)
+        if self.parts_in_memory < self.memory_parts:
+            self.parts_in_memory += 1
+        else:
+            try:
+                staged.spill(self.cfg.spill_dir)
+            except ResourceExhausted:
+                self._slots.release()
+                raise
+        part = _Part(node_id, round_, upload_id, staged)
         self.parts[node_id] = part
         return part
 
@@ -354,6 +369,8 @@ class ShardFollower:
                 else:
                     part.complete = True
                     self.counters.bytes_received += part.staged.nbytes
+                    if part.staged.spilled:
+                        self.counters.bytes_spilled += part.staged.nbytes
             elif error:
                 self._release(part)  # dropped (a redo) while it streamed
             self._changed.notify_all()

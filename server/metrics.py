@@ -59,6 +59,11 @@ class AggregatorCollector(Collector):
             value=counters.bytes_received,
         )
         yield CounterMetricFamily(
+            "fedgrad_bytes_spilled",
+            "Payload bytes of counted uploads a shard staged in files (--spill-dir).",
+            value=counters.bytes_spilled,
+        )
+        yield CounterMetricFamily(
             "fedgrad_bytes_sent", "Parameter bytes streamed to nodes.", value=counters.bytes_sent
         )
         yield CounterMetricFamily(

@@ -68,12 +68,24 @@ class PieceTask(Task):
 
     def model(self) -> nn.Module:
         # The whole model is built once, with the RNG state the caller seeded, so every
-        # shard's pieces start as the unsharded model's elements; then it is let go.
-        full = [p.detach() for _, p in trainable_parameters(self.inner.model())]
-        values = [
-            full[p.tensor].reshape(-1)[p.first : p.first + p.count].clone() for p in self.pieces
+        # shard's pieces start as the unsharded model's elements; then it is let go, a
+        # tensor as soon as its last piece is taken: the peak is the model, not model
+        # plus pieces. A piece that is a whole tensor is that tensor, not a copy.
+        full: list[torch.Tensor | None] = [
+            p.detach() for _, p in trainable_parameters(self.inner.model())
         ]
-        del full
+        last = {p.tensor: i for i, p in enumerate(self.pieces)}
+        full = [t if i in last else None for i, t in enumerate(full)]
+        values = []
+        for i, p in enumerate(self.pieces):
+            tensor = full[p.tensor]
+            assert tensor is not None
+            flat = tensor.reshape(-1)
+            whole = p.first == 0 and p.count == flat.numel()
+            values.append(flat if whole else flat[p.first : p.first + p.count].clone())
+            if last[p.tensor] == i:
+                full[p.tensor] = None
+            del tensor, flat
         return _Pieces(values)
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
@@ -105,6 +117,8 @@ class ShardSetup:
         self.plan: ShardPlan = plan_shards(self.full_specs, cfg.peers)
         self.pieces = self.plan.pieces[self.index]
         self.task = PieceTask(task, self.pieces)
+        #: The whole model's payload bytes (a shard's memory share is counted in these).
+        self.whole_bytes = Layout(self.full_specs).total
 
     def shard_map(self) -> pb.ShardMap:
         return pb.ShardMap(

@@ -4,22 +4,26 @@ An upload is staged chunk by chunk, each chunk checked for position (in order,
 element-aligned, within the declared payload) and content (by its codec) as it
 arrives. Only a complete upload can be counted, so a failed or cancelled upload
 leaves no trace. The staged chunks are the received message bytes themselves:
-chunk data is read in place (``fedgrad.framing``), never copied.
+chunk data is read in place (``fedgrad.framing``), never copied; or, for an upload a
+shard holds past its memory share (``StagedUpload.spill``), chunk data written to an
+unlinked temporary file as it arrives and read back one chunk at a time by the add.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedgrad.codec import ChunkCursor
 from fedgrad.codecs import Codec
-from fedgrad.errors import InvalidArgument
+from fedgrad.errors import InvalidArgument, ResourceExhausted
 
-__all__ = ["StagedUpload", "UploadTicket", "check_metrics"]
+__all__ = ["SpilledChunks", "StagedUpload", "UploadTicket", "check_metrics"]
 
 #: Metrics one upload header may carry, and the longest metric name.
 MAX_METRICS, MAX_METRIC_NAME = 64, 128
@@ -37,13 +41,80 @@ def check_metrics(metrics: dict[str, float]) -> None:
             )
 
 
+class SpilledChunks(Sequence[tuple[int, bytes, int, int]]):
+    """The chunks of one upload in an unlinked temporary file (gone with the process too).
+
+    A drop-in for the list of ``(position, raw, start, length)`` chunks: ``append``
+    writes the chunk's data and keeps its place; reading chunk ``i`` reads its data back
+    (``os.pread``), so what the process holds is the chunk being added, not the upload.
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory or tempfile.gettempdir()
+        try:
+            self._file = tempfile.TemporaryFile(dir=self.directory, prefix="fedgrad-part-")
+        except OSError as exc:
+            raise ResourceExhausted(
+                f"cannot stage an upload in {self.directory} ({exc.strerror}): set --spill-dir"
+                f" to a writable folder"
+            ) from None
+        self._places: list[tuple[int, int, int]] = []  # (position, file offset, length)
+        self._forgotten: set[int] = set()
+        self._end = 0
+
+    def append(self, chunk: tuple[int, bytes, int, int]) -> None:
+        position, raw, start, length = chunk
+        view = memoryview(raw)[start : start + length]
+        fd, at = self._file.fileno(), self._end
+        try:
+            while view:  # pwrite at the end of what was kept: a failed write leaves no trace
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+        except OSError as exc:
+            raise ResourceExhausted(
+                f"cannot stage an upload in {self.directory} ({exc.strerror}): free space"
+                f" there or set --spill-dir; retry later"
+            ) from None
+        self._places.append((position, self._end, length))
+        self._end = at
+
+    def __len__(self) -> int:
+        return len(self._places)
+
+    def __getitem__(self, index: int) -> tuple[int, bytes, int, int]:  # type: ignore[override]
+        if index in self._forgotten:
+            raise IndexError(f"chunk {index} was added and let go")
+        position, offset, length = self._places[index]
+        data = os.pread(self._file.fileno(), length, offset)
+        if len(data) != length:
+            raise OSError(f"spill file ended after {len(data)} of {length} bytes")
+        return position, data, 0, length
+
+    def __iter__(self) -> Iterator[tuple[int, bytes, int, int]]:
+        return (self[i] for i in range(len(self._places)))
+
+    def forget(self, index: int) -> int:
+        """Mark chunk ``index`` added; return its length, 0 if it already was."""
+        if index in self._forgotten:
+            return 0
+        self._forgotten.add(index)
+        return self._places[index][2]
+
+    @property
+    def file_bytes(self) -> int:
+        return self._end
+
+    def close(self) -> None:
+        self._file.close()
+
+
 @dataclass
 class StagedUpload:
     """The validated chunks of one upload in flight."""
 
     codec: Codec
     chunk_bytes: int
-    chunks: list[tuple[int, bytes, int, int]] = field(default_factory=list)
+    chunks: list[tuple[int, bytes, int, int]] | SpilledChunks = field(default_factory=list)
     cursor: ChunkCursor = field(init=False)
     #: What the codec's check of the last chunk handed on to the next (``Codec.check``).
     carry: object = None
@@ -67,18 +138,41 @@ class StagedUpload:
         length = len(raw) - start if length is None else length
         position = self.cursor.check(tensor, offset, length)
         carry = self.codec.check(position, raw, start, length, self.carry)
+        self.chunks.append((position, raw, start, length))
         # Move the cursor only now: a refused chunk must not count as received.
         self.cursor.position = position + length
         self.carry = carry
-        self.chunks.append((position, raw, start, length))
+
+    def spill(self, directory: str | None) -> None:
+        """Keep this upload's chunk data in a temporary file under ``directory`` (None:
+        the system's temp dir) instead of memory; call before its first chunk."""
+        assert not self.chunks, "spill before the first chunk"
+        self.chunks = SpilledChunks(directory)
+
+    @property
+    def spilled(self) -> bool:
+        return isinstance(self.chunks, SpilledChunks)
+
+    def discard(self) -> None:
+        """Let the chunks go now (the spill file is deleted); the upload is done with."""
+        if isinstance(self.chunks, SpilledChunks):
+            self.chunks.close()
+        self.chunks = []
 
     def consume(self, index: int) -> None:
         """Let chunk ``index`` go: the reducer has added it (and reads it no more)."""
-        chunk = self.chunks[index]
-        if self.on_consumed is None or chunk is None:
+        if self.on_consumed is None:
             return
-        self.chunks[index] = None  # type: ignore[call-overload]
-        self.on_consumed(chunk[3])
+        if isinstance(self.chunks, SpilledChunks):
+            length = self.chunks.forget(index)
+        else:
+            chunk = self.chunks[index]
+            if chunk is None:
+                return
+            self.chunks[index] = None  # type: ignore[call-overload]
+            length = chunk[3]
+        if length:
+            self.on_consumed(length)
 
     @property
     def nbytes(self) -> int:

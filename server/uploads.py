@@ -50,6 +50,9 @@ class Intake:
         self.cfg, self.layout, self.engine, self.reducer = cfg, layout, engine, reducer
         self.model = model
         self.max_inflight = cfg.staging_slots(layout.total)
+        #: A shard's parts held in memory at once, the others in files under
+        #: ``--spill-dir`` (the aggregator sets it); None: every upload in memory.
+        self.memory_slots: int | None = None
         self.inflight: set[UploadTicket] = set()
         self._codecs: dict[str, Codec] = {}
 
@@ -167,6 +170,15 @@ class Intake:
             self.engine.abandon(node_id)  # refused or cancelled: the node must not stay locked out
             raise
         staged = StagedUpload(decoder, self.cfg.chunk_bytes)
+        if self.memory_slots is not None and self.memory_slots <= sum(
+            1 for t in self.inflight if t.staged is not None and not t.staged.spilled
+        ):
+            try:
+                staged.spill(self.cfg.spill_dir)
+            except ResourceExhausted:
+                self._slots.release()
+                self.engine.abandon(node_id)
+                raise
         ticket = UploadTicket(
             node_id,
             round_,
@@ -220,5 +232,6 @@ class Intake:
             staged, ticket.staged = ticket.staged, None
             held, staged.held = staged.held, 0
             self._give(held)
+            staged.discard()
             self.free_slot(ticket)
             self.engine.abandon(ticket.node_id)

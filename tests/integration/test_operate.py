@@ -391,6 +391,7 @@ def test_status_health_metrics_and_plot_of_a_cli_federation(
     assert m("fedgrad_uploads_accepted_total") == 3
     assert m("fedgrad_bytes_received_total") == 3 * payload
     assert m("fedgrad_bytes_sent_total") == int(doc["bytes_sent"])
+    assert m("fedgrad_bytes_spilled_total") == 0  # unsharded: nothing is staged in files
     assert m("fedgrad_nodes", state="active") == 2
     assert m("fedgrad_rejections_total", reason="INVALID_ARGUMENT") == 1
     assert math.isfinite(m("fedgrad_last_loss"))

@@ -57,6 +57,28 @@ def test_slices_of_tensors_across_shards_step_like_one_aggregator() -> None:
         assert torch.equal(runs[4].params[name], value), name
 
 
+def test_shards_that_stage_parts_in_files_step_bitwise_like_one_aggregator(
+    tmp_path: Path,
+) -> None:
+    # 4 nodes, --staging-mb 1, a 1.2 MB model: the unsharded aggregator stages one upload
+    # at a time, so each shard keeps one part in memory and the other three in files.
+    args, runs, spilled = {"params": "300000", "tensors": "3"}, {}, {}
+    for k in (1, 2, 4):
+        with LocalCluster(
+            "synthetic", nodes=4, task_args=args, shards=k, optimizer="adam", staging_mb=1,
+            spill_dir=str(tmp_path),
+        ) as cluster:  # fmt: skip
+            runs[k] = cluster.run(3)
+            servers = [t.server for t in (cluster._server, *cluster._followers)]
+            spilled[k] = [(s.follower or s.core).counters.bytes_spilled for s in servers]
+    assert spilled[1] == [0], "unsharded, uploads are added as they come: nothing to spill"
+    for k in (2, 4):
+        assert all(spilled[k]), f"every one of {k} shards staged parts in files: {spilled[k]}"
+        for name, value in runs[1].params.items():
+            assert torch.equal(runs[k].params[name], value), (k, name)
+    assert not any(tmp_path.iterdir()), "spill files are unlinked: none is left behind"
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,14 +102,20 @@ class Shards:
 def shards() -> Iterator[Any]:
     started: list[ServerThread] = []
 
-    def start(k: int, per_shard: dict[int, dict[str, Any]] | None = None, **cfg: Any) -> Shards:
+    def start(
+        k: int,
+        per_shard: dict[int, dict[str, Any]] | None = None,
+        task_args: dict[str, str] | None = None,
+        **cfg: Any,
+    ) -> Shards:
         peers = tuple(f"127.0.0.1:{_port()}" for _ in range(k))
-        task = load_task("linear")
+        name = "synthetic" if task_args else "linear"
+        task = load_task(name, task_args)
         for i in reversed(range(k)):
             options = {**cfg, **(per_shard or {}).get(i, {})}
             shard_cfg = AggregatorConfig(
-                task="linear", shard=f"{i}/{k}", peers=peers, listen=peers[i], progress=False,
-                **options,
+                task=name, task_args=tuple(sorted((task_args or {}).items())), shard=f"{i}/{k}",
+                peers=peers, listen=peers[i], progress=False, **options,
             )  # fmt: skip
             thread = ServerThread(task, shard_cfg)
             thread.start()
@@ -156,11 +184,22 @@ def _pull_all(sh: Shards, driven: Driven, min_round: int) -> list[torch.Tensor]:
     return out
 
 
+#: 1.2 MB of parameters against --staging-mb 1: each shard keeps one node's part in
+#: memory and stages the others in files (``AggregatorConfig.memory_slots``).
+SPILLING = {"task_args": {"params": "300000", "tensors": "3"}, "staging_mb": 1}
+
+
+@pytest.mark.parametrize("staging", ["in memory", "spilled"])
 @pytest.mark.parametrize(
     "sent", ["1 of 3", "2 of 3", "all but shard 0's UploadEnd", "all but shard 2's UploadEnd"]
 )
-def test_a_node_that_dies_mid_upload_counts_on_no_shard(shards: Any, sent: str) -> None:
-    sh = shards(3, nodes=3, min_nodes=2, round_timeout=4.0, rounds=2, idle_timeout=2.0, lr=1.0)
+def test_a_node_that_dies_mid_upload_counts_on_no_shard(
+    shards: Any, sent: str, staging: str
+) -> None:
+    sh = shards(
+        3, nodes=3, min_nodes=2, round_timeout=4.0, rounds=2, idle_timeout=2.0, lr=1.0,
+        **(SPILLING if staging == "spilled" else {}),
+    )  # fmt: skip
     a, b, c = (Driven(sh, n) for n in ("a", "b", "c"))
     theta0 = _pull_all(sh, a, 0)
     # c dies part-way: only some shards get its complete part.
@@ -187,6 +226,11 @@ def test_a_node_that_dies_mid_upload_counts_on_no_shard(shards: Any, sent: str) 
     for before, after in zip(theta0, theta1, strict=True):
         assert torch.equal(after, before - 2.0)
     assert sh.core.history[0].nodes == 2
+    servers = [t.server for t in sh.threads]
+    spilled = [(s.follower or s.core).counters.bytes_spilled for s in servers]
+    # Spilling, a shard that still holds c's part (or a's, while b's arrives) keeps the
+    # next part in a file.
+    assert any(spilled) if staging == "spilled" else not any(spilled), spilled
 
 
 def test_uploads_for_another_shard_map_or_round_are_refused_and_leave_no_trace(shards: Any) -> None:
