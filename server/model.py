@@ -22,7 +22,7 @@ from fedgrad.wire import task_identity
 __all__ = ["STEP_BATCH_BYTES", "Peer", "ServerModel", "make_optimizer"]
 
 #: Bytes of gradients materialized at once during the optimizer step.
-STEP_BATCH_BYTES = 32 << 20
+STEP_BATCH_BYTES = 8 << 20
 
 
 def make_optimizer(

@@ -72,6 +72,10 @@ class SumKernel(Protocol):
         ...
 
 
+#: Elements a sum kernel divides into its output at once (``result_into``).
+DIVIDE_BLOCK = 1 << 18
+
+
 class PlainSum:
     """A float64 (or float32) running sum; the round's first upload overwrites."""
 
@@ -114,8 +118,12 @@ class PlainSum:
         if self._empty:  # nothing added since the reset: the totals are stale
             out.zero_()
             return
-        flat = torch.from_numpy(self.total[first : first + out.numel()])
-        torch.div(flat.view(out.shape), divisor, out=out)
+        # Block by block: into a float32 ``out``, torch.div makes a float64 quotient of
+        # its whole input first (2x the tensor); per block it is 2 MiB. Same bits.
+        flat, dest = torch.from_numpy(self.total[first : first + out.numel()]), out.view(-1)
+        for start in range(0, dest.numel(), DIVIDE_BLOCK):
+            end = start + DIVIDE_BLOCK
+            torch.div(flat[start:end], divisor, out=dest[start:end])
 
     def reset(self) -> None:
         # No fill: every complete upload covers every element, so the first add overwrites
@@ -152,9 +160,12 @@ class ReproducibleSum:
         pass  # elements no add covered read as zero
 
     def result_into(self, first: int, out: torch.Tensor, divisor: float) -> None:
-        exact = np.empty(out.numel(), dtype=np.float64)
-        self._sum.result_into(first, exact, divisor)
-        out.view(-1).copy_(torch.from_numpy(exact))
+        dest = out.view(-1)
+        exact = np.empty(min(dest.numel(), DIVIDE_BLOCK), dtype=np.float64)
+        for start in range(0, dest.numel(), DIVIDE_BLOCK):
+            block = exact[: min(DIVIDE_BLOCK, dest.numel() - start)]
+            self._sum.result_into(first + start, block, divisor)
+            dest[start : start + block.size].copy_(torch.from_numpy(block))
 
     def reset(self) -> None:
         self._sum.reset()
@@ -297,7 +308,7 @@ class StreamingReducer:
         add runs, and the next upload's chunks can arrive meanwhile.
         """
         codec, norm = upload.codec, 0.0
-        batches: Iterable[tuple[list[Chunk], int | None]] = (
+        batches: Iterable[tuple[Sequence[Chunk], int | None]] = (
             (([upload.chunks[i]], i) for i in indices)
             if codec.splittable
             else [(upload.chunks, None)]
