@@ -19,7 +19,8 @@ ends the processes it started there, deletes the links and then the namespaces.
 ``shaped_rounds`` runs ``fedgrad aggregator`` (or K shards), optional relays and N
 ``fedgrad node`` processes (synthetic task, no training compute, as ``fedgrad_round``)
 each on its own host, and reports the steady-state round seconds, shard 0's bytes per
-round (history ``bytes``) and every aggregator's and relay's peak RSS (``VmHWM``). With
+round (history ``bytes``) and every aggregator's and relay's peak RSS (``VmHWM``: over its
+life, at start-up, and while serving, from when it listens). With
 ``loopback=True`` the same processes share 127.0.0.1, unshaped, for comparison.
 
 Run: ``python -m benchmarks.shaped --params 50000000 --nodes 4 --shards 1 --rate-mbit 1000``
@@ -444,6 +445,18 @@ class _Run:
                 "--node-id", f"n{i}", "--shard", f"{i}/{len(upstreams)}", *flags,
             ])  # fmt: skip
 
+    def reset_peaks(self) -> dict[str, int]:
+        """Return each server's ``VmHWM`` so far (start-up), then reset it to its RSS now.
+
+        Writing 5 to ``/proc/PID/clear_refs`` resets the peak (Linux 4.0+): ``watch`` then
+        reads the peak while serving, apart from the start-up (a shard builds the whole
+        model once, to take its pieces from the seeded initial values).
+        """
+        peaks = {host: vm_hwm_bytes(proc.pid) or 0 for host, proc in self.servers.items()}
+        for proc in self.servers.values():
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+        return peaks
+
     def watch(self, deadline: float) -> dict[str, int]:
         """Wait for every server to exit 0, reading its ``VmHWM``; return the peaks by host.
 
@@ -495,7 +508,8 @@ def shaped_rounds(
         ``_round_stats`` of shard 0's history (``median`` s/round of the rounds after the
         first, ``round_bytes``, ``peak_rss_bytes`` = shard 0's ``VmHWM``), plus
         ``bytes_per_round`` (median, rounds after the first), ``rss_bytes`` per shard and
-        relay, ``max_aggregator_rss_bytes`` and ``wire_s`` (the busiest link's seconds per
+        relay (and ``startup_rss_bytes``, ``serving_rss_bytes``: before and after they all
+        listen), ``max_aggregator_rss_bytes``, ``max_aggregator_serving_rss_bytes`` and ``wire_s`` (the busiest link's seconds per
         direction per round at ``rate_mbit``).
 
     Raises:
@@ -516,8 +530,11 @@ def shaped_rounds(
             work = Path(tempfile.mkdtemp(prefix="shaped-", dir=procs.log_dir))
             run = _Run(procs, topo, cli, work, _task(params, tensors))
             run.aggregators(shards, relays or nodes, rounds, extra)
-            run.start_nodes(run.relays(relays, nodes, relay_extra), call_timeout)
-            rss = run.watch(time.monotonic() + timeout)
+            upstreams = run.relays(relays, nodes, relay_extra)
+            startup = run.reset_peaks()
+            run.start_nodes(upstreams, call_timeout)
+            serving = run.watch(time.monotonic() + timeout)
+            rss = {host: max(startup[host], serving[host]) for host in serving}
             rows = _history(work / "history.csv", rounds)
     finally:
         if own:
@@ -528,8 +545,9 @@ def shaped_rounds(
         "nodes": nodes, "tensors": tensors, "shards": shards, "relays": relays,
         "rate_mbit": rate_mbit or None, "loopback": loopback, **stats,
         "bytes_per_round": statistics.median(steady),
-        "rss_bytes": rss,
+        "rss_bytes": rss, "startup_rss_bytes": startup, "serving_rss_bytes": serving,
         "max_aggregator_rss_bytes": max(rss[f"agg{i}"] for i in range(shards)),
+        "max_aggregator_serving_rss_bytes": max(serving[f"agg{i}"] for i in range(shards)),
         "wire_s": wire_s or None, "node_call_timeout_s": call_timeout,
     }  # fmt: skip
 
@@ -559,7 +577,9 @@ _ROWS: list[tuple[str, str, Getter]] = [
     ("bytes_mb", "MB/round (shard 0)", lambda r: r["bytes_per_round"] / 1e6),
     ("peak_rss_mb", "MB (shard 0)", lambda r: r["peak_rss_bytes"] / 1e6),
     ("max_shard_rss_mb", "MB (largest shard)", lambda r: r["max_aggregator_rss_bytes"] / 1e6),
-]
+    ("max_shard_serving_rss_mb", "MB (largest shard, while serving)",
+     lambda r: r["max_aggregator_serving_rss_bytes"] / 1e6),
+]  # fmt: skip
 #: suite -> [(metric, unit, getter)], as ``report.METRICS``.
 METRICS: dict[str, list[tuple[str, str, Getter]]] = {name: _ROWS for name in SUITE_NAMES}
 
