@@ -162,7 +162,8 @@ def _limit_flags(add: Add) -> None:
     add(
         "staging_mb",
         "memory budget for staged uploads, MiB (default {default}: uploads of a model over"
-        " 64 MiB are staged one at a time)",
+        " 64 MiB are staged one at a time; a shard holds its 1/K share in memory, the other"
+        " parts in files under --spill-dir)",
         type=int,
     )
     add(
