@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,9 @@ from fedgrad.shards import Piece, ShardPlan, piece_specs, piece_views, plan_shar
 from fedgrad.task import Task, trainable_parameters
 from fedgrad.wire import SERVICE_NAME, channel_credentials
 
-__all__ = ["PEER_SERVICE", "PeerClients", "PieceTask", "ShardSetup", "shard_settings"]
+__all__ = [
+    "PEER_SERVICE", "PeerClients", "PieceTask", "ShardSetup", "check_spill", "shard_settings",
+]  # fmt: skip
 
 log = logging.getLogger("fedgrad.shards")
 PEER_SERVICE = "fedgrad.v1.ShardPeer"
@@ -100,6 +104,37 @@ class PieceTask(Task):
         return self.inner.round_config(round_, total_rounds)
 
 
+def check_spill(cfg: AggregatorConfig, index: int, part_bytes: int, whole_bytes: int) -> None:
+    """Refuse to start a shard whose held parts past its memory share cannot go to files.
+
+    A shard holds up to ``staging_slots`` parts, ``shard_memory_parts`` of them in memory;
+    the others need a writable ``--spill-dir`` (made if missing) with room for them.
+
+    Raises:
+        ConfigError: the folder cannot be made or written, or has too little free space.
+    """
+    slots = cfg.staging_slots(part_bytes)
+    spilled = max(0, slots - cfg.shard_memory_parts(whole_bytes)) * part_bytes
+    if not spilled:
+        return
+    where = Path(cfg.spill_dir or tempfile.gettempdir())
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
+        free = shutil.disk_usage(where).free
+    except OSError as exc:
+        raise ConfigError(
+            f"--spill-dir {where}: {exc.strerror or exc}; shard {index} keeps the parts it holds"
+            " past its memory share there: give it a writable folder"
+        ) from None
+    if spilled > free:
+        raise ConfigError(
+            f"shard {index} may hold {slots} parts of {part_bytes / 1e6:.0f} MB, up to"
+            f" {spilled / 1e6:.0f} MB of them in files, more than the {free / 1e6:.0f} MB"
+            f" free in {where}: point --spill-dir at a bigger disk or raise --staging-mb"
+        )
+
+
 class ShardSetup:
     """This process's place among the shards: the plan, its index, its pieces' task."""
 
@@ -119,6 +154,8 @@ class ShardSetup:
         self.task = PieceTask(task, self.pieces)
         #: The whole model's payload bytes (a shard's memory share is counted in these).
         self.whole_bytes = Layout(self.full_specs).total
+        check_spill(cfg, self.index, Layout(piece_specs(self.full_specs, self.pieces)).total,
+                    self.whole_bytes)  # fmt: skip
 
     def shard_map(self) -> pb.ShardMap:
         return pb.ShardMap(

@@ -270,6 +270,33 @@ def test_shards_with_different_settings_refuse_to_form_a_federation(shards: Any)
         sh.threads[0].call(sh.core.wait_finished(), timeout=CALL)
 
 
+def test_a_shard_checks_its_spill_folder_before_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedgrad.server import sharding
+
+    args = SPILLING["task_args"]
+    peers = (f"127.0.0.1:{_port()}", f"127.0.0.1:{_port()}")
+
+    def setup(spill_dir: Path) -> sharding.ShardSetup:
+        cfg = AggregatorConfig(
+            task="synthetic", task_args=tuple(sorted(args.items())), shard="1/2", peers=peers,
+            listen=peers[1], nodes=4, staging_mb=1, spill_dir=str(spill_dir),
+        )  # fmt: skip
+        return sharding.ShardSetup(load_task("synthetic", args), cfg)
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=rf"--spill-dir {blocker}/spill: .*writable folder"):
+        setup(blocker / "spill")
+    setup(tmp_path / "made" / "spill")  # a missing folder is made, as --checkpoint-dir is
+    assert (tmp_path / "made" / "spill").is_dir()
+    # 4 held parts of 0.6 MB, none in memory (the model is over --staging-mb 1): 2.4 MB.
+    monkeypatch.setattr(sharding.shutil, "disk_usage", lambda _: type("U", (), {"free": 10**6}))
+    with pytest.raises(ConfigError, match=r"up to 2 MB of them in files, more than the 1 MB"):
+        setup(tmp_path)
+
+
 def test_mutual_tls_between_shards_and_nodes(shards: Any, tmp_path: Path) -> None:
     from fedgrad.certs import init_federation
     from fedgrad.client.node import Node
