@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedgrad.errors import ConfigError
-from fedgrad.identity import OPERATOR_NAME, validate_node_id
+from fedgrad.identity import CERT_DAYS, DEFAULT_HOSTS, OPERATOR_NAME, validate_node_id
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 #: Names the server certificate covers when no hosts are given.
-DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 
 #: Prefix of the subjectAltName URI of node certificates.
 NODE_URI_PREFIX = "urn:fedgrad:node:"
@@ -92,7 +91,7 @@ def make_ca(
 def make_server_cert(
     ca: KeyCert,
     hosts: Sequence[str] | None = None,
-    days: int = 365,
+    days: int = CERT_DAYS,
     *,
     valid_from: dt.datetime | None = None,
 ) -> KeyCert:
@@ -116,7 +115,7 @@ def make_server_cert(
 
 
 def make_client_cert(
-    ca: KeyCert, node_id: str, days: int = 365, *, valid_from: dt.datetime | None = None
+    ca: KeyCert, node_id: str, days: int = CERT_DAYS, *, valid_from: dt.datetime | None = None
 ) -> KeyCert:
     """Make a node's client certificate, whose subject CN is the node id, or the operator's.
 

@@ -43,7 +43,7 @@ from fedgrad.certgen import (
     subject_alt_names,
 )
 from fedgrad.errors import ConfigError
-from fedgrad.identity import OPERATOR_NAME, validate_node_id
+from fedgrad.identity import CERT_DAYS, OPERATOR_NAME, validate_node_id
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -141,7 +141,7 @@ def init_federation(
     out_dir: str | os.PathLike[str],
     nodes: Sequence[str],
     hosts: Sequence[str] | None = None,
-    days: int = 365,
+    days: int = CERT_DAYS,
     *,
     ca_days: int = 3650,
     overwrite: bool = False,
@@ -184,7 +184,7 @@ def init_federation(
 def add_nodes(
     out_dir: str | os.PathLike[str],
     nodes: Sequence[str],
-    days: int = 365,
+    days: int = CERT_DAYS,
     *,
     overwrite: bool = False,
 ) -> dict[str, Path]:

@@ -18,7 +18,14 @@ from collections.abc import Iterable, Mapping
 from fedgrad.errors import ConfigError
 from fedgrad.wire import ID_MAX_LENGTH, ID_PATTERN
 
+#: Names the server certificate of ``fedgrad certs init`` is for, unless told otherwise.
+DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
+#: Validity in days of the server and node certificates ``fedgrad certs init`` writes.
+CERT_DAYS = 365
+
 __all__ = [
+    "CERT_DAYS",
+    "DEFAULT_HOSTS",
     "NODE_ID_MAX_LENGTH",
     "OPERATOR_IDENTITY",
     "OPERATOR_NAME",

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryptography import x509
-
-from fedgrad.certs import load_key_cert
 from fedgrad.errors import ConfigError
 
 __all__ = ["read_ca", "read_key_pair"]
@@ -46,6 +43,8 @@ def read_key_pair(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
             " certificate: they are swapped; pass the certificate to --tls-cert and its key"
             " to --tls-key"
         )
+    from fedgrad.certs import load_key_cert  # cryptography, as in read_ca
+
     try:
         load_key_cert(cert_path, key_path)
     except ConfigError as exc:
@@ -62,6 +61,8 @@ def read_ca(path: str, flag: str) -> bytes:
     Raises:
         ConfigError: it is missing, unreadable, or holds no PEM certificate.
     """
+    from cryptography import x509  # only for TLS: ~8 MB resident a process saves without it
+
     data = _read(path, flag)
     try:
         x509.load_pem_x509_certificates(data)

@@ -7,14 +7,13 @@ Run ``fedgrad --help`` or ``fedgrad SUBCOMMAND --help``. The parsers of
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from collections.abc import Callable, Sequence
 
 from fedgrad.auth import OPERATOR_NAME
-from fedgrad.certs import DEFAULT_HOSTS, init_federation
 from fedgrad.config import ERROR_FEEDBACK, ROUNDINGS, AggregatorConfig, NodeConfig
 from fedgrad.errors import ConfigError, FedgradError
+from fedgrad.identity import CERT_DAYS, DEFAULT_HOSTS
 from fedgrad.launch import demo
 from fedgrad.launch.flags import (
     add_call_flags,
@@ -231,7 +230,7 @@ def _certs_parser(sub: Subparsers) -> None:
     q.add_argument(
         "--days",
         type=int,
-        default=inspect.signature(init_federation).parameters["days"].default,
+        default=CERT_DAYS,
         help="validity of the certificates in days (default %(default)s)",
     )
     q.add_argument("--overwrite", action="store_true", help="replace existing files")

@@ -124,6 +124,9 @@ def test_the_aggregator_process_never_imports_torch_dynamo(spawn, cli, tmp_path:
     assert "| torch._dynamo" in node_log.read_text()
     assert "| torch._dynamo" not in agg_log.read_text()
     assert (tmp_path / "X.safetensors").exists()
+    # Plaintext on loopback: neither loads cryptography (~7 MB resident), only TLS does.
+    for log in (agg_log, node_log):
+        assert "| cryptography" not in log.read_text(), log.name
 
 
 @pytest.mark.slow
