@@ -107,8 +107,6 @@ class LocalCluster:
         self._followers: list[ServerThread] = []
         if not (isinstance(relays, int) and relays >= 0) or (relays and nodes % relays):
             raise ConfigError(f"relays must be 0 or divide nodes ({nodes}), got {relays!r}")
-        if relays and shards > 1:
-            raise ConfigError("relays to a sharded aggregator are not built yet")
         self.relays = relays
         self.relay_options = dict(relay_options or {})
         if relays:  # checked now, like the other configs
@@ -160,6 +158,8 @@ class LocalCluster:
         """
         self.close()
         cfg = replace(self.cfg, rounds=rounds)
+        if self.relays:  # the aggregator's nodes are the relays (on every shard alike)
+            cfg = replace(cfg, nodes=self.relays, min_nodes=min(cfg.min_nodes, self.relays))
         if self.shards > 1:
             peers = tuple(f"127.0.0.1:{_free_port()}" for _ in range(self.shards))
             for i in range(1, self.shards):
@@ -167,8 +167,6 @@ class LocalCluster:
                 self._followers.append(ServerThread(self._make_task(), shard))
                 self._followers[-1].start()
             cfg = replace(cfg, shard=f"0/{self.shards}", peers=peers, listen=peers[0])
-        if self.relays:
-            cfg = replace(cfg, nodes=self.relays, min_nodes=min(cfg.min_nodes, self.relays))
         self._server = ServerThread(self._make_task(), cfg)
         port = self._server.start()
         targets = [f"127.0.0.1:{port}"] * self.nodes

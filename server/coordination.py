@@ -124,8 +124,9 @@ async def count_everywhere(agg: Aggregator, ticket: UploadTicket) -> int:
     epoch = agg.redo_epoch
     try:
         why = await agg.peers.hold(
-            ticket.node_id, ticket.round, ticket.upload_id, agg.cfg.idle_timeout
-        )
+            ticket.node_id, ticket.round, ticket.upload_id, agg.cfg.idle_timeout,
+            ticket.presummed,
+        )  # fmt: skip
     except RpcError as exc:
         recover(agg, str(exc))
         raise Unavailable(f"not counted on any shard: {exc}") from None
@@ -136,7 +137,9 @@ async def count_everywhere(agg: Aggregator, ticket: UploadTicket) -> int:
     counted = agg.count(ticket)
     if ticket.counted:
         try:
-            await agg.peers.commit(ticket.node_id, ticket.round, ticket.upload_id, ticket.weight)
+            await agg.peers.commit(
+                ticket.node_id, ticket.round, ticket.upload_id, ticket.weight, ticket.presummed
+            )
         except RpcError as exc:
             recover(agg, str(exc))  # counted here, not there: the round restarts
             raise Unavailable(f"not counted on every shard: {exc}") from None

@@ -10,6 +10,7 @@ shard 0 names and publishes the next round.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import time
@@ -52,6 +53,7 @@ class _Part:
     complete: bool = False
     failed: str = ""
     released: bool = False  # its staging slot was given back
+    presummed: bool = False  # a relay's sum (its header said so): added as it is
 
 
 class ShardFollower:
@@ -197,7 +199,7 @@ class ShardFollower:
             self._slots.release()
 
     async def hold(
-        self, node_id: str, round_: int, upload_id: str, wait: float
+        self, node_id: str, round_: int, upload_id: str, wait: float, presummed: bool = False
     ) -> tuple[bool, str]:
         """Wait up to ``wait`` seconds until this upload's part is complete here."""
 
@@ -207,6 +209,11 @@ class ShardFollower:
                 return None
             if part.failed:
                 return part.failed
+            if part.presummed != presummed:
+                return (
+                    f"its part here says presummed={part.presummed}, the header on shard 0"
+                    f" presummed={presummed}"
+                )
             return "" if part.complete else None
 
         try:
@@ -218,11 +225,20 @@ class ShardFollower:
         why = state()
         return (why == ""), why or ""
 
-    async def commit(self, node_id: str, round_: int, upload_id: str, weight: int) -> None:
+    async def commit(
+        self, node_id: str, round_: int, upload_id: str, weight: int, presummed: bool = False
+    ) -> None:
         part = self.parts.get(node_id)
-        if part is None or part.upload_id != upload_id or not part.complete or round_ != self.round:
+        if (
+            part is None
+            or part.upload_id != upload_id
+            or not part.complete
+            or round_ != self.round
+            or part.presummed != presummed
+        ):
             raise FailedPrecondition(
                 f"shard {self.setup.index} holds no complete part of {upload_id!r} (round {round_})"
+                + (" with that presummed flag" if part is not None and part.complete else "")
             )
         del self.parts[node_id]
         async with self._changed:
@@ -235,7 +251,8 @@ class ShardFollower:
     async def _add(self, part: _Part, weight: int) -> None:
         try:
             async with self._adding:
-                await asyncio.to_thread(self.reducer.add, part.staged, weight, 1.0, part.node_id)
+                add = functools.partial(self.reducer.add, presummed=part.presummed)  # type: ignore[call-arg]
+                await asyncio.to_thread(add, part.staged, weight, 1.0, part.node_id)
             self.counters.uploads_accepted += 1
         finally:
             self._release(part)
@@ -302,7 +319,7 @@ class ShardFollower:
     # -- nodes' calls ------------------------------------------------------------------
     async def open_upload(
         self, node_id: str, round_: int, upload_id: str, shard: int, map_id: str, codec: str,
-        payload_bytes: int,
+        payload_bytes: int, presummed: bool = False,
     ) -> _Part:  # fmt: skip
         """Check a part's header and take a staging slot."""
         check_id("node_id", node_id)
@@ -354,7 +371,7 @@ class ShardFollower:
             except ResourceExhausted:
                 self._slots.release()
                 raise
-        part = _Part(node_id, round_, upload_id, staged)
+        part = _Part(node_id, round_, upload_id, staged, presummed=presummed)
         self.parts[node_id] = part
         return part
 

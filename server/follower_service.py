@@ -104,7 +104,7 @@ class FollowerService:
             try:
                 part = await self.core.open_upload(
                     h.node_id, h.round, h.upload_id, h.shard, h.shard_map, _codec_of(h),
-                    h.payload_bytes,
+                    h.payload_bytes, h.presummed,
                 )  # fmt: skip
             except FailedPrecondition as exc:
                 if str(exc) == "already counted":
@@ -156,7 +156,7 @@ class FollowerService:
         except RpcError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
         held, reason = await self.core.hold(
-            request.node_id, request.round, request.upload_id, request.wait_s
+            request.node_id, request.round, request.upload_id, request.wait_s, request.presummed
         )
         return pb.ShardHoldReply(held=held, reason=reason)
 
@@ -164,8 +164,9 @@ class FollowerService:
         try:
             self.auth.check_peer(context)
             await self.core.commit(
-                request.node_id, request.round, request.upload_id, request.weight
-            )
+                request.node_id, request.round, request.upload_id, request.weight,
+                request.presummed,
+            )  # fmt: skip
         except RpcError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
         return pb.ShardCommitReply()

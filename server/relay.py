@@ -41,9 +41,10 @@ from fedgrad.errors import (
 from fedgrad.framing import encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.relay_config import RelayConfig
-from fedgrad.server.broadcast import Snapshot
+from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.reducers import StreamingReducer
+from fedgrad.server.relay_shards import ShardedUpstream
 from fedgrad.server.service import _codec_of, receive_upload
 from fedgrad.server.staging import StagedUpload, check_metrics
 from fedgrad.task import Task, trainable_parameters
@@ -74,6 +75,8 @@ class Relay:
         self.final_pulled: set[str] = set()
         self.collecting = False
         self.reducer: StreamingReducer | None = None
+        #: Shards 1..K-1 and the map, when the upstream is a sharded aggregator.
+        self.shards: ShardedUpstream | None = None
         self.codecs: dict[str, Codec] = {}
         self._inflight: set[str] = set()
         self.credentials = upstream_credentials(cfg)
@@ -86,15 +89,7 @@ class Relay:
         self._changed = asyncio.Condition()
         self._adding = asyncio.Lock()
         self._slots = asyncio.Semaphore(2)
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-        self.channel = (
-            grpc.aio.secure_channel(self.cfg.upstream, self.credentials, options=options)
-            if self.credentials is not None
-            else grpc.aio.insecure_channel(self.cfg.upstream, options=options)
-        )
+        self.channel = self._open(self.cfg.upstream)
         try:
             reply = await self._call(self._join)
             min_round = reply.round
@@ -107,7 +102,18 @@ class Relay:
                 await self._call(lambda r=header.round: self._forward(r))
                 min_round = header.round + 1
         finally:
+            if self.shards is not None:
+                await self.shards.aclose()
             await self.channel.close()
+
+    def _open(self, address: str) -> grpc.aio.Channel:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(address, self.credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options)
 
     async def _call(self, attempt: Any) -> Any:
         """Retry ``attempt`` while the upstream is unreachable (up to ``give_up_after``)."""
@@ -149,10 +155,11 @@ class Relay:
         rule = reply.reduce_rule or "weighted-mean"
         if rule not in _REDUCTIONS:
             raise RpcFailed(f"the upstream reduces with {rule!r}; a relay forwards sums only")
-        if len(reply.shard_map.shards) > 1:
-            raise RpcFailed(
-                "the upstream is a sharded aggregator; relays to shards are not built yet"
-            )
+        if self.shards is not None:
+            await self.shards.aclose()
+            self.shards = None
+        if len(reply.shard_map.shards) > 1:  # pull and push every shard (relay_shards)
+            self.shards = ShardedUpstream(reply.shard_map, self.specs, self._open)
         self.session_id, self.reduce_rule, self.chunk_bytes = (
             reply.session_id,
             rule,
@@ -170,6 +177,8 @@ class Relay:
             response_deserializer=None,
         )
         wait = self.cfg.round_timeout * 2 + self.cfg.call_timeout
+        if self.shards is not None:
+            return await self._pull_shards(min_round, wait)
         call = pull(
             pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
             timeout=wait,
@@ -183,12 +192,32 @@ class Relay:
         if header.session_id != self.session_id:
             await self._join()  # a new federation upstream
         snapshot = Snapshot.received(header.round, header.finished, messages)
+        await self._publish(header, snapshot)
+        return header
+
+    async def _pull_shards(self, min_round: int, wait: float) -> pb.ParameterHeader:
+        """Every shard's pieces into one model, served to the nodes as one broadcast."""
+        assert self.shards is not None
+        header, params = await self.shards.pull(
+            self.channel, min_round, self.cfg.node_id, wait, self.chunk_bytes or (1 << 20),
+            self.metadata,
+        )  # fmt: skip
+        if header.session_id != self.session_id:
+            await self._join()
+            return await self._pull(min_round)
+        snapshot = make_snapshot(
+            params, self.layout, self.chunk_bytes or (1 << 20), header.round, header.finished,
+            header.session_id, None, header.total_rounds, dict(header.config), header.buffers,
+        )  # fmt: skip
+        await self._publish(header, snapshot)
+        return header
+
+    async def _publish(self, header: pb.ParameterHeader, snapshot: Snapshot) -> None:
         async with self._changed:
             self.round, self.finished, self.snapshot = header.round, header.finished, snapshot
             self.total_rounds = header.total_rounds or self.total_rounds
             self.collecting = not header.finished
             self._changed.notify_all()
-        return header
 
     async def _collect(self, round_: int) -> None:
         """Wait for every expected node's upload of ``round_`` (or the deadline's quorum)."""
@@ -241,6 +270,9 @@ class Relay:
             presummed=True,
         )
         chunk_bytes = self.chunk_bytes or (1 << 20)
+        if self.shards is not None:
+            await self._push_shards(header, sent, dtype, chunk_bytes, round_)
+            return
 
         async def messages() -> AsyncIterator[bytes]:
             yield pb.GradientMessage(header=header).SerializeToString()
@@ -264,6 +296,28 @@ class Relay:
             if exc.code() != grpc.StatusCode.ABORTED:
                 raise
             log.warning("the upstream closed round %d before this relay's upload", round_)
+        self._forwarded(round_, weight)
+
+    async def _push_shards(
+        self, header: pb.UploadHeader, sent: np.ndarray, dtype: torch.dtype, chunk_bytes: int,
+        round_: int,
+    ) -> None:  # fmt: skip
+        assert self.shards is not None and self.reducer is not None
+        weight = self.reducer.total_weight
+        try:
+            await self.shards.push(
+                self.channel, header, sent, dtype, chunk_bytes, self.cfg.call_timeout,
+                self.metadata,
+            )  # fmt: skip
+            self.counters.bytes_sent += header.payload_bytes
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise
+            log.warning("the upstream closed round %d before this relay's upload", round_)
+        self._forwarded(round_, weight)
+
+    def _forwarded(self, round_: int, weight: int) -> None:
+        assert self.reducer is not None
         log.info(
             "round %d forwarded: %d uploads, weight %d", round_, len(self.counted), weight,
             extra={"round": round_, "event": "forward"},

@@ -35,7 +35,8 @@ from fedgrad.task import Task, trainable_parameters
 from fedgrad.wire import SERVICE_NAME, channel_credentials
 
 __all__ = [
-    "PEER_SERVICE", "PeerClients", "PieceTask", "ShardSetup", "check_spill", "shard_settings",
+    "PEER_SERVICE", "PeerClients", "PieceTask", "ShardSetup", "check_spill", "pull_pieces",
+    "shard_settings",
 ]  # fmt: skip
 
 log = logging.getLogger("fedgrad.shards")
@@ -278,12 +279,18 @@ class PeerClients:
                     said = True
                 await asyncio.sleep(0.5)
 
-    async def hold(self, node_id: str, round_: int, upload_id: str, wait: float) -> str:
+    async def hold(
+        self, node_id: str, round_: int, upload_id: str, wait: float, presummed: bool = False
+    ) -> str:
         """Return "" if every shard holds the upload's complete part, else why not."""
         replies = await self._each(
             "Hold",
             lambda shard: pb.ShardHoldRequest(
-                node_id=node_id, round=round_, upload_id=upload_id, wait_s=wait
+                node_id=node_id,
+                round=round_,
+                upload_id=upload_id,
+                wait_s=wait,
+                presummed=presummed,
             ),
             wait + PEER_CALL,
         )
@@ -292,11 +299,17 @@ class PeerClients:
                 return f"shard {i + 1}: {reply.reason}"
         return ""
 
-    async def commit(self, node_id: str, round_: int, upload_id: str, weight: int) -> None:
+    async def commit(
+        self, node_id: str, round_: int, upload_id: str, weight: int, presummed: bool = False
+    ) -> None:
         await self._each(
             "Commit",
             lambda shard: pb.ShardCommitRequest(
-                node_id=node_id, round=round_, upload_id=upload_id, weight=weight
+                node_id=node_id,
+                round=round_,
+                upload_id=upload_id,
+                weight=weight,
+                presummed=presummed,
             ),
             PEER_CALL,
         )
@@ -340,8 +353,8 @@ class PeerClients:
         wanted = self.cfg.rounds if round_ is None else round_
         for i, channel in enumerate(self._channels):
             pieces = self.setup.plan.pieces[i + 1]
-            await _pull_into(channel, piece_views(full, pieces), piece_specs(specs, pieces),
-                             wanted, self.cfg.chunk_bytes, self.metadata)  # fmt: skip
+            await pull_pieces(channel, piece_views(full, pieces), piece_specs(specs, pieces),
+                              wanted, self.cfg.chunk_bytes, self.metadata)  # fmt: skip
         names = [s.name for s in specs]
         return dict(zip(names, full, strict=True))
 
@@ -350,15 +363,21 @@ class PeerClients:
             await channel.close()
 
 
-async def _pull_into(
+async def pull_pieces(
     channel: grpc.aio.Channel,
     views: Sequence[torch.Tensor],
     specs: Sequence[TensorSpec],
     min_round: int,
     chunk_bytes: int,
     metadata: Any = (),
-) -> None:
-    """Stream one shard's parameters (its pieces) into ``views``."""
+    node_id: str = SHARD_IDENTITY,
+    timeout: float = PEER_CALL * 4,
+) -> pb.ParameterHeader:
+    """Stream one shard's parameters (its pieces) into ``views``; return its header.
+
+    Raises:
+        Unavailable: the stream is malformed or ends early.
+    """
     layout = Layout(specs)
     targets = [byte_view(v) for v in views]
     cursor = ChunkCursor(layout, chunk_bytes)
@@ -367,17 +386,21 @@ async def _pull_into(
         request_serializer=pb.PullRequest.SerializeToString,
         response_deserializer=None,
     )
-    request = pb.PullRequest(node_id=SHARD_IDENTITY, min_round=min_round)
-    stream = call(request, timeout=PEER_CALL * 4, metadata=metadata)
-    first = True
+    request = pb.PullRequest(node_id=node_id, min_round=min_round)
+    stream = call(request, timeout=timeout, metadata=metadata)
+    header: pb.ParameterHeader | None = None
     async for raw in stream:
-        if first:
-            first = False
+        if header is None:
+            first = pb.ParameterMessage.FromString(raw)
+            if first.WhichOneof("kind") != "header":
+                raise Unavailable("a shard sent a chunk before its ParameterHeader")
+            header = first.header
             continue
         view = decode_chunk(raw)
         if view is None:
             raise Unavailable("a shard sent a malformed chunk")
         start = cursor.advance(view.tensor, view.offset, view.data_len)
         write_chunk(targets, layout, start, view.raw, view.data_start, view.data_len)
-    if not cursor.complete:
+    if header is None or not cursor.complete:
         raise Unavailable(f"a shard's parameters ended after {cursor.position} bytes")
+    return header

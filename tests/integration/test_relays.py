@@ -42,6 +42,28 @@ def test_two_relays_of_three_nodes_equal_six_nodes_connected_directly() -> None:
         assert two.bytes < one.bytes  # 2 broadcasts and 2 uploads instead of 6 and 6
 
 
+@pytest.mark.parametrize("forward", ["float64", "float32"])
+def test_relays_in_front_of_a_sharded_aggregator_equal_nodes_connected_directly(
+    forward: str,
+) -> None:
+    # Each relay pulls both shards' pieces into one model for its nodes and pushes each
+    # shard its pieces of the sum; shard 0 counts it on both shards or neither.
+    with LocalCluster("digits", nodes=4) as cluster:
+        direct = cluster.run(3)
+    with LocalCluster(
+        "digits", nodes=4, shards=2, relays=2, relay_options={"forward_dtype": forward}
+    ) as cluster:
+        relayed = cluster.run(3)
+    for name, value in direct.params.items():
+        if forward == "float64":
+            assert torch.equal(relayed.params[name], value), name
+        else:  # the sums rounded to float32 on the way: close, not bitwise
+            torch.testing.assert_close(relayed.params[name], value, rtol=1e-5, atol=1e-6)
+    assert [r.nodes for r in relayed.history] == [2, 2, 2]
+    for one, two in zip(direct.history, relayed.history, strict=True):
+        assert two.train_loss == pytest.approx(one.train_loss, rel=1e-6)
+
+
 def test_a_forwarded_float64_sum_larger_than_the_staging_budget_is_staged_whole() -> None:
     # A relay's float64 sum of a float32 model is twice the model's payload; with one
     # upload of staging (max_inflight=1) it must still be received, not wait for bytes

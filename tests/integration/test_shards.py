@@ -264,6 +264,27 @@ def test_uploads_for_another_shard_map_or_round_are_refused_and_leave_no_trace(s
     assert len(theta1) == len(a.specs)
 
 
+def test_parts_that_disagree_on_presummed_count_on_no_shard(shards: Any) -> None:
+    # A relay's sum is added as it is, a node's upload times its weight: a part that says
+    # otherwise than shard 0's header would step the shards differently.
+    sh = shards(2, nodes=2, rounds=2, idle_timeout=2.0, lr=1.0)
+    a, b = Driven(sh, "a"), Driven(sh, "b")
+    theta0 = _pull_all(sh, a, 0)
+    lying = a.push(1, _grads(a.specs, 100.0), presummed=True)
+    with pytest.raises(grpc.RpcError) as err:
+        a.push(0, _grads(a.specs, 100.0)).result(timeout=CALL)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "presummed=True" in err.value.details()
+    lying.result(timeout=CALL)
+    # Nothing counted: a's honest upload (retried, the same id) and b's close round 0.
+    for node, value in ((a, 1.0), (b, 3.0)):
+        for r in [node.push(i, _grads(node.specs, value)) for i in range(2)]:
+            r.result(timeout=CALL)
+    theta1 = _pull_all(sh, a, 1)
+    for before, after in zip(theta0, theta1, strict=True):
+        assert torch.equal(after, before - 2.0)
+
+
 def test_shards_with_different_settings_refuse_to_form_a_federation(shards: Any) -> None:
     sh = shards(2, per_shard={1: {"seed": 7}}, nodes=1, rounds=1, start_timeout=5.0)
     with pytest.raises(ConfigError, match=r"seed: '7' here, '0' on shard 0"):

@@ -349,16 +349,18 @@ class ShardSyncReply(_message.Message):
     def __init__(self, round: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ShardHoldRequest(_message.Message):
-    __slots__ = ("node_id", "round", "upload_id", "wait_s")
+    __slots__ = ("node_id", "round", "upload_id", "wait_s", "presummed")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    PRESUMMED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     round: int
     upload_id: str
     wait_s: float
-    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., upload_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    presummed: bool
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., upload_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., presummed: bool = ...) -> None: ...
 
 class ShardHoldReply(_message.Message):
     __slots__ = ("held", "reason")
@@ -369,16 +371,18 @@ class ShardHoldReply(_message.Message):
     def __init__(self, held: bool = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShardCommitRequest(_message.Message):
-    __slots__ = ("node_id", "round", "upload_id", "weight")
+    __slots__ = ("node_id", "round", "upload_id", "weight", "presummed")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PRESUMMED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     round: int
     upload_id: str
     weight: int
-    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., upload_id: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+    presummed: bool
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., upload_id: _Optional[str] = ..., weight: _Optional[int] = ..., presummed: bool = ...) -> None: ...
 
 class ShardCommitReply(_message.Message):
     __slots__ = ()

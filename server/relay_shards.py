@@ -1,0 +1,117 @@
+"""A relay in front of a sharded aggregator: one model to its nodes, K parts upstream.
+
+Shard 0's JoinReply carries the shard map. Each round the relay pulls every shard's
+pieces into one set of whole-model tensors (its nodes see an unsharded aggregator and
+need no shard map), and pushes every shard its pieces of the round's presummed sum, each
+stream to its own shard, concurrently, with one upload id: the shards count it all or
+nothing (``fedgrad.server.sharding``), as they count a node's parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from fedgrad.codec import Layout, TensorSpec, iter_chunk_pieces
+from fedgrad.framing import encode_chunk
+from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.server.sharding import pull_pieces
+from fedgrad.shards import Piece, piece_specs, piece_views
+from fedgrad.wire import SERVICE_NAME
+
+__all__ = ["ShardedUpstream"]
+
+
+class ShardedUpstream:
+    """The relay's channels to shards 1..K-1 (shard 0's is the relay's own) and the map."""
+
+    def __init__(
+        self,
+        shard_map: pb.ShardMap,
+        specs: Sequence[TensorSpec],
+        open_channel: Any,
+    ) -> None:
+        self.map_id = shard_map.map_id
+        self.specs = list(specs)
+        self.pieces = [
+            [Piece(p.tensor, p.first, p.count) for p in s.pieces] for s in shard_map.shards
+        ]
+        self.addresses = [s.address for s in shard_map.shards]
+        self._others: list[grpc.aio.Channel] = [open_channel(a) for a in self.addresses[1:]]
+
+    @property
+    def count(self) -> int:
+        return len(self.pieces)
+
+    def _channel(self, first: grpc.aio.Channel, i: int) -> grpc.aio.Channel:
+        return first if i == 0 else self._others[i - 1]
+
+    async def pull(
+        self, first: grpc.aio.Channel, min_round: int, node_id: str, timeout: float,
+        chunk_bytes: int, metadata: Any,
+    ) -> tuple[pb.ParameterHeader, list[torch.Tensor]]:  # fmt: skip
+        """Pull every shard's pieces of one round into fresh whole tensors; shard 0's header.
+
+        A shard may publish the next round while another is read: then all are read
+        again at the newest round.
+        """
+        while True:
+            full = [torch.empty(s.shape, dtype=s.dtype) for s in self.specs]
+            headers = await asyncio.gather(*(
+                pull_pieces(self._channel(first, i), piece_views(full, self.pieces[i]),
+                            piece_specs(self.specs, self.pieces[i]), min_round, chunk_bytes,
+                            metadata, node_id, timeout)
+                for i in range(self.count)
+            ))  # fmt: skip
+            rounds = {h.round for h in headers}
+            if len(rounds) == 1:
+                return headers[0], full
+            min_round = max(rounds)
+
+    async def push(
+        self, first: grpc.aio.Channel, header: pb.UploadHeader, total: np.ndarray,
+        dtype: torch.dtype, chunk_bytes: int, timeout: float, metadata: Any,
+    ) -> list[pb.PushReply]:  # fmt: skip
+        """Push every shard its pieces of ``total`` (the flat sum, manifest order)."""
+        starts = np.cumsum([0] + [s.numel for s in self.specs])
+
+        async def one(i: int) -> pb.PushReply:
+            specs = piece_specs(self.specs, self.pieces[i])
+            wire = Layout(specs, dtype)
+            views = [
+                total[starts[p.tensor] + p.first : starts[p.tensor] + p.first + p.count].view(
+                    np.uint8
+                )
+                for p in self.pieces[i]
+            ]
+            h = pb.UploadHeader()
+            h.CopyFrom(header)
+            h.shard, h.shard_map, h.payload_bytes = i, self.map_id, wire.total
+
+            async def messages() -> AsyncIterator[bytes]:
+                yield pb.GradientMessage(header=h).SerializeToString()
+                for t, o, pieces in iter_chunk_pieces(views, wire, chunk_bytes):
+                    yield encode_chunk(t, o, pieces)
+                end = pb.UploadEnd(total_bytes=wire.total)
+                yield pb.GradientMessage(end=end).SerializeToString()
+
+            push = self._channel(first, i).stream_unary(
+                f"/{SERVICE_NAME}/PushGradients",
+                request_serializer=None,
+                response_deserializer=pb.PushReply.FromString,
+            )
+            reply: pb.PushReply = await push(
+                messages(), timeout=timeout + wire.total / 1e6, metadata=metadata
+            )
+            return reply
+
+        return list(await asyncio.gather(*(one(i) for i in range(self.count))))
+
+    async def aclose(self) -> None:
+        for channel in self._others:
+            await channel.close()
