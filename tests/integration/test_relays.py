@@ -102,19 +102,26 @@ def _fedgrad() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("shards", [1, 2])
 def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
-    spawn: Any, tmp_path: Path
+    spawn: Any, tmp_path: Path, shards: int
 ) -> None:
     rounds = 6
     with LocalCluster("digits", nodes=4) as cluster:
         want = cluster.run(rounds).params
-    upstream = f"127.0.0.1:{free_port()}"
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(shards)]
+    upstream = peers[0]
     relays = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    aggregator = spawn(
-        *_fedgrad(), "aggregator", "--task", "digits", "--nodes", "2", "--rounds", str(rounds),
-        "--listen", upstream, "--save", str(tmp_path / "final.safetensors"), "--no-progress",
-        "--round-timeout", "120", log=tmp_path / "aggregator.log",
-    )  # fmt: skip
+    servers = [
+        spawn(
+            *_fedgrad(), "aggregator", "--task", "digits", "--nodes", "2", "--rounds",
+            str(rounds), "--listen", peers[i], "--no-progress", "--round-timeout", "120",
+            *(["--save", str(tmp_path / "final.safetensors")] if i == 0 else []),
+            *(["--shard", f"{i}/{shards}", "--peers", ",".join(peers)] if shards > 1 else []),
+            log=tmp_path / f"aggregator{i}.log",
+        )  # fmt: skip
+        for i in reversed(range(shards))
+    ]
 
     def relay(r: int) -> Any:
         return spawn(
@@ -166,7 +173,7 @@ def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
     running[1].wait(timeout=30)
     time.sleep(0.5)
     running[1] = relay(1)
-    for proc in [*nodes, aggregator, *running]:
+    for proc in [*nodes, *servers, *running]:
         assert proc.wait(timeout=WAIT) == 0, logs()
     final = load_file(str(tmp_path / "final.safetensors"))
     for name, value in want.items():
