@@ -112,16 +112,17 @@ def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
     peers = [f"127.0.0.1:{free_port()}" for _ in range(shards)]
     upstream = peers[0]
     relays = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    servers = [
-        spawn(
+
+    def server(i: int) -> Any:
+        return spawn(
             *_fedgrad(), "aggregator", "--task", "digits", "--nodes", "2", "--rounds",
             str(rounds), "--listen", peers[i], "--no-progress", "--round-timeout", "120",
             *(["--save", str(tmp_path / "final.safetensors")] if i == 0 else []),
             *(["--shard", f"{i}/{shards}", "--peers", ",".join(peers)] if shards > 1 else []),
             log=tmp_path / f"aggregator{i}.log",
         )  # fmt: skip
-        for i in reversed(range(shards))
-    ]
+
+    servers = [server(i) for i in reversed(range(shards))]
 
     def relay(r: int) -> Any:
         return spawn(
