@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
@@ -270,9 +270,32 @@ class Relay:
             presummed=True,
         )
         chunk_bytes = self.chunk_bytes or (1 << 20)
-        if self.shards is not None:
-            await self._push_shards(header, sent, dtype, chunk_bytes, round_)
-            return
+        timeout = self.cfg.call_timeout
+        sending: Coroutine[Any, Any, object]
+        if self.shards is not None:  # each shard its pieces (relay_shards)
+            args = (self.channel, header, sent, dtype, chunk_bytes, timeout, self.metadata)
+            sending = self.shards.push(*args)
+        else:
+            sending = self._push_whole(header, views, wire, chunk_bytes)
+        try:
+            await sending
+            self.counters.bytes_sent += wire.total
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise
+            log.warning("the upstream closed round %d before this relay's upload", round_)
+        log.info(
+            "round %d forwarded: %d uploads, weight %d", round_, len(self.counted), weight,
+            extra={"round": round_, "event": "forward"},
+        )  # fmt: skip
+        self.reducer.reset()
+        self.counted.clear()
+        self.losses.clear()
+
+    async def _push_whole(
+        self, header: pb.UploadHeader, views: list[np.ndarray], wire: Layout, chunk_bytes: int
+    ) -> None:
+        """The sum to an unsharded upstream: one stream."""
 
         async def messages() -> AsyncIterator[bytes]:
             yield pb.GradientMessage(header=header).SerializeToString()
@@ -285,46 +308,9 @@ class Relay:
             request_serializer=None,
             response_deserializer=pb.PushReply.FromString,
         )
-        try:
-            await push(
-                messages(),
-                timeout=self.cfg.call_timeout + wire.total / 1e6,
-                metadata=self.metadata,
-            )
-            self.counters.bytes_sent += wire.total
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.ABORTED:
-                raise
-            log.warning("the upstream closed round %d before this relay's upload", round_)
-        self._forwarded(round_, weight)
-
-    async def _push_shards(
-        self, header: pb.UploadHeader, sent: np.ndarray, dtype: torch.dtype, chunk_bytes: int,
-        round_: int,
-    ) -> None:  # fmt: skip
-        assert self.shards is not None and self.reducer is not None
-        weight = self.reducer.total_weight
-        try:
-            await self.shards.push(
-                self.channel, header, sent, dtype, chunk_bytes, self.cfg.call_timeout,
-                self.metadata,
-            )  # fmt: skip
-            self.counters.bytes_sent += header.payload_bytes
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.ABORTED:
-                raise
-            log.warning("the upstream closed round %d before this relay's upload", round_)
-        self._forwarded(round_, weight)
-
-    def _forwarded(self, round_: int, weight: int) -> None:
-        assert self.reducer is not None
-        log.info(
-            "round %d forwarded: %d uploads, weight %d", round_, len(self.counted), weight,
-            extra={"round": round_, "event": "forward"},
-        )  # fmt: skip
-        self.reducer.reset()
-        self.counted.clear()
-        self.losses.clear()
+        await push(
+            messages(), timeout=self.cfg.call_timeout + wire.total / 1e6, metadata=self.metadata
+        )
 
     async def _wait_final_pulls(self) -> None:
         deadline = time.monotonic() + self.cfg.finish_grace
