@@ -274,8 +274,10 @@ def test_resumed_round_is_recomputed_bitwise(
                checkpoint_dir=str(tmp_path / "ckpt"), round_timeout=ROUND_FOREVER)  # fmt: skip
     first = serve("digits", **cfg)
     hand_node(first, "node-0", num_samples=100)  # never uploads: the round stays open
+    log = tmp_path / "node.log"
     node = spawn(*cli.argv, "node", *DIGITS_FLAGS, "--aggregator", first.address,
-                 "--node-id", "node-1", "--shard", "1/2", "--give-up-after", "60")  # fmt: skip
+                 "--node-id", "node-1", "--shard", "1/2", "--give-up-after", "60",
+                 log=log)  # fmt: skip
     # count, not reported: an upload is reported when accepted and counted once reduced.
     wait_until(lambda: core_state(first).count == 1, "node-1's upload", PROC_TIMEOUT)
     lost = core_state(first)
@@ -287,10 +289,13 @@ def test_resumed_round_is_recomputed_bitwise(
     again = core_state(second)
     assert (lost.round, again.round) == (0, 0)
     assert np.array_equal(lost.total, again.total), "the recomputed upload differs"
+    # The aggregator counts before it replies: wait for the node to hear the reply too
+    # (a SIGTERM right after the count could come before it logs the upload).
+    wait_until(lambda: log.read_text().count("round 0 uploaded") == 2,
+               "node-1 to hear its second upload counted", PROC_TIMEOUT)  # fmt: skip
     node.send_signal(signal.SIGTERM)
-    code, _, err = finish(node, WAIT)
-    assert code == 0, err
-    assert err.count("round 0 uploaded") == 2, err
+    assert node.wait(WAIT) == 0, log.read_text()
+    assert log.read_text().count("round 0 uploaded") == 2, log.read_text()
 
 
 LEFTOVERS = ["partial-temp-state", "truncated-new-state", "new-state-json-not-renamed"]

@@ -277,9 +277,12 @@ def test_parts_that_disagree_on_presummed_count_on_no_shard(shards: Any) -> None
     assert "presummed=True" in err.value.details()
     lying.result(timeout=CALL)
     # Nothing counted: a's honest upload (retried, the same id) and b's close round 0.
-    for node, value in ((a, 1.0), (b, 3.0)):
-        for r in [node.push(i, _grads(node.specs, value)) for i in range(2)]:
-            r.result(timeout=CALL)
+    # a's shard 1 part goes first: shard 0 must not find the lying one still held there.
+    a.push(1, _grads(a.specs, 1.0)).result(timeout=CALL)
+    b_parts = [b.push(i, _grads(b.specs, 3.0)) for i in range(2)]
+    a.push(0, _grads(a.specs, 1.0)).result(timeout=CALL)
+    for r in b_parts:
+        r.result(timeout=CALL)
     theta1 = _pull_all(sh, a, 1)
     for before, after in zip(theta0, theta1, strict=True):
         assert torch.equal(after, before - 2.0)
