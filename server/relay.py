@@ -49,7 +49,7 @@ from fedgrad.server.service import _codec_of, receive_upload
 from fedgrad.server.staging import StagedUpload, check_metrics
 from fedgrad.task import Task, trainable_parameters
 from fedgrad.tlsfiles import read_ca, read_key_pair
-from fedgrad.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, check_id
+from fedgrad.wire import CURRENT_ROUND_KEY, MAX_MESSAGE_BYTES, SERVICE_NAME, check_id
 
 __all__ = ["Relay", "RelayConfig", "RpcFailed", "upstream_credentials"]
 
@@ -74,6 +74,8 @@ class Relay:
         self.losses: dict[str, tuple[float, int]] = {}
         self.final_pulled: set[str] = set()
         self.collecting = False
+        #: Counts the upstream's restarts of an open round (``_redo``).
+        self.redo_epoch = 0
         self.reducer: StreamingReducer | None = None
         #: Shards 1..K-1 and the map, when the upstream is a sharded aggregator.
         self.shards: ShardedUpstream | None = None
@@ -94,7 +96,11 @@ class Relay:
             reply = await self._call(self._join)
             min_round = reply.round
             while True:
-                header = await self._call(lambda m=min_round: self._pull(m))
+                try:
+                    header = await self._call(lambda m=min_round: self._pull(m))
+                except _Redo as redo:  # a shard restarted: round redo.round is open again
+                    min_round = self._redo(redo.round)
+                    continue
                 if header.finished:
                     await self._wait_final_pulls()
                     return
@@ -106,6 +112,22 @@ class Relay:
                 await self.shards.aclose()
             await self.channel.close()
 
+    def _redo(self, round_: int) -> int:
+        """The upstream restarted ``round_`` (a sharded one, after a shard restarted):
+        collect it again. The nodes waiting for the next round are told so (``wait_snapshot``:
+        ABORTED with ``round_``), as the aggregator tells its own nodes."""
+        log.warning(
+            "the upstream restarted round %d; collecting it again", round_,
+            extra={"round": round_, "event": "redo"},
+        )  # fmt: skip
+        self.redo_epoch += 1
+        self.collecting = False
+        assert self.reducer is not None
+        self.reducer.reset()
+        self.counted.clear()
+        self.losses.clear()
+        return round_
+
     def _open(self, address: str) -> grpc.aio.Channel:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -116,23 +138,30 @@ class Relay:
         return grpc.aio.insecure_channel(address, options=options)
 
     async def _call(self, attempt: Any) -> Any:
-        """Retry ``attempt`` while the upstream is unreachable (up to ``give_up_after``)."""
+        """Retry ``attempt`` while the upstream is unreachable (up to ``give_up_after``).
+
+        In front of shards FAILED_PRECONDITION is retried too: a restarted shard answers
+        it until shard 0 has synced it (then shard 0 restarts the round, and the retry of
+        the same upload counts).
+        """
         deadline = time.monotonic() + self.cfg.give_up_after
         delay = 0.1
+        transient = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
         while True:
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ):
+                retry = transient | (
+                    {grpc.StatusCode.FAILED_PRECONDITION} if self.shards is not None else set()
+                )
+                if exc.code() not in retry:
                     raise RpcFailed(
                         f"the upstream refused: {exc.code().name}: {exc.details()}"
                     ) from None
                 if time.monotonic() > deadline:
                     raise RpcFailed(
                         f"the upstream was unreachable for {self.cfg.give_up_after:.0f} s"
+                        f" (last: {exc.code().name}: {exc.details()})"
                     ) from None
                 log.info(
                     "upstream unreachable (%s); retrying", exc.code().name, extra={"event": "retry"}
@@ -178,7 +207,12 @@ class Relay:
         )
         wait = self.cfg.round_timeout * 2 + self.cfg.call_timeout
         if self.shards is not None:
-            return await self._pull_shards(min_round, wait)
+            try:
+                return await self._pull_shards(min_round, wait)
+            except grpc.aio.AioRpcError as exc:
+                if (current := _aborted_round(exc)) is not None:
+                    raise _Redo(current) from None
+                raise
         call = pull(
             pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
             timeout=wait,
@@ -334,12 +368,21 @@ class Relay:
         if self.total_rounds and min_round > self.total_rounds:
             raise OutOfRange(f"round {min_round} is past the last round ({self.total_rounds})")
 
+        epoch = self.redo_epoch
+
+        def redone() -> bool:  # the round this node uploaded restarted upstream: redo it
+            return self.redo_epoch != epoch and self.collecting and min_round > self.round
+
         def ready() -> bool:
             s = self.snapshot
-            return s is not None and (s.finished or s.round >= min_round)
+            return redone() or (s is not None and (s.finished or s.round >= min_round))
 
         async with self._changed:
             await self._changed.wait_for(ready)
+            if redone():
+                raise StaleRound(
+                    f"round {self.round} restarted upstream: upload it again", self.round
+                )
             assert self.snapshot is not None
             return self.snapshot
 
@@ -391,6 +434,24 @@ class Relay:
 
 class RpcFailed(Exception):
     """The upstream refused the relay or stayed unreachable (the relay exits 1)."""
+
+
+class _Redo(Exception):
+    """A pull was ABORTED: the upstream restarted round ``round`` (``CURRENT_ROUND_KEY``)."""
+
+    def __init__(self, round_: int) -> None:
+        super().__init__(f"round {round_} restarted upstream")
+        self.round = round_
+
+
+def _aborted_round(exc: grpc.aio.AioRpcError) -> int | None:
+    """The round an ABORTED call names in its trailing metadata, else None."""
+    if exc.code() != grpc.StatusCode.ABORTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == CURRENT_ROUND_KEY and str(value).isdigit():
+            return int(value)
+    return None
 
 
 def upstream_credentials(cfg: RelayConfig) -> grpc.ChannelCredentials | None:

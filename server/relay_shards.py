@@ -10,8 +10,8 @@ nothing (``fedgrad.server.sharding``), as they count a node's parts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -25,6 +25,31 @@ from fedgrad.shards import Piece, piece_specs, piece_views
 from fedgrad.wire import SERVICE_NAME
 
 __all__ = ["ShardedUpstream"]
+
+T = TypeVar("T")
+
+
+async def _all(coroutines: Sequence[Coroutine[Any, Any, T]], cancel: bool) -> list[T]:
+    """Await every coroutine and raise the first failure, cancelling the others if ``cancel``.
+
+    Pulls cancel (``asyncio.gather`` would leave the other shards' streams open until
+    their next round after shard 0 ABORTED one); pushes do not: every part should reach
+    its shard, so that shard 0 asks the others (and notices one restarted) even when a
+    part to another shard failed.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.wait(
+            tasks, return_when=asyncio.FIRST_EXCEPTION if cancel else asyncio.ALL_COMPLETED
+        )
+    finally:
+        for task in tasks:
+            task.cancel()  # nothing for those done
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+    return [task.result() for task in tasks]
 
 
 class ShardedUpstream:
@@ -62,12 +87,12 @@ class ShardedUpstream:
         """
         while True:
             full = [torch.empty(s.shape, dtype=s.dtype) for s in self.specs]
-            headers = await asyncio.gather(*(
+            headers = await _all([
                 pull_pieces(self._channel(first, i), piece_views(full, self.pieces[i]),
                             piece_specs(self.specs, self.pieces[i]), min_round, chunk_bytes,
                             metadata, node_id, timeout)
                 for i in range(self.count)
-            ))  # fmt: skip
+            ], cancel=True)  # fmt: skip
             rounds = {h.round for h in headers}
             if len(rounds) == 1:
                 return headers[0], full
@@ -110,7 +135,7 @@ class ShardedUpstream:
             )
             return reply
 
-        return list(await asyncio.gather(*(one(i) for i in range(self.count))))
+        return await _all([one(i) for i in range(self.count)], cancel=False)
 
     async def aclose(self) -> None:
         for channel in self._others:

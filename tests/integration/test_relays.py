@@ -102,10 +102,14 @@ def _fedgrad() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize(
+    ("shards", "victim"), [(1, "relay"), (2, "relay"), (2, "shard 1")], ids=str
+)
 def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
-    spawn: Any, tmp_path: Path, shards: int
+    spawn: Any, tmp_path: Path, shards: int, victim: str
 ) -> None:
+    # victim "shard 1": the relays stay up; shard 1's restart makes shard 0 restart the
+    # open round, and each relay collects it again from its nodes (Relay._redo).
     rounds = 6
     with LocalCluster("digits", nodes=4) as cluster:
         want = cluster.run(rounds).params
@@ -118,8 +122,9 @@ def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
             *_fedgrad(), "aggregator", "--task", "digits", "--nodes", "2", "--rounds",
             str(rounds), "--listen", peers[i], "--no-progress", "--round-timeout", "120",
             *(["--save", str(tmp_path / "final.safetensors")] if i == 0 else []),
-            *(["--shard", f"{i}/{shards}", "--peers", ",".join(peers)] if shards > 1 else []),
-            log=tmp_path / f"aggregator{i}.log",
+            *(["--shard", f"{i}/{shards}", "--peers", ",".join(peers),
+               "--checkpoint-dir", str(tmp_path / f"ckpt{i}")] if shards > 1 else []),
+            log=tmp_path / f"aggregator{i}-{time.time()}.log",
         )  # fmt: skip
 
     servers = [server(i) for i in reversed(range(shards))]
@@ -170,10 +175,16 @@ def test_a_killed_relay_restarted_loses_nothing_and_applies_nothing_twice(
         time.sleep(0.05)
     else:
         raise AssertionError(logs())
-    running[1].send_signal(signal.SIGKILL)
-    running[1].wait(timeout=30)
-    time.sleep(0.5)
-    running[1] = relay(1)
+    if victim == "relay":
+        running[1].send_signal(signal.SIGKILL)
+        running[1].wait(timeout=30)
+        time.sleep(0.5)
+        running[1] = relay(1)
+    else:  # servers are in reversed shard order: shard 1 is servers[0]
+        servers[0].send_signal(signal.SIGKILL)
+        servers[0].wait(timeout=30)
+        time.sleep(0.5)
+        servers[0] = server(1)
     for proc in [*nodes, *servers, *running]:
         assert proc.wait(timeout=WAIT) == 0, logs()
     final = load_file(str(tmp_path / "final.safetensors"))
