@@ -45,11 +45,11 @@ from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.reducers import StreamingReducer
 from fedgrad.server.relay_shards import ShardedUpstream
+from fedgrad.server.relay_upstream import Redo, RpcFailed, aborted_round, upstream_credentials
 from fedgrad.server.service import _codec_of, receive_upload
 from fedgrad.server.staging import StagedUpload, check_metrics
 from fedgrad.task import Task, trainable_parameters
-from fedgrad.tlsfiles import read_ca, read_key_pair
-from fedgrad.wire import CURRENT_ROUND_KEY, MAX_MESSAGE_BYTES, SERVICE_NAME, check_id
+from fedgrad.wire import MAX_MESSAGE_BYTES, SERVICE_NAME, check_id
 
 __all__ = ["Relay", "RelayConfig", "RpcFailed", "upstream_credentials"]
 
@@ -98,7 +98,7 @@ class Relay:
             while True:
                 try:
                     header = await self._call(lambda m=min_round: self._pull(m))
-                except _Redo as redo:  # a shard restarted: round redo.round is open again
+                except Redo as redo:  # a shard restarted: round redo.round is open again
                     min_round = self._redo(redo.round)
                     continue
                 if header.finished:
@@ -210,8 +210,8 @@ class Relay:
             try:
                 return await self._pull_shards(min_round, wait)
             except grpc.aio.AioRpcError as exc:
-                if (current := _aborted_round(exc)) is not None:
-                    raise _Redo(current) from None
+                if (current := aborted_round(exc)) is not None:
+                    raise Redo(current) from None
                 raise
         call = pull(
             pb.PullRequest(node_id=self.cfg.node_id, min_round=min_round),
@@ -430,42 +430,3 @@ class Relay:
             async with self._changed:
                 self._changed.notify_all()
         return pb.PushReply(round=h.round)
-
-
-class RpcFailed(Exception):
-    """The upstream refused the relay or stayed unreachable (the relay exits 1)."""
-
-
-class _Redo(Exception):
-    """A pull was ABORTED: the upstream restarted round ``round`` (``CURRENT_ROUND_KEY``)."""
-
-    def __init__(self, round_: int) -> None:
-        super().__init__(f"round {round_} restarted upstream")
-        self.round = round_
-
-
-def _aborted_round(exc: grpc.aio.AioRpcError) -> int | None:
-    """The round an ABORTED call names in its trailing metadata, else None."""
-    if exc.code() != grpc.StatusCode.ABORTED:
-        return None
-    for key, value in exc.trailing_metadata() or ():
-        if key == CURRENT_ROUND_KEY and str(value).isdigit():
-            return int(value)
-    return None
-
-
-def upstream_credentials(cfg: RelayConfig) -> grpc.ChannelCredentials | None:
-    """The relay's TLS credentials towards its upstream (None: plaintext).
-
-    Raises:
-        ConfigError: a file is missing, not PEM, or the key is not the certificate's.
-    """
-    if not cfg.upstream_ca:
-        return None
-    ca = read_ca(cfg.upstream_ca, "--upstream-ca")
-    cert = key = None
-    if cfg.upstream_cert and cfg.upstream_key:
-        cert, key = read_key_pair(cfg.upstream_cert, cfg.upstream_key)
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
