@@ -24,7 +24,6 @@ from fedgrad.errors import ConfigError
 from fedgrad.identity import CERT_DAYS, DEFAULT_HOSTS, OPERATOR_NAME, validate_node_id
 
 __all__ = [
-    "DEFAULT_HOSTS",
     "KeyCert",
     "NODE_URI_PREFIX",
     "OPERATOR_URI",

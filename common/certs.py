@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fedgrad.certgen import (
-    DEFAULT_HOSTS,
     NODE_URI_PREFIX,
     OPERATOR_URI,
     KeyCert,
@@ -43,7 +42,7 @@ from fedgrad.certgen import (
     subject_alt_names,
 )
 from fedgrad.errors import ConfigError
-from fedgrad.identity import CERT_DAYS, OPERATOR_NAME, validate_node_id
+from fedgrad.identity import CERT_DAYS, DEFAULT_HOSTS, OPERATOR_NAME, validate_node_id
 
 __all__ = [
     "DEFAULT_HOSTS",

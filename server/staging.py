@@ -154,10 +154,15 @@ class StagedUpload:
         return isinstance(self.chunks, SpilledChunks)
 
     def discard(self) -> None:
-        """Let the chunks go now (the spill file is deleted); the upload is done with."""
+        """Let the chunks go now (the spill file is deleted); the upload is done with.
+
+        A spilled upload stays ``spilled`` (its file closed): counts of the uploads held
+        in memory read that flag after the upload is let go.
+        """
         if isinstance(self.chunks, SpilledChunks):
             self.chunks.close()
-        self.chunks = []
+        else:
+            self.chunks = []
 
     def consume(self, index: int) -> None:
         """Let chunk ``index`` go: the reducer has added it (and reads it no more)."""

@@ -91,6 +91,7 @@ def test_spilled_chunks_read_back_what_was_written_and_keep_nothing_in_memory(
     assert _open_files_in(tmp_path) == 1
     staged.discard()
     assert _open_files_in(tmp_path) == 0, "discard closes (and so deletes) the file"
+    assert staged.spilled, "a let-go spilled upload still says so (memory counts read it)"
 
 
 def test_consumed_spilled_chunks_report_their_bytes_once(tmp_path: Path) -> None:
