@@ -58,6 +58,8 @@ class TensorExchange:
     feedback: ErrorFeedback
     session_id: str
     chunk_bytes: int
+    #: ``JoinReply.upload_ready``: send an upload's chunks once the aggregator is ready.
+    upload_ready: bool
     _staging: tuple[torch.dtype, Layout, list[torch.Tensor]] | None
 
     def pull(self, min_round: int) -> pb.ParameterHeader:
@@ -141,7 +143,7 @@ class TensorExchange:
         if self.links is not None:  # ShardLinks encodes and sizes each shard's part
             total = self.layout.total
             timeout = self.cfg.call_timeout + total / self.cfg.min_bandwidth
-            return self.links.push(header, gradients, self.chunk_bytes, timeout)
+            return self.links.push(header, gradients, self.chunk_bytes, timeout, self.upload_ready)
         views = self.feedback.encode(round_, gradients, generator)
         layout = self.codec.layout
         header.codec, header.payload_bytes = self.codec.name, layout.total
@@ -153,4 +155,4 @@ class TensorExchange:
             yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=layout.total)).SerializeToString()
 
         timeout = self.cfg.call_timeout + layout.total / self.cfg.min_bandwidth
-        return self.transport.push(messages(), timeout)
+        return self.transport.push(messages(), timeout, self.upload_ready)

@@ -173,6 +173,7 @@ class Node(TensorExchange):
         self.transport = Transport(cfg)
         self.session_id = ""
         self.chunk_bytes = 0
+        self.upload_ready = False
         self.uploads = 0
         self._staging: tuple[torch.dtype, Layout, list[torch.Tensor]] | None = None
         #: A sharded aggregator's other shards (set at Join), None for one aggregator.
@@ -230,6 +231,7 @@ class Node(TensorExchange):
                 f"({len(theirs)} vs {len(self.layout.specs)} tensors): run both with the same --task"
             )
         self.chunk_bytes = reply.chunk_bytes
+        self.upload_ready = reply.upload_ready
         self.share_buffers = bool(self.buffers) and not reply.buffers_local
         if (
             self.share_buffers

@@ -93,8 +93,12 @@ class ShardLinks:
         gradients: Sequence[torch.Tensor],
         chunk_bytes: int,
         timeout: float,
+        wait_ready: bool = False,
     ) -> pb.PushReply:
-        """Push every shard its pieces of ``gradients``; return shard 0's reply."""
+        """Push every shard its pieces of ``gradients``; return shard 0's reply.
+
+        ``wait_ready``: as ``Transport.push``'s, on every shard.
+        """
         flat = [g.detach().cpu().contiguous() for g in gradients]
 
         def one(i: int) -> pb.PushReply:
@@ -115,7 +119,7 @@ class ShardLinks:
                     end=pb.UploadEnd(total_bytes=layout.total)
                 ).SerializeToString()
 
-            return self.transports[i].push(messages(), timeout)
+            return self.transports[i].push(messages(), timeout, wait_ready)
 
         return self._all(one)[0]
 

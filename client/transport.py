@@ -300,15 +300,41 @@ class Transport:
         with self._started(self._pull, request, timeout) as stream:
             yield stream
 
-    def push(self, messages: Iterator[bytes], timeout: float) -> pb.PushReply:
+    def push(
+        self, messages: Iterator[bytes], timeout: float, wait_ready: bool = False
+    ) -> pb.PushReply:
         """Stream one upload (serialized ``GradientMessage``s); return the reply once counted.
+
+        ``wait_ready`` (``JoinReply.upload_ready``): send the header, then wait for the
+        aggregator's response headers (``fedgrad.wire.UPLOAD_READY``, sent once it has
+        reserved the upload's staging slot) before the chunks, so that an upload queued
+        for a slot holds none of its chunks in the aggregator's buffers.
 
         Raises:
             Stopped, Failure, RefusedError: see the module docstring.
         """
+        calls: list[grpc.Future] = []
+        published = threading.Event()
+
+        def gated() -> Iterator[bytes]:
+            yield next(messages)  # the UploadHeader
+            # gRPC's own thread runs this; the call is published right after it starts.
+            if published.wait(timeout) and calls:
+                calls[0].initial_metadata()  # type: ignore[attr-defined]  # or the call ended
+                if calls[0].done():
+                    return
+            yield from messages
+
         # The future form: a blocking call could not be cancelled by stop().
-        with self._started(self._push.future, messages, timeout) as call:
-            reply: pb.PushReply = call.result()
+        try:
+            with self._started(
+                self._push.future, gated() if wait_ready else messages, timeout
+            ) as call:
+                calls.append(call)
+                published.set()
+                reply: pb.PushReply = call.result()
+        finally:
+            published.set()
         self.backoff.reset()  # a round went through: a new budget
         return reply
 

@@ -20,6 +20,7 @@ from fedgrad.proto import fedgrad_pb2 as pb
 __all__ = [
     "CONTRACT_VERSION",
     "CURRENT_ROUND_KEY",
+    "UPLOAD_READY",
     "ID_MAX_LENGTH",
     "ID_PATTERN",
     "ID_RULE",
@@ -48,6 +49,12 @@ CONTRACT_VERSION = 2
 
 #: Trailing-metadata key of an ABORTED reply: the aggregator's current round (decimal).
 CURRENT_ROUND_KEY = "fedgrad-current-round"
+
+#: Initial metadata of a PushGradients call, sent once the aggregator has accepted the
+#: UploadHeader and reserved the upload's staging slot: the node may send its chunks now.
+#: A node that waits for it holds no chunk in the aggregator's buffers while it queues
+#: (docs/protocol.md, step 4). Any response headers mean the same; the value is for logs.
+UPLOAD_READY: tuple[tuple[str, str], ...] = (("fedgrad-upload", "ready"),)
 
 #: Node ids and upload ids: what the ``.proto`` documents for ``node_id`` and ``upload_id``
 #: (flags, token files and certificate names follow it too, ``fedgrad.auth``).

@@ -110,7 +110,7 @@ class FollowerService:
                 if str(exc) == "already counted":
                     return pb.PushReply(duplicate=True, round=h.round)
                 raise
-            await receive_upload(requests, part.staged, self.idle_timeout)
+            await receive_upload(requests, part.staged, self.idle_timeout, context)
             error = ""
             return pb.PushReply(round=h.round)
         except RpcError as exc:

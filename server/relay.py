@@ -27,7 +27,6 @@ import torch
 from fedgrad.auth import bearer_metadata, load_node_token
 from fedgrad.codec import (
     Layout,
-    iter_chunk_pieces,
     manifest_to_proto,
     specs_of,
 )
@@ -38,14 +37,19 @@ from fedgrad.errors import (
     OutOfRange,
     StaleRound,
 )
-from fedgrad.framing import encode_chunk
 from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.relay_config import RelayConfig
 from fedgrad.server.broadcast import Snapshot, make_snapshot
 from fedgrad.server.counters import Counters
 from fedgrad.server.reducers import StreamingReducer
 from fedgrad.server.relay_shards import ShardedUpstream
-from fedgrad.server.relay_upstream import Redo, RpcFailed, aborted_round, upstream_credentials
+from fedgrad.server.relay_upstream import (
+    Redo,
+    RpcFailed,
+    aborted_round,
+    push_upload,
+    upstream_credentials,
+)
 from fedgrad.server.service import _codec_of, receive_upload
 from fedgrad.server.staging import StagedUpload, check_metrics
 from fedgrad.task import Task, trainable_parameters
@@ -67,6 +71,8 @@ class Relay:
         self.counters = Counters()
         self.round, self.total_rounds, self.finished = 0, 0, False
         self.session_id, self.reduce_rule, self.chunk_bytes, self.seed = "", "", 0, 0
+        #: The upstream's ``JoinReply.upload_ready`` (``push_upload``).
+        self.upload_ready = False
         self.snapshot: Snapshot | None = None
         self.nodes: dict[str, int] = {}  # node id -> num_samples (from Join)
         self.left: set[str] = set()
@@ -194,6 +200,7 @@ class Relay:
             rule,
             reply.chunk_bytes,
         )
+        self.upload_ready = reply.upload_ready
         self.seed, self.total_rounds = reply.seed, reply.total_rounds
         self.reducer = StreamingReducer(rule, self.layout, "float64", 1)
         log.info("joined the upstream at round %d", reply.round, extra={"event": "join"})
@@ -307,7 +314,8 @@ class Relay:
         timeout = self.cfg.call_timeout
         sending: Coroutine[Any, Any, object]
         if self.shards is not None:  # each shard its pieces (relay_shards)
-            args = (self.channel, header, sent, dtype, chunk_bytes, timeout, self.metadata)
+            args = (self.channel, header, sent, dtype, chunk_bytes, timeout, self.metadata,
+                    self.upload_ready)  # fmt: skip
             sending = self.shards.push(*args)
         else:
             sending = self._push_whole(header, views, wire, chunk_bytes)
@@ -330,21 +338,11 @@ class Relay:
         self, header: pb.UploadHeader, views: list[np.ndarray], wire: Layout, chunk_bytes: int
     ) -> None:
         """The sum to an unsharded upstream: one stream."""
-
-        async def messages() -> AsyncIterator[bytes]:
-            yield pb.GradientMessage(header=header).SerializeToString()
-            for t, o, pieces in iter_chunk_pieces(views, wire, chunk_bytes):
-                yield encode_chunk(t, o, pieces)
-            yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=wire.total)).SerializeToString()
-
-        push = self.channel.stream_unary(
-            f"/{SERVICE_NAME}/PushGradients",
-            request_serializer=None,
-            response_deserializer=pb.PushReply.FromString,
-        )
-        await push(
-            messages(), timeout=self.cfg.call_timeout + wire.total / 1e6, metadata=self.metadata
-        )
+        timeout = self.cfg.call_timeout + wire.total / 1e6
+        await push_upload(
+            self.channel, header, views, wire, chunk_bytes, timeout, self.metadata,
+            self.upload_ready,
+        )  # fmt: skip
 
     async def _wait_final_pulls(self) -> None:
         deadline = time.monotonic() + self.cfg.finish_grace
@@ -386,7 +384,12 @@ class Relay:
             assert self.snapshot is not None
             return self.snapshot
 
-    async def upload(self, h: pb.UploadHeader, requests: AsyncIterator[bytes]) -> pb.PushReply:
+    async def upload(
+        self,
+        h: pb.UploadHeader,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.PushReply:
         check_id("upload_id", h.upload_id)
         check_metrics(dict(h.metrics))
         if h.node_id not in self.nodes:
@@ -410,7 +413,7 @@ class Relay:
                 await self._slots.acquire()
             try:
                 staged = StagedUpload(decoder, self.chunk_bytes or (1 << 20))
-                await receive_upload(requests, staged, self.cfg.idle_timeout)
+                await receive_upload(requests, staged, self.cfg.idle_timeout, context)
                 async with self._changed:
                     if h.round != self.round or not self.collecting:
                         raise StaleRound(

@@ -77,6 +77,7 @@ class RelayService:
             seed=core.seed,
             contract_version=CONTRACT_VERSION,
             buffers_local=True,
+            upload_ready=True,
         )
 
     async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -106,7 +107,7 @@ class RelayService:
                 raise InvalidArgument("the first message of PushGradients must be an UploadHeader")
             node, round_ = first.header.node_id, first.header.round
             self.auth.check(context, node)
-            return await self.core.upload(first.header, requests)
+            return await self.core.upload(first.header, requests, context)
         except RpcError as exc:
             await _fail(context, exc, node, round_, self.core)  # type: ignore[arg-type]
             return pb.PushReply()

@@ -10,19 +10,18 @@ nothing (``fedgrad.server.sharding``), as they count a node's parts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import torch
 
-from fedgrad.codec import Layout, TensorSpec, iter_chunk_pieces
-from fedgrad.framing import encode_chunk
+from fedgrad.codec import Layout, TensorSpec
 from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.server.relay_upstream import push_upload
 from fedgrad.server.sharding import pull_pieces
 from fedgrad.shards import Piece, piece_specs, piece_views
-from fedgrad.wire import SERVICE_NAME
 
 __all__ = ["ShardedUpstream"]
 
@@ -100,9 +99,12 @@ class ShardedUpstream:
 
     async def push(
         self, first: grpc.aio.Channel, header: pb.UploadHeader, total: np.ndarray,
-        dtype: torch.dtype, chunk_bytes: int, timeout: float, metadata: Any,
+        dtype: torch.dtype, chunk_bytes: int, timeout: float, metadata: Any, wait_ready: bool,
     ) -> list[pb.PushReply]:  # fmt: skip
-        """Push every shard its pieces of ``total`` (the flat sum, manifest order)."""
+        """Push every shard its pieces of ``total`` (the flat sum, manifest order).
+
+        ``wait_ready``: as ``push_upload``'s, on every shard.
+        """
         starts = np.cumsum([0] + [s.numel for s in self.specs])
 
         async def one(i: int) -> pb.PushReply:
@@ -117,23 +119,10 @@ class ShardedUpstream:
             h = pb.UploadHeader()
             h.CopyFrom(header)
             h.shard, h.shard_map, h.payload_bytes = i, self.map_id, wire.total
-
-            async def messages() -> AsyncIterator[bytes]:
-                yield pb.GradientMessage(header=h).SerializeToString()
-                for t, o, pieces in iter_chunk_pieces(views, wire, chunk_bytes):
-                    yield encode_chunk(t, o, pieces)
-                end = pb.UploadEnd(total_bytes=wire.total)
-                yield pb.GradientMessage(end=end).SerializeToString()
-
-            push = self._channel(first, i).stream_unary(
-                f"/{SERVICE_NAME}/PushGradients",
-                request_serializer=None,
-                response_deserializer=pb.PushReply.FromString,
-            )
-            reply: pb.PushReply = await push(
-                messages(), timeout=timeout + wire.total / 1e6, metadata=metadata
-            )
-            return reply
+            return await push_upload(
+                self._channel(first, i), h, views, wire, chunk_bytes,
+                timeout + wire.total / 1e6, metadata, wait_ready,
+            )  # fmt: skip
 
         return await _all([one(i) for i in range(self.count)], cancel=False)
 

@@ -1,14 +1,22 @@
-"""The relay's side of its upstream calls: TLS credentials, refusals, restarted rounds."""
+"""The relay's side of its upstream calls: TLS credentials, refusals, restarted rounds,
+and the stream of one upload."""
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+import grpc
+import numpy as np
+
+from fedgrad.codec import Layout, iter_chunk_pieces
+from fedgrad.framing import encode_chunk
+from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.relay_config import RelayConfig
 from fedgrad.tlsfiles import read_ca, read_key_pair
-from fedgrad.wire import CURRENT_ROUND_KEY
+from fedgrad.wire import CURRENT_ROUND_KEY, SERVICE_NAME
 
-__all__ = ["Redo", "RpcFailed", "aborted_round", "upstream_credentials"]
+__all__ = ["Redo", "RpcFailed", "aborted_round", "push_upload", "upstream_credentials"]
 
 
 class RpcFailed(Exception):
@@ -48,3 +56,41 @@ def upstream_credentials(cfg: RelayConfig) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
+
+
+async def push_upload(
+    channel: grpc.aio.Channel,
+    header: pb.UploadHeader,
+    views: Sequence[np.ndarray],
+    wire: Layout,
+    chunk_bytes: int,
+    timeout: float,
+    metadata: Any,
+    wait_ready: bool,
+) -> pb.PushReply:
+    """Stream one upload: the header, the chunks of ``views`` (bytes in ``wire``'s layout),
+    the UploadEnd.
+
+    ``wait_ready`` (the upstream's ``JoinReply.upload_ready``): the chunks wait for the
+    upstream's response headers, sent once it has reserved the upload's staging slot.
+    """
+    push = channel.stream_unary(
+        f"/{SERVICE_NAME}/PushGradients",
+        request_serializer=None,
+        response_deserializer=pb.PushReply.FromString,
+    )
+    call: Any = None
+
+    async def messages() -> AsyncIterator[bytes]:
+        yield pb.GradientMessage(header=header).SerializeToString()
+        if wait_ready:  # the call is assigned before its requests are first read
+            await call.initial_metadata()  # or the call ended
+            if call.done():
+                return
+        for t, o, pieces in iter_chunk_pieces(views, wire, chunk_bytes):
+            yield encode_chunk(t, o, pieces)
+        yield pb.GradientMessage(end=pb.UploadEnd(total_bytes=wire.total)).SerializeToString()
+
+    call = push(messages(), timeout=timeout, metadata=metadata)
+    reply: pb.PushReply = await call
+    return reply

@@ -33,7 +33,7 @@ from fedgrad.server.engine import Phase
 from fedgrad.server.model import Peer
 from fedgrad.server.security import Authorizer
 from fedgrad.server.staging import StagedUpload, UploadTicket
-from fedgrad.wire import CONTRACT_VERSION, CURRENT_ROUND_KEY, SERVICE_NAME
+from fedgrad.wire import CONTRACT_VERSION, CURRENT_ROUND_KEY, SERVICE_NAME, UPLOAD_READY
 
 __all__ = ["AggregatorService", "status_reply"]
 
@@ -151,10 +151,13 @@ async def receive_upload(
     requests: AsyncIterator[bytes],
     staged: StagedUpload,
     idle_timeout: float,
+    context: grpc.aio.ServicerContext,
     gate: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
-    """Stage the chunks after an UploadHeader and check the UploadEnd.
+    """Say the upload may stream (``UPLOAD_READY``), stage its chunks, check the UploadEnd.
 
+    Called once the header is accepted and the upload's staging slot reserved: a node
+    that waits for the initial metadata sends nothing while it queues for the slot.
     ``gate(n)``, if given, is awaited before a chunk of ``n`` payload bytes is staged (the
     aggregator's staging budget); the stream is not read meanwhile.
 
@@ -163,6 +166,7 @@ async def receive_upload(
             missing UploadEnd, or an idle stream.
         ResourceExhausted: from ``gate``.
     """
+    await context.send_initial_metadata(UPLOAD_READY)
     ended = False
     while (raw := await next_message(requests, idle_timeout)) is not None:
         view = decode_chunk(raw)
@@ -262,6 +266,7 @@ class AggregatorService:
             contract_version=CONTRACT_VERSION,
             buffers=manifest_to_proto(core.model.buffer_specs),
             buffers_local=not core.model.share_buffers,
+            upload_ready=True,
         )
 
     async def pull(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -312,7 +317,7 @@ class AggregatorService:
             )
             duplicate = ticket.duplicate  # read now: the add (after the count) lets the slot go
             if not duplicate:
-                await self._receive(requests, ticket)
+                await self._receive(requests, ticket, context)
             counted = await self.core.count_everywhere(ticket)
             return pb.PushReply(duplicate=duplicate, round=counted)
         except RpcError as exc:
@@ -323,10 +328,15 @@ class AggregatorService:
             if ticket is not None:
                 self.core.intake.release(ticket)
 
-    async def _receive(self, requests: AsyncIterator[bytes], ticket: UploadTicket) -> None:
+    async def _receive(
+        self,
+        requests: AsyncIterator[bytes],
+        ticket: UploadTicket,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         assert ticket.staged is not None
         gate = functools.partial(self.core.intake.take, ticket.staged)
-        await receive_upload(requests, ticket.staged, self.idle_timeout, gate)
+        await receive_upload(requests, ticket.staged, self.idle_timeout, context, gate)
 
     def _enter(self, who: str | None) -> str | None:
         if who is not None:

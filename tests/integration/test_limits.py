@@ -8,6 +8,7 @@ nothing asserts on how long anything took.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,8 +28,11 @@ from polling import wait_until
 from fedgrad.auth import bearer_metadata, generate_token
 from fedgrad.certs import init_federation
 from fedgrad.client.node import Node
+from fedgrad.client.transport import Transport
+from fedgrad.codec import Layout, iter_chunk_pieces
 from fedgrad.config import NodeConfig
 from fedgrad.proto import fedgrad_pb2 as pb
+from fedgrad.server import relay_upstream
 from fedgrad.server.app import server_options
 from fedgrad.task import load_task
 
@@ -400,6 +405,103 @@ def test_idle_connection_flood_does_not_starve_a_node(serve, tmp_path):
             channel.close()
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.parametrize("wait_ready", [True, False])
+def test_a_node_that_waits_for_the_ready_headers_sends_only_its_header_while_queued(
+    serve, hand_node, held, wait_ready
+):
+    # JoinReply.upload_ready: the aggregator sends PushGradients' response headers once the
+    # upload has its staging slot, and the node's transport sends the chunks only then, so a
+    # queued upload holds nothing in the aggregator's buffers. Without waiting (a node
+    # that ignores the field) the chunks go at once, up to the stream window.
+    chunk = 64 << 10
+    served = serve(
+        "synthetic",
+        task_args={"params": 1 << 20, "tensors": 1},  # 4 MiB of float32
+        nodes=2,
+        rounds=1,
+        chunk_bytes=chunk,
+        max_inflight=1,
+    )
+    n1, n2 = hand_node(served, "n1"), hand_node(served, "n2")
+    assert n2.reply.upload_ready
+    a = held(n1)
+    wait_until(holding(served, "n1"), "n1 holds the only slot")
+    messages = [m.SerializeToString() for m in n2.messages(0, zeros(n2))]
+    sent = [0]
+
+    def counted() -> Iterator[bytes]:
+        for message in messages:
+            sent[0] += 1
+            yield message
+
+    transport = Transport(NodeConfig(aggregator=served.address, node_id="n2"))
+    replies: list[pb.PushReply] = []
+    pushing = threading.Thread(
+        target=lambda: replies.append(transport.push(counted(), 3 * TIMEOUT, wait_ready))
+    )
+    pushing.start()
+    try:
+        wait_until(marked_uploading(served, "n2"), "n2's upload is queued")
+        time.sleep(0.5)  # what the node would send by now is sent (no timing is asserted)
+        if wait_ready:
+            assert sent[0] == 1, f"{sent[0]} messages sent while queued: only the header may be"
+        else:
+            assert sent[0] > 1
+        assert a.release().round == 0
+        pushing.join(TIMEOUT)
+        assert replies and replies[0].round == 0
+        assert sent[0] == len(messages)
+    finally:
+        transport.close()
+        pushing.join(TIMEOUT)
+
+
+def test_a_relays_upload_waits_for_the_ready_headers_while_queued(
+    serve, hand_node, held, monkeypatch
+):
+    # The relay's upstream push (grpc.aio) waits for the upstream's UPLOAD_READY too: no
+    # chunk of it is even encoded while it queues for the upstream's only slot.
+    chunk = 64 << 10
+    served = serve(
+        "synthetic",
+        task_args={"params": 1 << 20, "tensors": 1},
+        nodes=2,
+        rounds=1,
+        chunk_bytes=chunk,
+        max_inflight=1,
+    )
+    n1, relay = hand_node(served, "n1"), hand_node(served, "relay-0")
+    assert relay.reply.upload_ready
+    a = held(n1)
+    wait_until(holding(served, "n1"), "n1 holds the only slot")
+    encoded = [0]
+
+    def counted(*args: Any) -> Iterator[Any]:
+        for item in iter_chunk_pieces(*args):
+            encoded[0] += 1
+            yield item
+
+    monkeypatch.setattr(relay_upstream, "iter_chunk_pieces", counted)
+    layout = Layout(relay.specs)
+    views = [np.zeros(n, dtype=np.uint8) for n in layout.nbytes]
+    header = pb.UploadHeader(round=0, node_id="relay-0", upload_id="relay-0.r0", num_samples=1)
+
+    async def push() -> pb.PushReply:
+        async with grpc.aio.insecure_channel(served.address) as channel:
+            return await relay_upstream.push_upload(
+                channel, header, views, layout, chunk, 3 * TIMEOUT, None, True
+            )
+
+    with futures.ThreadPoolExecutor(1) as pool:
+        pushed = pool.submit(asyncio.run, push())
+        wait_until(marked_uploading(served, "relay-0"), "the relay's upload is queued")
+        time.sleep(0.5)  # what the relay would send by now is sent (no timing is asserted)
+        assert encoded[0] == 0, f"{encoded[0]} chunks encoded while queued"
+        assert a.release().round == 0
+        assert pushed.result(TIMEOUT).round == 0
+    assert encoded[0] == len(list(iter_chunk_pieces(views, layout, chunk)))
 
 
 @pytest.mark.parametrize("window_mb", [1, 2])

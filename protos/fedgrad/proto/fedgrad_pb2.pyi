@@ -86,7 +86,7 @@ class JoinRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., seed: _Optional[int] = ..., task: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version", "reduce_rule", "buffers", "buffers_local", "shard_map")
+    __slots__ = ("manifest", "reduction", "chunk_bytes", "round", "total_rounds", "session_id", "finished", "round_open", "seed", "contract_version", "reduce_rule", "buffers", "buffers_local", "shard_map", "upload_ready")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class JoinReply(_message.Message):
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_LOCAL_FIELD_NUMBER: _ClassVar[int]
     SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_READY_FIELD_NUMBER: _ClassVar[int]
     manifest: Manifest
     reduction: Reduction
     chunk_bytes: int
@@ -115,7 +116,8 @@ class JoinReply(_message.Message):
     buffers: Manifest
     buffers_local: bool
     shard_map: ShardMap
-    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ..., reduce_rule: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ..., buffers_local: bool = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ...) -> None: ...
+    upload_ready: bool
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., chunk_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., session_id: _Optional[str] = ..., finished: bool = ..., round_open: bool = ..., seed: _Optional[int] = ..., contract_version: _Optional[int] = ..., reduce_rule: _Optional[str] = ..., buffers: _Optional[_Union[Manifest, _Mapping]] = ..., buffers_local: bool = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., upload_ready: bool = ...) -> None: ...
 
 class Piece(_message.Message):
     __slots__ = ("tensor", "first", "count")
