@@ -306,9 +306,9 @@ class Transport:
         """Stream one upload (serialized ``GradientMessage``s); return the reply once counted.
 
         ``wait_ready`` (``JoinReply.upload_ready``): send the header, then wait for the
-        aggregator's response headers (``fedgrad.wire.UPLOAD_READY``, sent once it has
-        reserved the upload's staging slot) before the chunks, so that an upload queued
-        for a slot holds none of its chunks in the aggregator's buffers.
+        aggregator's response headers (``fedgrad.wire.UPLOAD_READY``, sent once the upload
+        is next in line for a staging slot) before the chunks, so that an upload queued
+        behind the next one holds none of its chunks in the aggregator's buffers.
 
         Raises:
             Stopped, Failure, RefusedError: see the module docstring.

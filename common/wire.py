@@ -51,9 +51,10 @@ CONTRACT_VERSION = 2
 CURRENT_ROUND_KEY = "fedgrad-current-round"
 
 #: Initial metadata of a PushGradients call, sent once the aggregator has accepted the
-#: UploadHeader and reserved the upload's staging slot: the node may send its chunks now.
-#: A node that waits for it holds no chunk in the aggregator's buffers while it queues
-#: (docs/protocol.md, step 4). Any response headers mean the same; the value is for logs.
+#: UploadHeader and the upload has a staging slot or is next in line for one: the node may
+#: send its chunks now. Nodes that wait for it hold no chunk in the aggregator's buffers
+#: while they queue behind the next one (docs/protocol.md, step 4). Any response headers
+#: mean the same; the value is for logs.
 UPLOAD_READY: tuple[tuple[str, str], ...] = (("fedgrad-upload", "ready"),)
 
 #: Node ids and upload ids: what the ``.proto`` documents for ``node_id`` and ``upload_id``

@@ -72,7 +72,7 @@ async def push_upload(
     the UploadEnd.
 
     ``wait_ready`` (the upstream's ``JoinReply.upload_ready``): the chunks wait for the
-    upstream's response headers, sent once it has reserved the upload's staging slot.
+    upstream's response headers, sent once the upload is next in line for a staging slot.
     """
     push = channel.stream_unary(
         f"/{SERVICE_NAME}/PushGradients",

@@ -151,13 +151,15 @@ async def receive_upload(
     requests: AsyncIterator[bytes],
     staged: StagedUpload,
     idle_timeout: float,
-    context: grpc.aio.ServicerContext,
+    context: grpc.aio.ServicerContext | None,
     gate: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
     """Say the upload may stream (``UPLOAD_READY``), stage its chunks, check the UploadEnd.
 
     Called once the header is accepted and the upload's staging slot reserved: a node
     that waits for the initial metadata sends nothing while it queues for the slot.
+    ``context`` None: the caller has sent the initial metadata already (the aggregator's
+    ``Intake.open`` sends it when the upload is next in line).
     ``gate(n)``, if given, is awaited before a chunk of ``n`` payload bytes is staged (the
     aggregator's staging budget); the stream is not read meanwhile.
 
@@ -166,7 +168,8 @@ async def receive_upload(
             missing UploadEnd, or an idle stream.
         ResourceExhausted: from ``gate``.
     """
-    await context.send_initial_metadata(UPLOAD_READY)
+    if context is not None:
+        await context.send_initial_metadata(UPLOAD_READY)
     ended = False
     while (raw := await next_message(requests, idle_timeout)) is not None:
         view = decode_chunk(raw)
@@ -314,10 +317,11 @@ class AggregatorService:
                 h.payload_bytes,
                 h.buffers,
                 h.presummed,
+                functools.partial(context.send_initial_metadata, UPLOAD_READY),
             )
             duplicate = ticket.duplicate  # read now: the add (after the count) lets the slot go
             if not duplicate:
-                await self._receive(requests, ticket, context)
+                await self._receive(requests, ticket)
             counted = await self.core.count_everywhere(ticket)
             return pb.PushReply(duplicate=duplicate, round=counted)
         except RpcError as exc:
@@ -328,15 +332,11 @@ class AggregatorService:
             if ticket is not None:
                 self.core.intake.release(ticket)
 
-    async def _receive(
-        self,
-        requests: AsyncIterator[bytes],
-        ticket: UploadTicket,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
+    async def _receive(self, requests: AsyncIterator[bytes], ticket: UploadTicket) -> None:
         assert ticket.staged is not None
         gate = functools.partial(self.core.intake.take, ticket.staged)
-        await receive_upload(requests, ticket.staged, self.idle_timeout, context, gate)
+        # The initial metadata went out when the upload came next in line (Intake.open).
+        await receive_upload(requests, ticket.staged, self.idle_timeout, None, gate)
 
     def _enter(self, who: str | None) -> str | None:
         if who is not None:

@@ -12,6 +12,11 @@ being added, within one upload's bytes. No two uploads can block each other: at
 most ``max_inflight`` incomplete uploads hold bytes, each less than a whole upload,
 so one of them always has room for its next chunk.
 
+The uploads queued for a slot are told to send their chunks (``UPLOAD_READY``, the
+call's initial metadata) only when next in line: the next one's first chunks wait in
+its stream window when a slot frees, and the ones behind it hold only their header in
+gRPC's buffers, so the bytes they hold do not grow with the number of nodes.
+
 Counting an upload is the round engine's decision; the shell asks for it once the
 upload is complete.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 
 from fedgrad.buffers import unpack
 from fedgrad.codec import Layout
@@ -62,6 +68,10 @@ class Intake:
     def start(self) -> None:
         """Create the loop-bound semaphore; call once on the serving loop."""
         self._slots = asyncio.Semaphore(self.max_inflight)
+        #: The uploads told to stream (``ready``): the slots' and the next one's, so that
+        #: the next upload's first chunks are here when a slot frees, and the ones after it
+        #: hold nothing but their header.
+        self._told = asyncio.Semaphore(self.max_inflight + 1)
         self._freed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
@@ -117,6 +127,7 @@ class Intake:
         if ticket.slot:
             ticket.slot = False
             self._slots.release()
+            self._told.release()
 
     @property
     def staging_bytes(self) -> int:
@@ -134,8 +145,12 @@ class Intake:
         payload_bytes: int = 0,
         buffers: bytes = b"",
         presummed: bool = False,
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> UploadTicket:
         """Check an upload header and reserve a staging slot.
+
+        ``ready()`` tells the node to send its chunks (``UPLOAD_READY``): it is awaited once
+        the upload is next in line for a slot, or has one.
 
         Raises:
             InvalidArgument, Unavailable, FailedPrecondition, StaleRound, AlreadyExists,
@@ -160,7 +175,15 @@ class Intake:
                 if presummed
                 else self.reducer.weight(num_samples)
             )
-            await asyncio.wait_for(self._slots.acquire(), self.cfg.slot_wait)
+            async with asyncio.timeout(self.cfg.slot_wait):
+                await self._told.acquire()
+                try:
+                    if ready is not None:
+                        await ready()
+                    await self._slots.acquire()
+                except BaseException:
+                    self._told.release()
+                    raise
         except TimeoutError:
             self.engine.abandon(node_id)
             raise ResourceExhausted(
@@ -177,6 +200,7 @@ class Intake:
                 staged.spill(self.cfg.spill_dir)
             except ResourceExhausted:
                 self._slots.release()
+                self._told.release()
                 self.engine.abandon(node_id)
                 raise
         ticket = UploadTicket(

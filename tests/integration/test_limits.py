@@ -35,6 +35,7 @@ from fedgrad.proto import fedgrad_pb2 as pb
 from fedgrad.server import relay_upstream
 from fedgrad.server.app import server_options
 from fedgrad.task import load_task
+from fedgrad.wire import UPLOAD_READY
 
 TIMEOUT = 20.0
 #: Bound of every wait for a state on the server; never reached when things work.
@@ -407,28 +408,39 @@ def test_idle_connection_flood_does_not_starve_a_node(serve, tmp_path):
             sock.close()
 
 
+def queue_two(served: Any, n1: Any, n2: Any, held: Any) -> tuple[HeldUpload, HeldUpload]:
+    """n1 holds the only staging slot and n2's upload is next in line for it."""
+    first = held(n1)
+    wait_until(holding(served, "n1"), "n1 holds the only slot")
+    second = held(n2)
+    wait_until(marked_uploading(served, "n2"), "n2's upload is queued")
+    # The next in line is told to stream (its first chunks are here when the slot frees).
+    assert dict(second.future.initial_metadata()) == dict(UPLOAD_READY)
+    return first, second
+
+
 @pytest.mark.parametrize("wait_ready", [True, False])
 def test_a_node_that_waits_for_the_ready_headers_sends_only_its_header_while_queued(
     serve, hand_node, held, wait_ready
 ):
     # JoinReply.upload_ready: the aggregator sends PushGradients' response headers once the
-    # upload has its staging slot, and the node's transport sends the chunks only then, so a
-    # queued upload holds nothing in the aggregator's buffers. Without waiting (a node
-    # that ignores the field) the chunks go at once, up to the stream window.
+    # upload is next in line for a staging slot, and the node's transport sends the chunks
+    # only then, so the uploads queued behind hold nothing in the aggregator's buffers.
+    # Without waiting (a node that ignores the field) the chunks go at once, up to the
+    # stream window.
     chunk = 64 << 10
     served = serve(
         "synthetic",
         task_args={"params": 1 << 20, "tensors": 1},  # 4 MiB of float32
-        nodes=2,
+        nodes=3,
         rounds=1,
         chunk_bytes=chunk,
         max_inflight=1,
     )
-    n1, n2 = hand_node(served, "n1"), hand_node(served, "n2")
-    assert n2.reply.upload_ready
-    a = held(n1)
-    wait_until(holding(served, "n1"), "n1 holds the only slot")
-    messages = [m.SerializeToString() for m in n2.messages(0, zeros(n2))]
+    n1, n2, n3 = (hand_node(served, n) for n in ("n1", "n2", "n3"))  # round 0 opens
+    first, second = queue_two(served, n1, n2, held)
+    assert n3.reply.upload_ready
+    messages = [m.SerializeToString() for m in n3.messages(0, zeros(n3))]
     sent = [0]
 
     def counted() -> Iterator[bytes]:
@@ -436,20 +448,21 @@ def test_a_node_that_waits_for_the_ready_headers_sends_only_its_header_while_que
             sent[0] += 1
             yield message
 
-    transport = Transport(NodeConfig(aggregator=served.address, node_id="n2"))
+    transport = Transport(NodeConfig(aggregator=served.address, node_id="n3"))
     replies: list[pb.PushReply] = []
     pushing = threading.Thread(
         target=lambda: replies.append(transport.push(counted(), 3 * TIMEOUT, wait_ready))
     )
     pushing.start()
     try:
-        wait_until(marked_uploading(served, "n2"), "n2's upload is queued")
+        wait_until(marked_uploading(served, "n3"), "n3's upload is queued")
         time.sleep(0.5)  # what the node would send by now is sent (no timing is asserted)
         if wait_ready:
             assert sent[0] == 1, f"{sent[0]} messages sent while queued: only the header may be"
         else:
             assert sent[0] > 1
-        assert a.release().round == 0
+        assert first.release().round == 0
+        assert second.release().round == 0
         pushing.join(TIMEOUT)
         assert replies and replies[0].round == 0
         assert sent[0] == len(messages)
@@ -462,20 +475,19 @@ def test_a_relays_upload_waits_for_the_ready_headers_while_queued(
     serve, hand_node, held, monkeypatch
 ):
     # The relay's upstream push (grpc.aio) waits for the upstream's UPLOAD_READY too: no
-    # chunk of it is even encoded while it queues for the upstream's only slot.
+    # chunk of it is even encoded while it queues behind the upload next in line.
     chunk = 64 << 10
     served = serve(
         "synthetic",
         task_args={"params": 1 << 20, "tensors": 1},
-        nodes=2,
+        nodes=3,
         rounds=1,
         chunk_bytes=chunk,
         max_inflight=1,
     )
-    n1, relay = hand_node(served, "n1"), hand_node(served, "relay-0")
+    n1, n2, relay = (hand_node(served, n) for n in ("n1", "n2", "relay-0"))  # round 0 opens
+    first, second = queue_two(served, n1, n2, held)
     assert relay.reply.upload_ready
-    a = held(n1)
-    wait_until(holding(served, "n1"), "n1 holds the only slot")
     encoded = [0]
 
     def counted(*args: Any) -> Iterator[Any]:
@@ -499,7 +511,8 @@ def test_a_relays_upload_waits_for_the_ready_headers_while_queued(
         wait_until(marked_uploading(served, "relay-0"), "the relay's upload is queued")
         time.sleep(0.5)  # what the relay would send by now is sent (no timing is asserted)
         assert encoded[0] == 0, f"{encoded[0]} chunks encoded while queued"
-        assert a.release().round == 0
+        assert first.release().round == 0
+        assert second.release().round == 0
         assert pushed.result(TIMEOUT).round == 0
     assert encoded[0] == len(list(iter_chunk_pieces(views, layout, chunk)))
 
