@@ -408,15 +408,33 @@ def test_idle_connection_flood_does_not_starve_a_node(serve, tmp_path):
             sock.close()
 
 
-def queue_two(served: Any, n1: Any, n2: Any, held: Any) -> tuple[HeldUpload, HeldUpload]:
-    """n1 holds the only staging slot and n2's upload is next in line for it."""
+QUEUE_CHUNK = 64 << 10
+
+
+def queue_two(
+    serve: Any, hand_node: Any, held: Any, third: str
+) -> tuple[Any, Any, HeldUpload, HeldUpload]:
+    """An aggregator with one staging slot: n1 holds it, n2's upload is next in line.
+
+    Returns (served, the ``third`` hand node, n1's upload, n2's upload); 64 KiB chunks.
+    """
+    served = serve(
+        "synthetic",
+        task_args={"params": 1 << 20, "tensors": 1},  # 4 MiB of float32
+        nodes=3,
+        rounds=1,
+        chunk_bytes=QUEUE_CHUNK,
+        max_inflight=1,
+    )
+    n1, n2, last = (hand_node(served, n) for n in ("n1", "n2", third))  # round 0 opens
+    assert last.reply.upload_ready
     first = held(n1)
     wait_until(holding(served, "n1"), "n1 holds the only slot")
     second = held(n2)
     wait_until(marked_uploading(served, "n2"), "n2's upload is queued")
     # The next in line is told to stream (its first chunks are here when the slot frees).
     assert dict(second.future.initial_metadata()) == dict(UPLOAD_READY)
-    return first, second
+    return served, last, first, second
 
 
 @pytest.mark.parametrize("wait_ready", [True, False])
@@ -428,18 +446,7 @@ def test_a_node_that_waits_for_the_ready_headers_sends_only_its_header_while_que
     # only then, so the uploads queued behind hold nothing in the aggregator's buffers.
     # Without waiting (a node that ignores the field) the chunks go at once, up to the
     # stream window.
-    chunk = 64 << 10
-    served = serve(
-        "synthetic",
-        task_args={"params": 1 << 20, "tensors": 1},  # 4 MiB of float32
-        nodes=3,
-        rounds=1,
-        chunk_bytes=chunk,
-        max_inflight=1,
-    )
-    n1, n2, n3 = (hand_node(served, n) for n in ("n1", "n2", "n3"))  # round 0 opens
-    first, second = queue_two(served, n1, n2, held)
-    assert n3.reply.upload_ready
+    served, n3, first, second = queue_two(serve, hand_node, held, "n3")
     messages = [m.SerializeToString() for m in n3.messages(0, zeros(n3))]
     sent = [0]
 
@@ -476,18 +483,7 @@ def test_a_relays_upload_waits_for_the_ready_headers_while_queued(
 ):
     # The relay's upstream push (grpc.aio) waits for the upstream's UPLOAD_READY too: no
     # chunk of it is even encoded while it queues behind the upload next in line.
-    chunk = 64 << 10
-    served = serve(
-        "synthetic",
-        task_args={"params": 1 << 20, "tensors": 1},
-        nodes=3,
-        rounds=1,
-        chunk_bytes=chunk,
-        max_inflight=1,
-    )
-    n1, n2, relay = (hand_node(served, n) for n in ("n1", "n2", "relay-0"))  # round 0 opens
-    first, second = queue_two(served, n1, n2, held)
-    assert relay.reply.upload_ready
+    served, relay, first, second = queue_two(serve, hand_node, held, "relay-0")
     encoded = [0]
 
     def counted(*args: Any) -> Iterator[Any]:
@@ -503,7 +499,7 @@ def test_a_relays_upload_waits_for_the_ready_headers_while_queued(
     async def push() -> pb.PushReply:
         async with grpc.aio.insecure_channel(served.address) as channel:
             return await relay_upstream.push_upload(
-                channel, header, views, layout, chunk, 3 * TIMEOUT, None, True
+                channel, header, views, layout, QUEUE_CHUNK, 3 * TIMEOUT, None, True
             )
 
     with futures.ThreadPoolExecutor(1) as pool:
@@ -514,7 +510,7 @@ def test_a_relays_upload_waits_for_the_ready_headers_while_queued(
         assert first.release().round == 0
         assert second.release().round == 0
         assert pushed.result(TIMEOUT).round == 0
-    assert encoded[0] == len(list(iter_chunk_pieces(views, layout, chunk)))
+    assert encoded[0] == len(list(iter_chunk_pieces(views, layout, QUEUE_CHUNK)))
 
 
 @pytest.mark.parametrize("window_mb", [1, 2])
